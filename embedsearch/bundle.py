@@ -1,0 +1,326 @@
+"""Index bundles: a self-describing folder of embeddings, metadata and a faiss index.
+
+Layout of ``indexes/NAME/``::
+
+    manifest.json                 commit point: schema, encoder identity, counts, file hashes
+    data/embeddings-GGGGGG.npy    float32 (n, dim), rows in item order, L2-normalised
+    data/items-GGGGGG.parquet     one row per embedded image: id, label, split, size, sha256…
+    data/failures-GGGGGG.parquet  every file that was skipped, with a reason code
+    data/index-GGGGGG.faiss       inner-product index over the embeddings (same row order)
+    cache/                        shards of a build in progress (resume after a kill)
+    heads/NAME/                   trained heads (safetensors + JSON)
+
+Items are ordered reference rows first (train/val/unsplit), held-out ``test`` rows last, so
+kNN classification searches the first ``reference_rows`` rows only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
+from embedsearch.store.io import file_digest, read_json, read_npy, read_parquet
+
+if TYPE_CHECKING:
+    import faiss
+    import pandas as pd
+
+    from embedsearch.classify.knn import KNNClassifier
+    from embedsearch.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "embedsearch-bundle"
+SCHEMA_VERSION = 1
+DEFAULT_ROOT = Path("indexes")
+#: Cosine similarity two fingerprints of the same encoder must reach (CPU kernels differ).
+FINGERPRINT_MIN_COSINE = 0.999
+HELD_OUT_SPLITS = frozenset({"test"})
+
+
+def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """``covers`` → ``indexes/covers``; anything that looks like a path is used as is."""
+    p = Path(name_or_path)
+    if p.is_absolute() or len(p.parts) > 1 or p.exists():
+        return p
+    return DEFAULT_ROOT / p
+
+
+def encoder_key(identity: dict[str, Any]) -> str:
+    """The parts of an encoder identity that decide its vectors, as one comparable string."""
+    w = identity.get("weights", {})
+    return "|".join(str(x) for x in (
+        identity.get("spec"), identity.get("dim"), w.get("sha256"), identity.get("impl_version"),
+        sorted(identity.get("preprocess", {}).items()),
+    ))
+
+
+def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: str,
+                       fix: str) -> None:
+    """Refuse ``what`` when it was made with another encoder than ``expected``."""
+    if encoder_key(expected) == encoder_key(found):
+        return
+    diffs = [k for k in ("spec", "dim", "weights", "preprocess", "impl_version")
+             if expected.get(k) != found.get(k)]
+    raise BundleMismatchError(
+        f"{what} was made with encoder {found.get('spec')} ({found.get('dim')}-d), "
+        f"not with {expected.get('spec')} ({expected.get('dim')}-d); differs in: "
+        f"{', '.join(diffs) or 'identity'}",
+        hint=fix,
+    )
+
+
+def fingerprint_cosine(a: Any, b: Any) -> float:
+    va, vb = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if va.shape != vb.shape:
+        return -1.0
+    return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
+
+
+@dataclass
+class Prediction:
+    """One query image's result (``status`` is "ok" or the reason it could not be read)."""
+
+    id: str
+    status: str = "ok"
+    label: str | None = None
+    confidence: float | None = None
+    method: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    neighbours: list[dict[str, Any]] = field(default_factory=list)
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "", [], {})
+                or k in ("id", "status")}
+
+
+class Bundle:
+    """A loaded, verified index bundle. Use :func:`load_bundle`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._encoder: Encoder | None = None
+
+    # -- facts ------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def encoder_identity(self) -> dict[str, Any]:
+        return self.manifest["encoder"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder_identity["dim"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes", []))
+
+    @property
+    def reference_rows(self) -> int:
+        return int(self.manifest["index"]["reference_rows"])
+
+    def file(self, role: str) -> Path:
+        return self.path / self.manifest["roles"][role]
+
+    # -- data -------------------------------------------------------------------------
+    @cached_property
+    def items(self) -> pd.DataFrame:
+        df = read_parquet(self.file("items"))
+        if len(df) != self.manifest["index"]["ntotal"]:
+            raise BundleError(f"{self.file('items')} has {len(df)} rows, the manifest says "
+                              f"{self.manifest['index']['ntotal']}", hint=self.rebuild_hint)
+        return df
+
+    @cached_property
+    def failures(self) -> pd.DataFrame:
+        return read_parquet(self.file("failures"))
+
+    @cached_property
+    def embeddings(self) -> np.ndarray:
+        """Memory-mapped (n, dim) float32 embeddings in item order."""
+        arr = read_npy(self.file("embeddings"))
+        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape != (len(self.items), self.dim):
+            raise BundleError(
+                f"{self.file('embeddings')} holds {arr.dtype} {arr.shape}, expected float32 "
+                f"({len(self.items)}, {self.dim})", hint=self.rebuild_hint)
+        return arr
+
+    @cached_property
+    def index(self) -> faiss.Index:
+        from embedsearch.index import read_faiss
+
+        index = read_faiss(self.file("index"))
+        if index.d != self.dim or index.ntotal != len(self.items):
+            raise BundleError(
+                f"{self.file('index')} holds {index.ntotal} vectors of dim {index.d}; the "
+                f"bundle has {len(self.items)} of dim {self.dim}", hint=self.rebuild_hint)
+        return index
+
+    @property
+    def rebuild_hint(self) -> str:
+        src = self.manifest.get("source", {}).get("path", "DATA")
+        return (f"rebuild it: embedsearch build-index {src} --out {self.path} --overwrite "
+                f"--model {self.encoder_identity.get('spec')}")
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    def reference_labels(self) -> np.ndarray:
+        labels = self.items["label"].iloc[: self.reference_rows]
+        return labels.to_numpy()
+
+    # -- encoder ----------------------------------------------------------------------
+    def encoder(self, weights: str | os.PathLike[str] | None = None) -> Encoder:
+        """The bundle's encoder, rebuilt from its identity and checked by fingerprint."""
+        if self._encoder is None:
+            from embedsearch.encoders import load_encoder
+
+            ident = self.encoder_identity
+            w = ident.get("weights", {})
+            if weights is None and w.get("source") == "file":
+                weights = w.get("path")
+                if weights and not Path(weights).is_file():
+                    raise BundleError(
+                        f"the bundle's encoder weights {weights} are gone",
+                        hint="pass the same weights file again with --weights FILE")
+            enc = load_encoder(ident["spec"], weights)
+            check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
+                               "use the encoder the bundle was built with, or rebuild the bundle")
+            cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])
+            if cos < FINGERPRINT_MIN_COSINE:
+                raise BundleMismatchError(
+                    f"encoder {ident['spec']} now embeds the reference image differently "
+                    f"(cosine {cos:.4f}) than when {self.path} was built",
+                    hint="library versions or weights changed; " + self.rebuild_hint)
+            self._encoder = enc
+        return self._encoder
+
+    def check_vectors_from(self, identity: dict[str, Any], what: str) -> None:
+        check_same_encoder(self.encoder_identity, identity, what,
+                           f"embed with {self.encoder_identity['spec']} or rebuild {what}")
+
+    # -- search & classify --------------------------------------------------------------
+    def knn(self, k: int = 10, weighting: str = "similarity") -> KNNClassifier:
+        from embedsearch.classify.knn import KNNClassifier
+
+        labels = self.reference_labels()
+        if not self.labelled or len(labels) == 0 or any(lbl is None for lbl in labels):
+            raise EmbedsearchError(f"bundle {self.name} has no labels, so it cannot classify",
+                                   hint="it still supports similar-image search")
+        return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)
+
+    def embed_paths(self, paths: list[Path], batch_size: int = 32,
+                    num_workers: int | None = None
+                    ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
+        """Embed query files. Returns (vectors for readable files, statuses of all files)."""
+        from embedsearch.embed import embed_sources
+
+        enc = self.encoder()
+        vecs, statuses = [], []
+        for idx, v, infos in embed_sources(enc, paths, batch_size=batch_size,
+                                           num_workers=num_workers):
+            vecs.append(v)
+            statuses.extend((str(paths[i]), info.status, info.detail)
+                            for i, info in zip(idx, infos, strict=True))
+        return (np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)), statuses
+
+    def predict_vectors(self, vectors: np.ndarray, ids: list[str], k: int = 10,
+                        n_neighbours: int = 5, weighting: str = "similarity"
+                        ) -> list[Prediction]:
+        """kNN predictions (or similar-image search on an unlabelled bundle) for vectors."""
+        from embedsearch.classify.knn import vote
+        from embedsearch.index import search
+
+        items = self.items
+        item_ids, item_labels = items["id"].to_numpy(), items["label"].to_numpy()
+        if self.labelled:
+            clf = self.knn(k, weighting)
+            neigh = clf.kneighbors(vectors, max(k, n_neighbours))
+            trimmed = type(neigh)([i[:k] for i in neigh.ids], [s[:k] for s in neigh.similarities])
+            proba = vote(trimmed, clf._y_idx, len(clf.classes_), weighting)
+        else:
+            neigh = search(self.index, vectors, n_neighbours)
+            proba = None
+        out = []
+        for q, qid in enumerate(ids):
+            shown = [
+                {"id": str(item_ids[j]), "label": _none(item_labels[j]),
+                 "similarity": round(float(s), 4)}
+                for j, s in zip(neigh.ids[q][:n_neighbours], neigh.similarities[q][:n_neighbours],
+                                strict=True)
+            ]
+            pred = Prediction(qid, neighbours=shown)
+            if proba is not None:
+                best = int(proba[q].argmax())
+                pred.label, pred.confidence = str(clf.classes_[best]), round(float(proba[q, best]), 4)
+                pred.method = f"knn(k={k}, {weighting})"
+                pred.probabilities = {str(c): round(float(p), 4)
+                                      for c, p in zip(clf.classes_, proba[q], strict=True) if p > 0}
+            out.append(pred)
+        return out
+
+    def predict(self, paths: list[Path], k: int = 10, n_neighbours: int = 5,
+                weighting: str = "similarity", batch_size: int = 32,
+                num_workers: int | None = None) -> list[Prediction]:
+        """Embed image files and predict them; unreadable files come back with a status."""
+        vectors, statuses = self.embed_paths(paths, batch_size, num_workers)
+        ok_ids = [p for p, status, _ in statuses if status == "ok"]
+        preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting))
+        return [next(preds) if status == "ok" else Prediction(p, status=status, detail=detail)
+                for p, status, detail in statuses]
+
+
+def _none(value: Any) -> Any:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise BundleError(f"no index bundle at {path}",
+                          hint=f"build one: embedsearch build-index DATA --name {path.name}")
+    if not mpath.is_file():
+        raise BundleError(f"{path} has no manifest.json: not a bundle, or its first build did "
+                          "not finish", hint="run embedsearch build-index again to resume")
+    manifest = read_json(mpath)
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{mpath} is not an embedsearch bundle manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"{mpath} has schema {manifest.get('schema_version')}, this version "
+                          f"reads {SCHEMA_VERSION}", hint="rebuild the bundle")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file listed in the manifest exists with the recorded size and sha256."""
+    for rel, meta in manifest.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise BundleError(f"{f} is missing", hint="rebuild the bundle")
+        if f.stat().st_size != meta["bytes"] or file_digest(f) != meta["sha256"]:
+            raise BundleError(
+                f"{f} was modified after the bundle was written (size or sha256 differs "
+                "from manifest.json)",
+                hint="rebuild the bundle with embedsearch build-index … --overwrite")
+
+
+def load_bundle(name_or_path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Open a bundle by name (under ``indexes/``) or path, verifying its files."""
+    path = bundle_path(name_or_path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    return Bundle(path, manifest)

@@ -1,0 +1,264 @@
+"""Command-line interface: parse → call one library function → render.
+
+No torch, faiss or file formats here; heavy modules are imported inside commands so that
+``embedsearch --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embedsearch import __version__
+from embedsearch.errors import EmbedsearchError
+
+log = logging.getLogger("embedsearch")
+
+
+class _Group(click.Group):
+    """Maps EmbedsearchError to a one-paragraph message and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EmbedsearchError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.secho(f"error: {exc.message}", fg="red", err=True)
+            if exc.hint:
+                click.echo(f"  hint: {exc.hint}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedsearch")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Classify, search and de-duplicate image collections with a frozen pretrained encoder
+    and a FAISS index."""
+    ctx.obj = {"debug": debug, "quiet": quiet}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not debug:
+        # Hub clients log every retry; our own error message says what to do instead.
+        for noisy in ("huggingface_hub", "timm", "root"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _progress_factory(ctx: click.Context, desc: str
+                      ) -> Callable[[int, int], Callable[[int], None]] | None:
+    if ctx.obj.get("quiet"):
+        return None
+
+    def start(total: int, done: int) -> Callable[[int], None]:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=done, desc=desc, unit="img", file=sys.stderr,
+                   dynamic_ncols=True, smoothing=0.1)
+        return bar.update
+
+    return start
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+# -- models ---------------------------------------------------------------------------
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per encoder.")
+def models_cmd(as_json: bool) -> None:
+    """List the encoders: spec, embedding dim, and where the weights come from."""
+    from embedsearch.encoders import DEFAULT_ENCODER, entries
+
+    for e in entries():
+        spec = e.example if e.is_family and e.example else e.key
+        if as_json:
+            _echo_json({"spec": e.key, "example": e.example, "dim": e.dim,
+                        "weights": e.weights, "description": e.description,
+                        "default": e.key == DEFAULT_ENCODER})
+        else:
+            click.echo(f"{spec:42s} dim {e.dim:>15s}  {e.description}")
+            click.echo(f"{'':42s} weights: {e.weights}")
+
+
+# -- build-index ----------------------------------------------------------------------
+@main.command("build-index")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--name", help="Bundle name under ./indexes/ (default: the folder's name).")
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder (instead of --name).")
+@click.option("--model", "-m", help="Encoder spec (see `embedsearch models`). "
+              "Default: efficientnet-lite0, or the bundle's encoder when it exists.")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="Local weights file for the encoder (.safetensors or a tensor-only .pt).")
+@click.option("--path-col", help="CSV/parquet column with image paths.")
+@click.option("--label-col", help="CSV/parquet column with labels.")
+@click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that stay inside DATA.")
+@click.option("--skip-missing", is_flag=True, help="Build even if a CSV lists missing files.")
+@click.option("--overwrite", is_flag=True, help="Re-encode everything, even with another encoder.")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw"]), default="auto",
+              show_default=True, help="faiss index: exact flat, or approximate HNSW.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="Image decoding processes (default: spare cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.pass_context
+def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path | None,
+                    model: str | None, weights: Path | None, path_col: str | None,
+                    label_col: str | None, split_col: str | None, follow_symlinks: bool,
+                    skip_missing: bool, overwrite: bool, index_type: str, batch_size: int,
+                    workers: int | None, as_json: bool) -> None:
+    """Embed every image in DATA once and index it.
+
+    DATA is a folder with one sub-folder per class (optionally below train/ val/ test/),
+    an unlabelled folder, or a CSV/parquet of paths and labels. Re-running re-encodes only
+    new or changed images; an interrupted run resumes.
+    """
+    from embedsearch.pipeline import build_index
+
+    result = build_index(
+        data, name=name, out=out, model=model, weights=weights, path_col=path_col,
+        label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
+        skip_missing=skip_missing, overwrite=overwrite, index_type=index_type,
+        batch_size=batch_size, num_workers=workers,
+        progress=_progress_factory(ctx, "encoding"),
+    )
+    m = result.manifest
+    if as_json:
+        _echo_json(m)
+        return
+    click.echo(f"bundle   {result.path}")
+    click.echo(f"encoder  {m['encoder']['spec']} ({m['encoder']['dim']}-d, "
+               f"weights: {m['encoder']['weights']['source']})")
+    click.echo(f"images   {result.summary()}")
+    click.echo(f"encoded  {result.encoded:,} new, {result.reused:,} reused from cache"
+               + (f", {result.images_per_second:.1f} images/s" if result.encoded else ""))
+    if m["classes"]:
+        counts = ", ".join(f"{c} {n}" for c, n in m["counts"]["by_class"].items())
+        click.echo(f"classes  {len(m['classes'])}: {counts}")
+        click.echo(f"splits   {', '.join(f'{s} {n}' for s, n in m['counts']['by_split'].items())}")
+    else:
+        click.echo("classes  none (unlabelled: similar-image search only)")
+    click.echo(f"index    {m['index']['type']} ({'exact' if m['index']['exact'] else 'approximate'})"
+               f", {m['index']['ntotal']:,} vectors, {m['index']['reference_rows']:,} used "
+               "for classification")
+    for row in result.failures.head(10).itertuples():
+        click.echo(f"  skipped {row.id}: {row.reason} {row.detail}", err=True)
+    if len(result.failures) > 10:
+        click.echo(f"  … {len(result.failures) - 10} more skipped files listed in "
+                   f"{result.path / m['roles']['failures']}", err=True)
+    click.echo(f"took     {result.seconds:.1f} s")
+
+
+# -- predict --------------------------------------------------------------------------
+def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str]]:
+    """Expand files, folders (recursively) and '-' (paths on stdin) into query files."""
+    from embedsearch.data.scan import scan_folder
+
+    paths: list[Path] = []
+    truth: dict[str, str] = {}
+    for raw in inputs:
+        if raw == "-":
+            paths.extend(Path(line.strip()) for line in sys.stdin if line.strip())
+            continue
+        p = Path(raw)
+        if p.is_dir():
+            coll = scan_folder(p)
+            for r in coll.records:
+                paths.append(r.path)
+                if r.label is not None:
+                    truth[str(r.path)] = r.label
+            for s in coll.skipped:
+                click.echo(f"skipped {p / s.id}: {s.reason}", err=True)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise EmbedsearchError(f"{p}: no such file or folder")
+    return paths, truth
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--index", "index_name", required=True, help="Bundle name or path.")
+@click.option("-k", default=10, show_default=True, help="Neighbours that vote.")
+@click.option("--neighbours", "-n", "n_neighbours", default=5, show_default=True,
+              help="Neighbours to show per image.")
+@click.option("--weighting", type=click.Choice(["similarity", "uniform"]),
+              default="similarity", show_default=True, help="kNN vote weighting.")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="The encoder's weights file, if it moved since the build.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="Image decoding processes.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
+@click.pass_context
+def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
+                n_neighbours: int, weighting: str, weights: Path | None, batch_size: int,
+                workers: int | None, as_json: bool) -> None:
+    """Classify IMAGES (files, folders, or - for paths on stdin) with kNN over an index.
+
+    On an unlabelled index this is a similar-image search. When a folder has class
+    sub-folders, their names are taken as true labels and the accuracy is printed.
+    """
+    from embedsearch.bundle import load_bundle
+
+    bundle = load_bundle(index_name)
+    bundle.encoder(weights)
+    paths, truth = _collect_queries(images)
+    preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
+                           batch_size=batch_size, num_workers=workers)
+    correct = labelled = 0
+    for p in preds:
+        true = truth.get(p.id)
+        if true is not None and p.label is not None:
+            labelled += 1
+            correct += p.label == true
+        if as_json:
+            _echo_json({**p.as_dict(), **({"true_label": true} if true is not None else {})})
+        elif p.status != "ok":
+            click.echo(f"{p.id}\tSKIPPED {p.status}: {p.detail}")
+        else:
+            neigh = ", ".join(f"{n['label'] or n['id']} {n['similarity']:.2f}"
+                              for n in p.neighbours)
+            head = f"{p.label} {p.confidence:.2f}" if p.label is not None else "search"
+            mark = "" if true is None else ("  ok" if p.label == true else f"  (true: {true})")
+            click.echo(f"{p.id}\t{head}{mark}\t[{neigh}]")
+    bad = sum(p.status != "ok" for p in preds)
+    summary = f"{len(preds)} images, {len(preds) - bad} predicted, {bad} unreadable"
+    if preds and preds[0].method:
+        summary += f"; method {preds[0].method}"
+    if labelled:
+        summary += f"; accuracy {correct / labelled:.3f} on {labelled} images with folder labels"
+    click.echo(summary, err=True)
+
+
+# -- info -----------------------------------------------------------------------------
+@main.command("info")
+@click.argument("index_name")
+@click.option("--json", "as_json", is_flag=True)
+def info_cmd(index_name: str, as_json: bool) -> None:
+    """Show a bundle's manifest (verifying its files)."""
+    from embedsearch.bundle import load_bundle
+
+    bundle = load_bundle(index_name)
+    m = bundle.manifest
+    if as_json:
+        _echo_json(m)
+        return
+    click.echo(f"bundle   {bundle.path} (generation {m['generation']}, {m['created']})")
+    click.echo(f"encoder  {m['encoder']['spec']} {m['encoder']['dim']}-d, weights "
+               f"{m['encoder']['weights']['source']}")
+    click.echo(f"source   {m['source']['path']}")
+    click.echo(f"counts   {json.dumps(m['counts'])}")
+    click.echo(f"index    {json.dumps(m['index'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The Encoder contract shared by every model family.
+
+An encoder owns its preprocessing (read from the model's own config), turns a batch of
+preprocessed tensors into L2-normalised float32 vectors, and describes itself with a stable
+identity that manifests record and loaders compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch.errors import EncoderError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+#: Bumped when a change in this package alters the vectors an encoder produces.
+ENCODER_IMPL_VERSION = 1
+
+
+@dataclass
+class Preprocess:
+    """What an encoder does to an RGB image before the network sees it."""
+
+    resize: int
+    crop: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    transform: Callable[[Image.Image], torch.Tensor] = field(repr=False, compare=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "resize_shorter_side": self.resize,
+            "center_crop": self.crop,
+            "interpolation": self.interpolation,
+            "mean": [round(float(m), 6) for m in self.mean],
+            "std": [round(float(s), 6) for s in self.std],
+        }
+
+
+def preprocess_from_transform(transform: Any) -> Preprocess:
+    """Read resize/crop/normalisation facts back from a torchvision ``Compose``.
+
+    timm, open_clip and torchvision all build their eval transforms from the model's
+    config; reading the result back records exactly what runs, not what we assume.
+    """
+    from torchvision import transforms as T
+
+    resize = crop = 0
+    interpolation = "bilinear"
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    steps = getattr(transform, "transforms", [transform])
+    for step in steps:
+        if isinstance(step, T.Resize):
+            size = step.size
+            resize = int(size if isinstance(size, int) else min(size))
+            interpolation = str(step.interpolation.value)
+        elif isinstance(step, T.CenterCrop):
+            crop = int(step.size[0])
+        elif isinstance(step, T.Normalize):
+            mean, std = tuple(step.mean), tuple(step.std)
+        elif hasattr(step, "resize_size") and hasattr(step, "crop_size"):
+            # torchvision's ImageClassification preset used by weights.transforms().
+            resize = int(step.resize_size[0])
+            crop = int(step.crop_size[0])
+            interpolation = str(step.interpolation.value)
+            mean, std = tuple(step.mean), tuple(step.std)
+    if not resize:
+        # e.g. open_clip's ResizeKeepRatio / "squash" transforms: fall back to the crop size.
+        resize = crop or 224
+    return Preprocess(resize, crop or resize, interpolation, mean, std, transform)
+
+
+@dataclass
+class WeightsInfo:
+    """Where an encoder's weights came from."""
+
+    source: str  # "package:<name>", "file", "hub:<id>", "none"
+    path: str | None = None
+    sha256: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "path": self.path, "sha256": self.sha256}
+
+
+class Encoder:
+    """A frozen image encoder. Subclasses set ``model``, ``preprocess`` and ``weights``."""
+
+    #: True for encoders that can embed text into the image space (CLIP).
+    supports_text = False
+
+    def __init__(self, spec: str, model: torch.nn.Module, preprocess: Preprocess,
+                 weights: WeightsInfo) -> None:
+        import torch
+
+        self.spec = spec
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.preprocess = preprocess
+        self.weights = weights
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
+            self.dim = int(self._forward(probe).shape[-1])
+        self._fingerprint: np.ndarray | None = None
+
+    # -- subclasses may override ---------------------------------------------------------
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Unnormalised features for a preprocessed batch."""
+        return self.model(batch)
+
+    # -- public API ----------------------------------------------------------------------
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess one RGB image into a CHW float tensor."""
+        return self.preprocess.transform(image)
+
+    def encode_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed a preprocessed batch: float32, L2-normalised, finite (else EncoderError)."""
+        import torch
+
+        with torch.inference_mode():
+            feats = self._forward(batch).float()
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+        out = feats.cpu().numpy().astype(np.float32, copy=False)
+        if not np.isfinite(out).all():
+            raise EncoderError(
+                f"encoder {self.spec} produced NaN or infinite values",
+                hint="the weights file may be corrupt; rebuild with known-good weights",
+            )
+        return out
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Embed already-decoded RGB images."""
+        import torch
+
+        chunks = [
+            self.encode_tensors(torch.stack([self.transform(im) for im in images[i:i + batch_size]]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+
+    def fingerprint(self) -> np.ndarray:
+        """The embedding of a fixed synthetic image: equal vectors mean the same encoder."""
+        if self._fingerprint is None:
+            self._fingerprint = self.encode_images([fingerprint_image()])[0]
+        return self._fingerprint
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the vectors: compared when loading bundles and heads."""
+        return {
+            "spec": self.spec,
+            "dim": self.dim,
+            "weights": self.weights.describe(),
+            "preprocess": self.preprocess.describe(),
+            "normalisation": "l2",
+            "dtype": "float32",
+            "impl_version": ENCODER_IMPL_VERSION,
+            "supports_text": self.supports_text,
+        }
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        raise EncoderError(
+            f"encoder {self.spec} has no text tower, so zero-shot classification is not possible",
+            hint="use a CLIP encoder, e.g. --model openclip:ViT-B-32@laion2b_s34b_b79k",
+        )
+
+
+def fingerprint_image() -> Image.Image:
+    """A deterministic 256×256 test card: gradients, a disc and stripes (no RNG involved)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:256, 0:256].astype(np.float32)
+    r = x
+    g = y
+    b = 255.0 * ((np.hypot(x - 128, y - 128) < 60) | ((x // 16) % 2 == 0) & (y > 200))
+    arr = np.stack([r, g, b], axis=-1).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr, mode="RGB")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    """Load a weights file without ever unpickling code.
+
+    ``.safetensors`` is read with safetensors; anything else with
+    ``torch.load(weights_only=True)``, which refuses pickled objects. There is no fallback.
+    """
+    import torch
+
+    if not path.is_file():
+        raise EncoderError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:
+            raise EncoderError(f"{path}: not a valid safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EncoderError(
+            f"{path}: refused to load: it is not a plain tensor checkpoint "
+            f"({type(exc).__name__}); pickled code is never executed",
+            hint="convert the checkpoint to .safetensors, or pass a state dict saved with "
+            "torch.save(model.state_dict(), path)",
+        ) from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise EncoderError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def check_missing_keys(spec: str, path: Path, result: Any, allowed_missing: Callable[[str], bool]
+                       ) -> None:
+    """Raise when ``load_state_dict(strict=False)`` left real parameters unset."""
+    missing = [k for k in result.missing_keys if not allowed_missing(k)]
+    if missing or result.unexpected_keys:
+        raise EncoderError(
+            f"{path} does not fit {spec}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected keys "
+            f"(e.g. {list(result.unexpected_keys)[:3]})",
+            hint="the weights file must be a state dict for exactly this architecture",
+        )

@@ -1,0 +1,337 @@
+"""build_index: scan → encode what is new (resumably) → consolidate → faiss → manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch import __version__
+from embedsearch.bundle import (
+    BUNDLE_FORMAT,
+    FINGERPRINT_MIN_COSINE,
+    HELD_OUT_SPLITS,
+    SCHEMA_VERSION,
+    bundle_path,
+    encoder_key,
+    fingerprint_cosine,
+    read_manifest,
+)
+from embedsearch.data.scan import Collection, Record, scan
+from embedsearch.errors import BundleError, BundleMismatchError
+from embedsearch.store.cache import ShardCache
+from embedsearch.store.io import (
+    exclusive_lock,
+    file_digest,
+    read_npy,
+    read_parquet,
+    remove_temp_files,
+    write_json,
+    write_npy,
+    write_parquet,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from embedsearch.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 512
+
+
+@dataclass
+class BuildResult:
+    """What a build did; ``counts`` mirrors the manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    encoded: int
+    reused: int
+    failures: pd.DataFrame
+    seconds: float
+    encode_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        c = self.manifest["counts"]
+        line = f"{c['embedded']:,} embedded, {c['failed'] + c['skipped']:,} skipped"
+        if c["by_reason"]:
+            line += ": " + ", ".join(f"{n} {r.replace('_', ' ')}"
+                                     for r, n in sorted(c["by_reason"].items()))
+        return line
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _meta_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    from embedsearch.store.cache import META_COLUMNS
+
+    return pd.DataFrame(rows, columns=list(META_COLUMNS))
+
+
+class _Cache:
+    """Every vector (and failure) already computed for this encoder, keyed by id."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] = []
+        self.lookup: dict[str, tuple[int, int, dict[str, Any]]] = {}
+
+    def add(self, vectors: np.ndarray, meta: pd.DataFrame) -> None:
+        source = len(self.arrays)
+        self.arrays.append(vectors)
+        for row in meta.to_dict("records"):
+            row.setdefault("status", "ok")  # the items table only holds embedded images
+            row.setdefault("detail", "")
+            self.lookup[row["id"]] = (source, int(row["row"]), row)
+
+    def get(self, rec: Record, key: tuple[int, int]) -> dict[str, Any] | None:
+        hit = self.lookup.get(rec.id)
+        if hit is None or (int(hit[2]["size"]), int(hit[2]["mtime_ns"])) != key:
+            return None
+        return hit[2]
+
+    def vector(self, rec_id: str) -> np.ndarray:
+        source, row, _ = self.lookup[rec_id]
+        return self.arrays[source][row]
+
+
+def build_index(
+    source: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    path_col: str | None = None,
+    label_col: str | None = None,
+    split_col: str | None = None,
+    follow_symlinks: bool = False,
+    skip_missing: bool = False,
+    overwrite: bool = False,
+    index_type: str = "auto",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    encoder: Encoder | None = None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> BuildResult:
+    """Embed a collection into an index bundle, re-encoding only what changed.
+
+    ``progress(total, already_done)`` may return a callback that receives image counts as
+    encoding advances (the CLI passes a progress bar).
+    """
+    t0 = time.perf_counter()
+    collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
+                      follow_symlinks=follow_symlinks, skip_missing=skip_missing)
+    path = Path(out) if out else bundle_path(name or Path(source).stem)
+    with exclusive_lock(path):
+        remove_temp_files(path)
+        old = _previous_manifest(path)
+        if encoder is None:
+            from embedsearch.encoders import DEFAULT_ENCODER, load_encoder
+
+            spec = model or (old["encoder"]["spec"] if old else DEFAULT_ENCODER)
+            if weights is None and old and not model and old["encoder"]["weights"]["source"] == "file":
+                weights = old["encoder"]["weights"]["path"]
+            encoder = load_encoder(spec, weights)
+        identity = encoder.identity()
+        fingerprint = encoder.fingerprint()
+        if old is not None and not overwrite:
+            _check_compatible(path, old, identity, fingerprint)
+        cache = _Cache()
+        if old is not None and not overwrite:
+            cache.add(read_npy(path / old["roles"]["embeddings"]),
+                      read_parquet(path / old["roles"]["items"]))
+            failed_before = read_parquet(path / old["roles"]["failures"])
+            cache.add(np.zeros((0, encoder.dim), np.float32),
+                      failed_before[failed_before["row"] == -1])
+        shards = ShardCache(path / "cache", encoder_key(identity))
+        if overwrite:
+            shards.clear()
+        for vectors, meta in shards.load():
+            cache.add(vectors, meta)
+
+        keys = [_stat_key(r.path) for r in collection.records]
+        todo = [i for i, r in enumerate(collection.records) if cache.get(r, keys[i]) is None]
+        reused = len(collection.records) - len(todo)
+        t_enc = time.perf_counter()
+        _encode_missing(encoder, collection, keys, todo, shards, cache, batch_size, num_workers,
+                        shard_size, progress(len(collection.records), reused) if progress else None)
+        encode_seconds = time.perf_counter() - t_enc
+        manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
+                                          fingerprint, index_type)
+        shards.clear()
+        _remove_stale_generations(path, manifest)
+    return BuildResult(path, manifest, len(todo), reused, failures,
+                       time.perf_counter() - t0, encode_seconds)
+
+
+def _previous_manifest(path: Path) -> dict[str, Any] | None:
+    if not (path / "manifest.json").exists():
+        return None
+    return read_manifest(path)
+
+
+def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
+                      fingerprint: np.ndarray) -> None:
+    if encoder_key(old["encoder"]) != encoder_key(identity):
+        raise BundleMismatchError(
+            f"{path} was built with encoder {old['encoder']['spec']} "
+            f"({old['encoder']['dim']}-d); this build uses {identity['spec']} "
+            f"({identity['dim']}-d)",
+            hint=f"choose another --name/--out, or pass --overwrite to rebuild {path} "
+            "with the new encoder",
+        )
+    cos = fingerprint_cosine(fingerprint, old["fingerprint"])
+    if cos < FINGERPRINT_MIN_COSINE:
+        raise BundleMismatchError(
+            f"encoder {identity['spec']} now embeds the reference image differently "
+            f"(cosine {cos:.4f}) than when {path} was built",
+            hint="library versions or weights changed; pass --overwrite to re-encode everything",
+        )
+
+
+def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[int, int]],
+                    todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int,
+                    num_workers: int | None, shard_size: int,
+                    tick: Callable[[int], None] | None) -> None:
+    from embedsearch.embed import embed_sources
+
+    records = collection.records
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start:start + shard_size]
+        vecs: list[np.ndarray] = []
+        rows: list[dict[str, Any]] = []
+        n_ok = 0
+        for idx, v, infos in embed_sources(encoder, [records[i].path for i in chunk],
+                                           batch_size=batch_size, num_workers=num_workers,
+                                           progress=tick):
+            vecs.append(v)
+            for j, info in zip(idx, infos, strict=True):
+                rec = records[chunk[j]]
+                size, mtime = keys[chunk[j]]
+                ok = info.status == "ok"
+                rows.append({"id": rec.id, "size": size, "mtime_ns": mtime,
+                             "sha256": info.sha256, "status": info.status,
+                             "detail": info.detail, "width": info.width,
+                             "height": info.height, "row": n_ok if ok else -1})
+                n_ok += ok
+        vectors = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
+        meta = _meta_frame(rows)
+        shards.append(vectors, meta)
+        cache.add(vectors, meta)
+
+
+def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
+                 keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
+                 fingerprint: np.ndarray, index_type: str) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Write a new generation of the bundle's files, then the manifest (the commit)."""
+    import pandas as pd
+
+    from embedsearch.index import make_index, write_faiss
+
+    ok_rows, failed_rows = [], []
+    for rec, key in zip(collection.records, keys, strict=True):
+        meta = cache.get(rec, key)
+        assert meta is not None, rec.id
+        row = {**meta, "label": rec.label, "split": rec.split}
+        (ok_rows if meta["status"] == "ok" else failed_rows).append(row)
+    # Reference rows first, held-out rows last: kNN searches a prefix of the index.
+    ok_rows.sort(key=lambda r: r["split"] in HELD_OUT_SPLITS)
+    vectors = np.stack([cache.vector(r["id"]) for r in ok_rows]) if ok_rows \
+        else np.zeros((0, encoder.dim), np.float32)
+    columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height"]
+    items = pd.DataFrame(ok_rows, columns=[*columns, "status", "detail", "row"])
+    items["row"] = np.arange(len(items))
+    items = items[[*columns, "row"]]
+    failures = pd.DataFrame(
+        [{"id": r["id"], "reason": r["status"], "detail": r["detail"], "size": r["size"],
+          "mtime_ns": r["mtime_ns"], "sha256": r["sha256"], "status": r["status"], "row": -1}
+         for r in failed_rows]
+        + [{"id": s.id, "reason": s.reason, "detail": s.detail, "size": -1, "mtime_ns": -1,
+            "sha256": None, "status": s.reason, "row": -2} for s in collection.skipped],
+        columns=["id", "reason", "detail", "size", "mtime_ns", "sha256", "status", "row"],
+    )
+    if len(items) == 0:
+        raise BundleError(
+            f"none of the {len(collection.records)} images could be read "
+            f"({Counter(failures['reason']).most_common(3)})",
+            hint="check the files; run with --debug for details")
+    gen = (old["generation"] + 1) if old else 1
+    roles = {r: f"data/{r}-{gen:06d}.{ext}" for r, ext in
+             (("embeddings", "npy"), ("items", "parquet"), ("failures", "parquet"),
+              ("index", "faiss"))}
+    write_npy(path / roles["embeddings"], vectors)
+    write_parquet(path / roles["items"], items)
+    write_parquet(path / roles["failures"], failures)
+    index, index_info = make_index(vectors, index_type)
+    write_faiss(path / roles["index"], index)
+    n_ref = int((~items["split"].isin(HELD_OUT_SPLITS)).sum())
+    index_info["reference_rows"] = n_ref
+    labels = items["label"].dropna()
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "generation": gen,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "embedsearch_version": __version__,
+        "encoder": encoder.identity(),
+        "fingerprint": [round(float(x), 6) for x in fingerprint],
+        "source": {"path": str(collection.root if collection.source == "folder"
+                               else collection.root / collection.source.split(":", 1)[1]),
+                   "kind": collection.source.split(":")[0], "splits": collection.splits},
+        "classes": sorted(labels.unique().tolist()),
+        "counts": {
+            "scanned": len(collection.records) + len(collection.skipped),
+            "embedded": len(items),
+            "failed": len(failed_rows),
+            "skipped": len(collection.skipped),
+            "by_reason": dict(Counter(failures["reason"])),
+            "by_class": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()},
+            "by_split": {str(k): int(v) for k, v in
+                         items["split"].fillna("none").value_counts().sort_index().items()},
+        },
+        "index": index_info,
+        "roles": roles,
+        "files": {rel: {"bytes": (path / rel).stat().st_size, "sha256": file_digest(path / rel)}
+                  for rel in roles.values()},
+        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+    }
+    if old:
+        for key in ("heads", "dedupe"):
+            if key in old:
+                manifest[key] = old[key]
+    write_json(path / "manifest.json", manifest)
+    return manifest, failures
+
+
+def _remove_stale_generations(path: Path, manifest: dict[str, Any]) -> None:
+    keep = {path / rel for rel in manifest["roles"].values()}
+    for f in (path / "data").glob("*-*.*"):
+        if f not in keep:
+            with contextlib.suppress(OSError):
+                f.unlink()

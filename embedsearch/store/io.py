@@ -1,0 +1,149 @@
+"""Atomic, pickle-free file writes and verified reads.
+
+Every write goes to a temporary file in the target folder, is fsync'ed and then
+``os.replace``'d into place, so a reader sees the old file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch.errors import BundleError, BundleLockedError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``writer(file)`` atomically; a failure leaves no temp file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES,
+                                                      errno.EDQUOT):
+            raise BundleError(
+                f"cannot write {path}: {exc.strerror}",
+                hint="free disk space or choose a writable folder with --out; "
+                "the previous bundle, if any, is untouched",
+            ) from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    data = (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode()
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable JSON ({exc})",
+                          hint="the file is damaged; rebuild the bundle") from exc
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def read_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    """Load a numeric .npy without ever unpickling (object arrays are refused)."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:
+        raise BundleError(f"{path}: refused: not a plain numeric array ({exc})",
+                          hint="rebuild the bundle; embedsearch never loads pickled data") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable ({exc})", hint="rebuild the bundle") from exc
+
+
+def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    atomic_write(path, lambda fh: df.to_parquet(fh, index=False))
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise BundleError(f"{path}: unreadable parquet ({exc})",
+                          hint="rebuild the bundle") from exc
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete temp files left by a killed writer. Returns how many were removed."""
+    count = 0
+    if folder.is_dir():
+        for p in folder.rglob(TMP_PREFIX + "*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                count += 1
+    return count
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path, wait: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on ``folder``.
+
+    ``flock`` is released by the kernel when the process dies, so a ``kill -9`` never
+    leaves a stale lock behind.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise BundleLockedError(
+                f"{folder} is being written by {holder}",
+                hint="wait for the other build to finish (or stop it); the lock is released "
+                "automatically when that process ends",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
