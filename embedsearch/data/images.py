@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Formats Pillow may open. Everything else (EPS via Ghostscript, PSD, ...) is refused.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Above this many pixels (width × height, from the header) an image is refused undecoded.
 DEFAULT_MAX_PIXELS = 100_000_000
 #: Transparent pixels are composited onto this colour.

@@ -1,0 +1,87 @@
+"""Shared fixtures: generated image collections with known structure, and the shared assets.
+
+Nothing binary is committed: every image is drawn at test time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EMBEDSEARCH_SHARED", REPO.parent / "shared"))
+CLOTHING = SHARED / "datasets" / "clothing-small"
+MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet1k.safetensors"
+
+#: Classes of the generated collection: a dominant colour and a shape.
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
+
+
+def draw_image(cls: str, seed: int, size: int = 96) -> Image.Image:
+    """A noisy picture whose class is its dominant colour; position and size vary."""
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[cls], np.float32)
+    arr = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    d = ImageDraw.Draw(img)
+    x, y = rng.integers(5, size // 2, 2)
+    r = int(rng.integers(10, size // 3))
+    d.ellipse([x, y, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img
+
+
+def make_collection(root: Path, per_class: int = 8, splits: dict[str, int] | None = None,
+                    classes: tuple[str, ...] = tuple(COLOURS), fmt: str = "jpg") -> Path:
+    """Write ``root/[split/]class/class_i.jpg``; returns root."""
+    seed = 0
+    layout = splits or {"": per_class}
+    for split, n in layout.items():
+        for cls in classes:
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                seed += 1
+                draw_image(cls, seed).save(folder / f"{cls}_{i:03d}.{fmt}", quality=90)
+    return root
+
+
+@pytest.fixture
+def collection(tmp_path: Path) -> Path:
+    """24 labelled JPEGs: 3 colour classes × 8."""
+    return make_collection(tmp_path / "images")
+
+
+@pytest.fixture
+def split_collection(tmp_path: Path) -> Path:
+    """train/val/test folders of the 3 colour classes."""
+    return make_collection(tmp_path / "images", splits={"train": 6, "val": 2, "test": 3})
+
+
+@pytest.fixture
+def queries(tmp_path: Path) -> dict[str, Path]:
+    """One unseen image per class, outside any collection."""
+    out = tmp_path / "queries"
+    out.mkdir()
+    paths = {}
+    for i, cls in enumerate(COLOURS):
+        p = out / f"query_{cls}.jpg"
+        draw_image(cls, 10_000 + i).save(p, quality=90)
+        paths[cls] = p
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bundles named without a path go to ./indexes; keep each test's in its own folder.
+    monkeypatch.chdir(tmp_path)
+
+
+def require_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared assets live beside the repository as "
+                    "../shared (see ../shared/README.md); a fresh clone does not have them")
+    return path
