@@ -85,3 +85,15 @@ def require_shared(path: Path) -> Path:
         pytest.skip(f"{path} is absent: the shared assets live beside the repository as "
                     "../shared (see ../shared/README.md); a fresh clone does not have them")
     return path
+
+
+@pytest.fixture(scope="session")
+def clothing_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """clothing-small (train+validation as reference, test held out) embedded once per
+    session with the real default encoder (about 2-3 minutes on 2 cores)."""
+    require_shared(CLOTHING)
+    from embedsearch import build_index, load_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "clothing"
+    build_index(CLOTHING, out=out)
+    return load_bundle(out)
