@@ -90,7 +90,8 @@ def embed_sources(
     from torch.utils.data import DataLoader
 
     workers = default_workers() if num_workers is None else num_workers
-    dataset = _DecodeDataset(sources, encoder.transform, encoder.preprocess.resize, max_pixels)
+    prep = encoder.preprocess
+    dataset = _DecodeDataset(sources, prep.worker_transform, prep.resize, max_pixels)
     loader = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
@@ -104,7 +105,7 @@ def embed_sources(
         infos = [info for _, _, info in batch]
         tensors = [t for _, t, _ in batch if t is not None]
         if tensors:
-            vectors = encoder.encode_tensors(torch.stack(tensors))
+            vectors = encoder.encode_tensors(prep.finish(torch.stack(tensors)))
         else:
             vectors = np.zeros((0, encoder.dim), np.float32)
         if progress is not None:

@@ -126,6 +126,7 @@ def build_index(
     out: str | os.PathLike[str] | None = None,
     model: str | None = None,
     weights: str | os.PathLike[str] | None = None,
+    precision: str | None = None,
     path_col: str | None = None,
     label_col: str | None = None,
     split_col: str | None = None,
@@ -152,12 +153,16 @@ def build_index(
         remove_temp_files(path)
         old = _previous_manifest(path)
         if encoder is None:
-            from embedsearch.encoders import DEFAULT_ENCODER, load_encoder
+            from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
             spec = model or (old["encoder"]["spec"] if old else DEFAULT_ENCODER)
-            if weights is None and old and not model and old["encoder"]["weights"]["source"] == "file":
-                weights = old["encoder"]["weights"]["path"]
-            encoder = load_encoder(spec, weights)
+            old_weights = old["encoder"]["weights"] if old else {}
+            if weights is None and not model and old_weights.get("source") == "file":
+                weights = old_weights["path"]
+            if precision is None:
+                precision = old["encoder"].get("precision", "fp32") if old and not model \
+                    else DEFAULT_PRECISION
+            encoder = load_encoder(spec, weights, precision=precision)
         identity = encoder.identity()
         fingerprint = encoder.fingerprint()
         if old is not None and not overwrite:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from embedsearch.encoders.base import Encoder
 
 DEFAULT_ENCODER = "efficientnet-lite0"
+#: Precision new bundles are built with (see benchmarks/throughput.py for the evidence).
+DEFAULT_PRECISION = "fp32"
 
 Builder = Callable[[str, str, "Path | None"], "Encoder"]
 
@@ -104,11 +106,17 @@ def resolve(spec: str) -> tuple[EncoderEntry, str]:
     return entry, name
 
 
-def load_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike[str] | None = None
-                 ) -> Encoder:
-    """Build the encoder named by ``spec``, with weights from ``weights`` when given."""
+def load_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike[str] | None = None,
+                 precision: str = "fp32", channels_last: bool = True) -> Encoder:
+    """Build the encoder named by ``spec``, with weights from ``weights`` when given.
+
+    ``precision`` is "fp32" or "bf16" (autocast); channels-last memory layout is on by
+    default because it is faster on CPU for convolutional nets and changes nothing else.
+    """
     entry, name = resolve(spec)
     path = Path(weights).expanduser() if weights else None
     if path is not None and not path.is_file():
         raise EncoderError(f"weights file {path} does not exist")
-    return entry.build(spec, name, path)
+    encoder = entry.build(spec, name, path)
+    encoder.configure(precision, channels_last)
+    return encoder

@@ -174,7 +174,8 @@ def build_torchvision(spec: str, name: str, weights: Path | None) -> Encoder:
     if name not in available:
         raise EncoderError(
             f"torchvision has no model {name!r}",
-            hint=f"known: {', '.join(m for m in available if not m.startswith(('quantized', 'raft')))}",
+            hint="known: " + ", ".join(m for m in available
+                                       if not m.startswith(("quantized", "raft"))),
         )
     enum = torchvision.models.get_model_weights(name)
     try:
