@@ -8,7 +8,7 @@ import os
 import platform
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +28,8 @@ from embedsearch.bundle import (
     read_manifest,
 )
 from embedsearch.data.scan import Collection, Record, scan
-from embedsearch.errors import BundleError, BundleMismatchError
+from embedsearch.engines import ENGINES
+from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
 from embedsearch.store.cache import ShardCache
 from embedsearch.store.io import (
     exclusive_lock,
@@ -44,7 +45,9 @@ from embedsearch.store.io import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from embedsearch.embed import ItemInfo
     from embedsearch.encoders.base import Encoder
+    from embedsearch.engines.ray_engine import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +142,18 @@ def build_index(
     shard_size: int = DEFAULT_SHARD_SIZE,
     encoder: Encoder | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    engine: str = "local",
+    ray_options: RayOptions | None = None,
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
     ``progress(total, already_done)`` may return a callback that receives image counts as
-    encoding advances (the CLI passes a progress bar).
+    encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
+    cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
     """
+    if engine not in ENGINES:
+        raise EmbedsearchError(f"unknown engine {engine!r}",
+                               hint=f"use one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
                       follow_symlinks=follow_symlinks, skip_missing=skip_missing)
@@ -185,7 +194,8 @@ def build_index(
         reused = len(collection.records) - len(todo)
         t_enc = time.perf_counter()
         _encode_missing(encoder, collection, keys, todo, shards, cache, batch_size, num_workers,
-                        shard_size, progress(len(collection.records), reused) if progress else None)
+                        shard_size, progress(len(collection.records), reused) if progress else None,
+                        engine, ray_options)
         encode_seconds = time.perf_counter() - t_enc
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
                                           fingerprint, index_type)
@@ -220,35 +230,66 @@ def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
         )
 
 
+def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int,
+                  num_workers: int | None, tick: Callable[[int], None] | None
+                  ) -> Iterator[tuple[np.ndarray, list[ItemInfo]]]:
+    """Per chunk: (vectors of the images that decoded, one ItemInfo per path, in order)."""
+    from embedsearch.embed import embed_sources
+
+    # One DataLoader for the whole run, so decode workers start once, not once per shard;
+    # the stream of batches is cut into chunks here.
+    vectors = np.zeros((0, encoder.dim), np.float32)
+    infos: list[ItemInfo] = []
+    stream = embed_sources(encoder, paths, batch_size=batch_size, num_workers=num_workers,
+                           progress=tick)
+    for _, v, batch_infos in stream:
+        vectors = np.concatenate([vectors, v])
+        infos.extend(batch_infos)
+        while len(infos) >= chunk_size:
+            head, infos = infos[:chunk_size], infos[chunk_size:]
+            n_ok = sum(info.status == "ok" for info in head)
+            yield vectors[:n_ok], head
+            vectors = vectors[n_ok:]
+    if infos:
+        yield vectors, infos
+
+
 def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[int, int]],
                     todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int,
                     num_workers: int | None, shard_size: int,
-                    tick: Callable[[int], None] | None) -> None:
-    from embedsearch.embed import embed_sources
-
+                    tick: Callable[[int], None] | None, engine: str = "local",
+                    ray_options: RayOptions | None = None) -> None:
     records = collection.records
-    for start in range(0, len(todo), shard_size):
-        chunk = todo[start:start + shard_size]
-        vecs: list[np.ndarray] = []
-        rows: list[dict[str, Any]] = []
-        n_ok = 0
-        for idx, v, infos in embed_sources(encoder, [records[i].path for i in chunk],
-                                           batch_size=batch_size, num_workers=num_workers,
-                                           progress=tick):
-            vecs.append(v)
-            for j, info in zip(idx, infos, strict=True):
-                rec = records[chunk[j]]
-                size, mtime = keys[chunk[j]]
+    paths = [records[i].path for i in todo]
+    if engine == "ray":
+        from embedsearch.engines.ray_engine import RayOptions, encode_chunks
+
+        opts = ray_options or RayOptions(batch_size=batch_size)
+        chunks = encode_chunks(encoder, paths, shard_size, opts, progress=tick)
+    else:
+        chunks = _local_chunks(encoder, paths, shard_size, batch_size, num_workers, tick)
+    # Whatever the engine, each chunk is committed here through the same shard cache: the
+    # bundle, its verification and resume after a kill do not depend on where it was encoded.
+    with contextlib.closing(chunks):
+        for n, (vectors, infos) in enumerate(chunks):
+            chunk = todo[n * shard_size:(n + 1) * shard_size]
+            rows: list[dict[str, Any]] = []
+            n_ok = 0
+            for i, info in zip(chunk, infos, strict=True):
+                rec = records[i]
+                size, mtime = keys[i]
                 ok = info.status == "ok"
                 rows.append({"id": rec.id, "size": size, "mtime_ns": mtime,
                              "sha256": info.sha256, "status": info.status,
                              "detail": info.detail, "width": info.width,
                              "height": info.height, "row": n_ok if ok else -1})
                 n_ok += ok
-        vectors = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
-        meta = _meta_frame(rows)
-        shards.append(vectors, meta)
-        cache.add(vectors, meta)
+            if n_ok != len(vectors):
+                raise EmbedsearchError(f"engine {engine} returned {len(vectors)} vectors for "
+                                       f"{n_ok} decoded images")
+            meta = _meta_frame(rows)
+            shards.append(vectors, meta)
+            cache.add(vectors, meta)
 
 
 def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,

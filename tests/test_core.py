@@ -263,3 +263,15 @@ def test_default_encoder_knn_on_clothing(clothing_bundle) -> None:
     assert acc >= 0.83, acc
     majority = test["label"].value_counts(normalize=True).iloc[0]
     assert acc > majority + 0.5
+
+
+def test_shards_cut_across_batches_give_the_same_bundle(collection: Path) -> None:
+    (collection / "red" / "broken.jpg").write_bytes(b"not an image")
+    (collection / "green" / "empty.jpg").write_bytes(b"")
+    small = build_index(collection, out="small", model=TINY, shard_size=5, batch_size=4,
+                        num_workers=1)
+    big = build_index(collection, out="big", model=TINY)
+    a, b = load_bundle(small.path), load_bundle(big.path)
+    assert a.items["id"].tolist() == b.items["id"].tolist()
+    np.testing.assert_array_equal(np.asarray(a.embeddings), np.asarray(b.embeddings))
+    assert sorted(a.failures["id"]) == ["green/empty.jpg", "red/broken.jpg"]
