@@ -1,0 +1,270 @@
+"""Encode on a Ray cluster: Ray Data streams the image list through a pool of encoder actors.
+
+The driver (the process running ``build_index``) scans the collection, decides what still
+needs encoding, and commits results shard by shard exactly as the local engine does; only
+the decode + encode work moves to the cluster::
+
+    ray.data.from_arrow(blocks of (pos, path))
+        .map_batches(EncoderActor, concurrency=N, batch_size=B, num_cpus=C, num_gpus=G)
+        .iter_batches()  →  reordered by pos  →  one chunk of shard_size at a time
+
+Each actor loads the encoder once from its spec (and weights file), checks that its
+identity and fingerprint match the driver's encoder (a worker with other library versions
+or other weights would otherwise silently write different vectors into the same bundle),
+then decodes with :func:`embedsearch.data.images.load_image` and encodes with
+``encoder.encode_tensors``. A file that cannot be used comes back as a row with its reason
+code, as on one machine. Image paths must be readable at the same path on every node
+(a shared or object-storage mount; see docs/scaling.md).
+
+Ray is an optional dependency (``pip install "embedsearch[ray]"``); nothing here imports it
+at module import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch.errors import EmbedsearchError, EncoderError
+
+if TYPE_CHECKING:
+    from embedsearch.embed import ItemInfo
+    from embedsearch.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'install the optional extra: pip install "embedsearch[ray]"'
+
+
+@dataclass
+class RayOptions:
+    """How to run the Ray engine.
+
+    ``address`` connects to a running cluster (``ray://…`` or ``HOST:PORT``); without it a
+    local Ray runtime is started for the build and stopped after it. ``num_workers`` encoder
+    actors each reserve ``num_cpus`` CPUs and ``num_gpus`` GPUs and encode batches of
+    ``batch_size`` images.
+    """
+
+    address: str | None = None
+    num_workers: int = 1
+    batch_size: int = 32
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    runtime_env: dict[str, Any] | None = None
+    #: Extra ``ray.init`` keyword arguments for a runtime started here (tests, notebooks).
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def require_ray() -> Any:
+    """Import ray (and ray.data), or raise a clear error saying how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise EmbedsearchError(f"--engine ray needs Ray, which is not installed ({exc})",
+                               hint=INSTALL_HINT) from exc
+    return ray
+
+
+@contextlib.contextmanager
+def ray_runtime(options: RayOptions) -> Iterator[Any]:
+    """Connect to ``options.address`` or start a local runtime; shut down only what we began."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    # We start or join this runtime on the user's behalf: no usage reporting over the network.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if options.runtime_env:
+        kwargs["runtime_env"] = options.runtime_env
+    if options.address:
+        kwargs["address"] = options.address
+        host = options.address.split("://")[-1].rsplit(":", 1)[0]
+        if host in ("localhost", "::1", "[::1]") or host.startswith("127."):
+            # A cluster on loopback: join it from loopback too, not from a network interface.
+            kwargs["_node_ip_address"] = "127.0.0.1"
+    else:
+        # "local" always starts a new runtime; a bare ray.init() would instead join whatever
+        # cluster `ray start` last left on this machine. It serves this process only: loopback.
+        kwargs.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    kwargs.update(options.init_kwargs)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = options.address or "a local Ray runtime"
+        raise EmbedsearchError(f"could not start or reach {where}: {exc}",
+                               hint="check --address (the head's HOST:PORT from `ray start "
+                               "--head`), or leave it out to start a local runtime") from exc
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class EncoderActor:
+    """Ray Data actor: loads the encoder once, then turns batches of paths into vectors."""
+
+    def __init__(self, spec: str, weights: str | None, expected_key: str,
+                 fingerprint: list[float], max_pixels: int, use_gpu: bool = False,
+                 threads: int = 1) -> None:
+        import torch
+
+        from embedsearch.bundle import FINGERPRINT_MIN_COSINE, encoder_key, fingerprint_cosine
+        from embedsearch.encoders import load_encoder
+        from embedsearch.encoders.base import fingerprint_image
+
+        torch.set_num_threads(max(1, threads))
+        self.encoder = load_encoder(spec, weights)
+        self.max_pixels = max_pixels
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if self.device != "cpu":
+            self.encoder.model.to(self.device)
+        found = encoder_key(self.encoder.identity())
+        if found != expected_key:
+            raise EncoderError(
+                f"a Ray worker built encoder {spec} as {found!r}, but the driver's is "
+                f"{expected_key!r}",
+                hint="install the same embedsearch, library versions and weights file on every "
+                "node (e.g. one container image for the whole cluster)")
+        probe = self.encoder.transform(fingerprint_image())[None].to(self.device)
+        cos = fingerprint_cosine(self.encoder.encode_tensors(probe)[0], fingerprint)
+        if cos < FINGERPRINT_MIN_COSINE:
+            raise EncoderError(
+                f"a Ray worker's encoder {spec} embeds the reference image differently from the "
+                f"driver's (cosine {cos:.4f})",
+                hint="library versions or weights differ between nodes; use one environment "
+                "for the whole cluster")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from embedsearch.data.images import DECODE_ERROR, LoadFailure, load_image
+
+        enc = self.encoder
+        n = len(batch["pos"])
+        status, detail, sha = [""] * n, [""] * n, [""] * n
+        width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        tensors, ok = [], []
+        for j, p in enumerate(batch["path"]):
+            loaded = load_image(Path(str(p)), target_size=enc.preprocess.resize,
+                                max_pixels=self.max_pixels)
+            if isinstance(loaded, LoadFailure):
+                status[j], detail[j], sha[j] = loaded.reason, loaded.detail, loaded.sha256 or ""
+                continue
+            sha[j] = loaded.sha256
+            try:
+                tensors.append(enc.transform(loaded.image))
+            except Exception as exc:  # one odd image must not stop the job (as in embed.py)
+                status[j], detail[j] = DECODE_ERROR, f"preprocessing failed: {exc}"
+                continue
+            status[j], width[j], height[j] = "ok", loaded.width, loaded.height
+            ok.append(j)
+        vectors = np.zeros((n, enc.dim), np.float32)
+        if tensors:
+            vectors[ok] = enc.encode_tensors(torch.stack(tensors).to(self.device))
+        return {"pos": np.asarray(batch["pos"], np.int64), "status": np.array(status, object),
+                "detail": np.array(detail, object), "sha256": np.array(sha, object),
+                "width": width, "height": height, "vector": vectors}
+
+
+def _user_error(exc: BaseException) -> EmbedsearchError | None:
+    """The EmbedsearchError an actor raised, dug out of Ray's wrappers (if that is the cause)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EmbedsearchError):
+            return e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
+def encode_chunks(encoder: Encoder, paths: Sequence[Path], chunk_size: int,
+                  options: RayOptions, *, max_pixels: int | None = None,
+                  progress: Callable[[int], None] | None = None
+                  ) -> Iterator[tuple[np.ndarray, list[ItemInfo]]]:
+    """Yield, per consecutive chunk of ``chunk_size`` paths, (vectors of the decoded images,
+    one ItemInfo per path) — the same contract as the local engine.
+
+    Chunks come out in order as soon as each is complete, so the caller can commit it while
+    the cluster keeps encoding the next ones.
+    """
+    from embedsearch.bundle import encoder_key
+    from embedsearch.data.images import DEFAULT_MAX_PIXELS
+    from embedsearch.embed import ItemInfo
+
+    if not paths:
+        return
+    if options.num_workers < 1 or options.batch_size < 1:
+        raise EmbedsearchError("--num-workers and --batch-size must be at least 1")
+    import pyarrow as pa
+
+    # Actors run in other working directories (and on other nodes): pass absolute paths.
+    weights = (str(Path(encoder.weights.path).absolute())
+               if encoder.weights.source == "file" and encoder.weights.path else None)
+    with ray_runtime(options) as ray:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # chunks complete in order: commit early
+        ctx.enable_progress_bars = False  # the CLI draws its own
+        # One input block per chunk: enough blocks to keep every actor busy, few objects.
+        blocks = [pa.table({"pos": np.arange(s, min(s + chunk_size, len(paths)), dtype=np.int64),
+                            "path": [str(Path(p).absolute()) for p in paths[s:s + chunk_size]]})
+                  for s in range(0, len(paths), chunk_size)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            EncoderActor,
+            fn_constructor_kwargs={
+                "spec": encoder.spec, "weights": weights,
+                "expected_key": encoder_key(encoder.identity()),
+                "fingerprint": [float(x) for x in encoder.fingerprint()],
+                "max_pixels": max_pixels or DEFAULT_MAX_PIXELS,
+                "use_gpu": options.num_gpus > 0, "threads": max(1, int(options.num_cpus)),
+            },
+            batch_size=options.batch_size, batch_format="numpy",
+            concurrency=options.num_workers, num_cpus=options.num_cpus,
+            num_gpus=options.num_gpus or None,
+        )
+        pending: dict[int, tuple[ItemInfo, np.ndarray]] = {}
+        next_chunk = 0
+        n_chunks = len(blocks)
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for j, pos in enumerate(out["pos"].tolist()):
+                    info = ItemInfo(str(out["status"][j]), str(out["detail"][j]),
+                                    str(out["sha256"][j]) or None, None,
+                                    int(out["width"][j]), int(out["height"][j]))
+                    pending[pos] = (info, out["vector"][j])
+                if progress is not None:
+                    progress(len(out["pos"]))
+                while next_chunk < n_chunks:
+                    start = next_chunk * chunk_size
+                    stop = min(start + chunk_size, len(paths))
+                    if any(i not in pending for i in range(start, stop)):
+                        break
+                    got = [pending.pop(i) for i in range(start, stop)]
+                    infos = [info for info, _ in got]
+                    vecs = [v for info, v in got if info.status == "ok"]
+                    yield (np.stack(vecs).astype(np.float32, copy=False) if vecs
+                           else np.zeros((0, encoder.dim), np.float32)), infos
+                    next_chunk += 1
+        except EmbedsearchError:
+            raise
+        except Exception as exc:
+            user = _user_error(exc)
+            if user is not None:
+                raise user from exc
+            raise
+        if next_chunk != n_chunks:  # pragma: no cover - Ray lost rows without raising
+            raise EmbedsearchError(f"the Ray job ended after {next_chunk} of {n_chunks} chunks",
+                                   hint="run the build again: committed chunks are kept")
