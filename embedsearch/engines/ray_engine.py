@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'install the optional extra: pip install "embedsearch[ray]"'
+#: Seconds each actor sleeps per batch (read on the worker). Throttles a job that shares its
+#: nodes with other work, and lets tests kill a job reliably midway.
+THROTTLE_ENV = "EMBEDSEARCH_RAY_THROTTLE_S"
+#: Ray's switch between "one machine, loopback" (0) and "cluster, interface address" (1).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass
@@ -77,6 +83,10 @@ def require_ray() -> Any:
 @contextlib.contextmanager
 def ray_runtime(options: RayOptions) -> Iterator[Any]:
     """Connect to ``options.address`` or start a local runtime; shut down only what we began."""
+    if not options.address and "ray" not in sys.modules:
+        # On Linux Ray advertises a network interface's address unless this is off (read
+        # when ray is imported); a runtime that only this process uses belongs on loopback.
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     ray = require_ray()
     if ray.is_initialized():
         yield ray
@@ -88,14 +98,10 @@ def ray_runtime(options: RayOptions) -> Iterator[Any]:
         kwargs["runtime_env"] = options.runtime_env
     if options.address:
         kwargs["address"] = options.address
-        host = options.address.split("://")[-1].rsplit(":", 1)[0]
-        if host in ("localhost", "::1", "[::1]") or host.startswith("127."):
-            # A cluster on loopback: join it from loopback too, not from a network interface.
-            kwargs["_node_ip_address"] = "127.0.0.1"
     else:
         # "local" always starts a new runtime; a bare ray.init() would instead join whatever
-        # cluster `ray start` last left on this machine. It serves this process only: loopback.
-        kwargs.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        # cluster `ray start` last left on this machine.
+        kwargs.update(address="local", include_dashboard=False)
     kwargs.update(options.init_kwargs)
     try:
         ray.init(**kwargs)
@@ -113,9 +119,9 @@ def ray_runtime(options: RayOptions) -> Iterator[Any]:
 class EncoderActor:
     """Ray Data actor: loads the encoder once, then turns batches of paths into vectors."""
 
-    def __init__(self, spec: str, weights: str | None, expected_key: str,
-                 fingerprint: list[float], max_pixels: int, use_gpu: bool = False,
-                 threads: int = 1) -> None:
+    def __init__(self, spec: str, weights: str | None, precision: str, channels_last: bool,
+                 expected_key: str, fingerprint: list[float], max_pixels: int,
+                 use_gpu: bool = False, threads: int = 1) -> None:
         import torch
 
         from embedsearch.bundle import FINGERPRINT_MIN_COSINE, encoder_key, fingerprint_cosine
@@ -123,7 +129,9 @@ class EncoderActor:
         from embedsearch.encoders.base import fingerprint_image
 
         torch.set_num_threads(max(1, threads))
-        self.encoder = load_encoder(spec, weights)
+        self.throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
+        self.encoder = load_encoder(spec, weights, precision=precision,
+                                    channels_last=channels_last)
         self.max_pixels = max_pixels
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if self.device != "cpu":
@@ -145,11 +153,17 @@ class EncoderActor:
                 "for the whole cluster")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
         import torch
 
         from embedsearch.data.images import DECODE_ERROR, LoadFailure, load_image
 
+        if self.throttle > 0:
+            time.sleep(self.throttle)
+
         enc = self.encoder
+        prep = enc.preprocess
         n = len(batch["pos"])
         status, detail, sha = [""] * n, [""] * n, [""] * n
         width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -161,8 +175,8 @@ class EncoderActor:
                 status[j], detail[j], sha[j] = loaded.reason, loaded.detail, loaded.sha256 or ""
                 continue
             sha[j] = loaded.sha256
-            try:
-                tensors.append(enc.transform(loaded.image))
+            try:  # the same split preprocessing as embed_sources: bit-identical vectors
+                tensors.append(prep.worker_transform(loaded.image))
             except Exception as exc:  # one odd image must not stop the job (as in embed.py)
                 status[j], detail[j] = DECODE_ERROR, f"preprocessing failed: {exc}"
                 continue
@@ -170,7 +184,7 @@ class EncoderActor:
             ok.append(j)
         vectors = np.zeros((n, enc.dim), np.float32)
         if tensors:
-            vectors[ok] = enc.encode_tensors(torch.stack(tensors).to(self.device))
+            vectors[ok] = enc.encode_tensors(prep.finish(torch.stack(tensors).to(self.device)))
         return {"pos": np.asarray(batch["pos"], np.int64), "status": np.array(status, object),
                 "detail": np.array(detail, object), "sha256": np.array(sha, object),
                 "width": width, "height": height, "vector": vectors}
@@ -218,26 +232,31 @@ def encode_chunks(encoder: Encoder, paths: Sequence[Path], chunk_size: int,
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # chunks complete in order: commit early
         ctx.enable_progress_bars = False  # the CLI draws its own
-        # One input block per chunk: enough blocks to keep every actor busy, few objects.
-        blocks = [pa.table({"pos": np.arange(s, min(s + chunk_size, len(paths)), dtype=np.int64),
-                            "path": [str(Path(p).absolute()) for p in paths[s:s + chunk_size]]})
-                  for s in range(0, len(paths), chunk_size)]
+        # An input block is the unit handed to an actor: at least ~4 per actor so all of
+        # them work (and small jobs balance), at most one chunk so objects stay few.
+        per = -(-len(paths) // (4 * options.num_workers))
+        step = max(1, min(chunk_size, max(options.batch_size, per)))
+        blocks = [pa.table({"pos": np.arange(s, min(s + step, len(paths)), dtype=np.int64),
+                            "path": [str(Path(p).absolute()) for p in paths[s:s + step]]})
+                  for s in range(0, len(paths), step)]
+        n_chunks = -(-len(paths) // chunk_size)
         ds = ray.data.from_arrow(blocks).map_batches(
             EncoderActor,
             fn_constructor_kwargs={
-                "spec": encoder.spec, "weights": weights,
+                "spec": encoder.spec, "weights": weights, "precision": encoder.precision,
+                "channels_last": encoder.channels_last,
                 "expected_key": encoder_key(encoder.identity()),
                 "fingerprint": [float(x) for x in encoder.fingerprint()],
                 "max_pixels": max_pixels or DEFAULT_MAX_PIXELS,
                 "use_gpu": options.num_gpus > 0, "threads": max(1, int(options.num_cpus)),
             },
             batch_size=options.batch_size, batch_format="numpy",
-            concurrency=options.num_workers, num_cpus=options.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=options.num_workers),
+            num_cpus=options.num_cpus,
             num_gpus=options.num_gpus or None,
         )
         pending: dict[int, tuple[ItemInfo, np.ndarray]] = {}
         next_chunk = 0
-        n_chunks = len(blocks)
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for j, pos in enumerate(out["pos"].tolist()):
