@@ -166,6 +166,15 @@ class Bundle:
             raise BundleError(
                 f"{self.file('index')} holds {index.ntotal} vectors of dim {index.d}; the "
                 f"bundle has {len(self.items)} of dim {self.dim}", hint=self.rebuild_hint)
+        # Same shape is not same content: an index from another encoder of the same
+        # dimension would answer every query wrongly. Spot-check rows against embeddings.
+        rows = np.unique(np.linspace(0, index.ntotal - 1, min(index.ntotal, 16)).astype(int))
+        if len(rows) and not np.allclose(
+                np.vstack([index.reconstruct(int(i)) for i in rows]),
+                np.asarray(self.embeddings[rows]), atol=1e-5):
+            raise BundleMismatchError(
+                f"{self.file('index')} does not hold this bundle's embeddings (an index from "
+                "another bundle or another encoder?)", hint=self.rebuild_hint)
         return index
 
     @property
@@ -217,6 +226,12 @@ class Bundle:
         from embedsearch.classify.knn import KNNClassifier
 
         labels = self.reference_labels()
+        if self.labelled and len(labels) == 0:
+            raise EmbedsearchError(
+                f"bundle {self.name} has no reference images to classify against: all "
+                f"{len(self.items)} are held-out test images",
+                hint="build it from train/ (or unsplit) class folders; test/ images are "
+                "only scored, never voted with")
         if not self.labelled or len(labels) == 0 or any(lbl is None for lbl in labels):
             raise EmbedsearchError(f"bundle {self.name} has no labels, so it cannot classify",
                                    hint="it still supports similar-image search")
@@ -301,20 +316,56 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{mpath} has schema {manifest.get('schema_version')}, this version "
                           f"reads {SCHEMA_VERSION}", hint="rebuild the bundle")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise BundleError(f"{mpath} is damaged or was edited: {problem}",
+                          hint=f"rebuild it: embedsearch build-index DATA --out {path} "
+                          "--overwrite")
     return manifest
+
+
+_ROLES = ("embeddings", "items", "failures", "index")
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a manifest (so loaders never hit a KeyError)."""
+    enc, roles, files, index = (m.get(k) for k in ("encoder", "roles", "files", "index"))
+    if not isinstance(enc, dict) or not isinstance(enc.get("spec"), str) \
+            or not isinstance(enc.get("dim"), int):
+        return "no encoder spec and dimension"
+    if not isinstance(m.get("fingerprint"), list) or len(m["fingerprint"]) != enc["dim"]:
+        return "no encoder fingerprint of the encoder's dimension"
+    if not isinstance(index, dict) or not all(isinstance(index.get(k), int)
+                                              for k in ("ntotal", "reference_rows")):
+        return "no index row counts"
+    if not isinstance(roles, dict) or not isinstance(files, dict) \
+            or not all(isinstance(roles.get(r), str) for r in _ROLES):
+        return f"the files of roles {', '.join(_ROLES)} are not all listed"
+    for rel in roles.values():
+        # Every role's file must be covered by a hash, and stay inside the bundle.
+        if rel not in files or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"role file {rel!r} is outside the bundle or has no recorded hash"
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
+                or not isinstance(meta.get("sha256"), str):
+            return f"no size and sha256 for {rel!r}"
+    return None
 
 
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file listed in the manifest exists with the recorded size and sha256."""
     for rel, meta in manifest.get("files", {}).items():
         f = path / rel
-        if not f.is_file():
-            raise BundleError(f"{f} is missing", hint="rebuild the bundle")
-        if f.stat().st_size != meta["bytes"] or file_digest(f) != meta["sha256"]:
+        try:
+            same = f.stat().st_size == meta["bytes"] and file_digest(f) == meta["sha256"]
+        except OSError as exc:  # gone (or unreadable) even if it existed a moment ago
+            raise BundleError(f"{f} is missing or unreadable ({exc.strerror})",
+                              hint=Bundle(path, manifest).rebuild_hint) from exc
+        if not same:
             raise BundleError(
-                f"{f} was modified after the bundle was written (size or sha256 differs "
-                "from manifest.json)",
-                hint="rebuild the bundle with embedsearch build-index … --overwrite")
+                f"{f} does not match manifest.json (size or sha256 differs): it was modified "
+                "or truncated after the bundle was written, or manifest.json comes from "
+                "another bundle", hint=Bundle(path, manifest).rebuild_hint)
 
 
 def load_bundle(name_or_path: str | os.PathLike[str], verify: bool = True) -> Bundle:
@@ -322,5 +373,14 @@ def load_bundle(name_or_path: str | os.PathLike[str], verify: bool = True) -> Bu
     path = bundle_path(name_or_path)
     manifest = read_manifest(path)
     if verify:
-        verify_files(path, manifest)
+        try:
+            verify_files(path, manifest)
+        except BundleError:
+            # A build may have committed a new generation (and removed the old files)
+            # while we were hashing: verify the new manifest once before refusing.
+            latest = read_manifest(path)
+            if latest == manifest:
+                raise
+            manifest = latest
+            verify_files(path, manifest)
     return Bundle(path, manifest)

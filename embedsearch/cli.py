@@ -34,6 +34,16 @@ class _Group(click.Group):
             if exc.hint:
                 click.echo(f"  hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            # Disk full, permissions, a vanished file: the environment, not a bug, so a
+            # message rather than a traceback (--debug still shows it).
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.secho(f"error: {where}{exc.strerror or exc}", fg="red", err=True)
+            click.echo("  hint: check free disk space and permissions; run with --debug for "
+                       "the traceback", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

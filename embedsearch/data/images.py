@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 #: Formats Pillow may open. Everything else (EPS via Ghostscript, PSD, ...) is refused.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Above this many pixels (width × height, from the header) an image is refused undecoded.
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Files larger than this are not read at all (a video or disk image renamed to .jpg).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+#: Wider (or taller) images are centre-cropped to this ratio after decoding. Encoders resize
+#: the shorter side and keep a centre square, so nothing they see is lost; without it a
+#: 1-KB PNG of 300000×1 pixels is resized to gigabytes before the crop.
+MAX_ASPECT_RATIO = 10
 #: Transparent pixels are composited onto this colour.
 BACKGROUND = (255, 255, 255)
 
@@ -32,6 +40,8 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 TOO_MANY_PIXELS = "too_many_pixels"
 TRUNCATED = "truncated"
 DECODE_ERROR = "decode_error"
+NOT_A_FILE = "not_a_regular_file"
+TOO_LARGE = "file_too_large"
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,16 @@ class LoadFailure:
 def read_bytes(path: Path) -> bytes | LoadFailure:
     """Read a whole file, turning OS errors into a failure record."""
     try:
-        return path.read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                # Reading a FIFO or a device would block or never end.
+                return LoadFailure(NOT_A_FILE, "a FIFO, socket or device, not a file")
+            if st.st_size > MAX_FILE_BYTES:
+                return LoadFailure(TOO_LARGE, f"{st.st_size:,} bytes is over the limit of "
+                                   f"{MAX_FILE_BYTES:,}", size=st.st_size)
+            return fh.read()
     except OSError as exc:
         return LoadFailure(UNREADABLE, exc.strerror or str(exc))
 
@@ -92,12 +111,26 @@ def load_image(
 def _decode(
     data: bytes, target_size: int | None, max_pixels: int
 ) -> tuple[Image.Image, int, int, str] | LoadFailure:
+    with warnings.catch_warnings():
+        # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that, and about
+        # corrupt EXIF or TIFF tags; we decide from the header ourselves and record real
+        # failures, so the warnings are noise (one per file, from every worker).
+        warnings.simplefilter("ignore")
+        try:
+            return _decode_unchecked(data, target_size, max_pixels)
+        except MemoryError:
+            return LoadFailure(DECODE_ERROR, "out of memory while decoding")
+        except Exception as exc:
+            # A crafted file can raise anything from a plugin (struct.error, KeyError…);
+            # one bad file must never stop a run of hours.
+            return LoadFailure(DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def _decode_unchecked(
+    data: bytes, target_size: int | None, max_pixels: int
+) -> tuple[Image.Image, int, int, str] | LoadFailure:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice that; we decide
-            # from the header ourselves below, so the warning is noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         return LoadFailure(*_identify_failure(data))
     except Image.DecompressionBombError as exc:
@@ -117,16 +150,30 @@ def _decode(
             img.draft("RGB" if img.mode != "CMYK" else "CMYK", (target_size, target_size))
         # Force the whole decode inside the try: truncated files only fail here.
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img), width, height, fmt
+        img, width, height = _apply_orientation(img, width, height)
+        return limit_aspect(to_rgb(img)), width, height, fmt
     except Image.DecompressionBombError as exc:
         return LoadFailure(TOO_MANY_PIXELS, str(exc))
     except OSError as exc:
         text = str(exc)
-        reason = TRUNCATED if "truncated" in text.lower() or "broken" in text.lower() else DECODE_ERROR
+        broken = "truncated" in text.lower() or "broken" in text.lower()
+        reason = TRUNCATED if broken else DECODE_ERROR
         return LoadFailure(reason, text)
     except (ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
         return LoadFailure(DECODE_ERROR, str(exc) or type(exc).__name__)
+
+
+def _apply_orientation(img: Image.Image, width: int, height: int
+                       ) -> tuple[Image.Image, int, int]:
+    """Turn the pixels as the EXIF orientation tag says; report the size as displayed."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation)
+        turned = ImageOps.exif_transpose(img) or img
+    except Exception:  # damaged EXIF must not cost a photo whose pixels decoded fine
+        return img, width, height
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return turned, width, height
 
 
 def _identify_failure(data: bytes) -> tuple[str, str]:
@@ -144,6 +191,20 @@ def _identify_failure(data: bytes) -> tuple[str, str]:
         return NOT_AN_IMAGE, "not a recognised image format"
 
 
+def limit_aspect(img: Image.Image, ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Centre-crop an extremely wide or tall image to ``ratio`` : 1."""
+    w, h = img.size
+    if w > ratio * h:
+        keep = max(1, round(ratio * h))
+        left = (w - keep) // 2
+        return img.crop((left, 0, left + keep, h))
+    if h > ratio * w:
+        keep = max(1, round(ratio * w))
+        top = (h - keep) // 2
+        return img.crop((0, top, w, top + keep))
+    return img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without the usual traps."""
     if img.mode == "RGB":
@@ -156,7 +217,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.where(np.isfinite(arr), arr, 0.0)  # NaN/inf would cast to arbitrary bytes
+        lo, hi = float(arr.min()), float(arr.max())
         arr8 = ((arr - lo) / (hi - lo or 1.0) * 255.0).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:

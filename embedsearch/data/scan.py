@@ -6,6 +6,7 @@ that holds the CSV). Scan order is sorted by id, so two scans of the same tree a
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import unicodedata
@@ -21,7 +22,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", 
 UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
     {".svg", ".svgz", ".heic", ".heif", ".avif", ".ico", ".psd", ".jxl", ".raw", ".cr2", ".nef"}
 )
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test"}
 PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "image", "image_path")
 LABEL_COLUMNS = ("label", "class", "category", "target", "y")
 
@@ -120,7 +122,11 @@ def scan_folder(root: Path, *, follow_symlinks: bool = False) -> Collection:
     file are counted once.
     """
     root = root.resolve()
-    layout = _split_layout(root)
+    try:
+        layout = _split_layout(root)
+    except OSError as exc:
+        raise InputError(f"{root}: cannot list the folder ({exc.strerror or exc})",
+                         hint="check the folder's permissions") from exc
     bases: Iterable[tuple[str | None, Path]] = layout.items() if layout else [(None, root)]
     records: list[Record] = []
     skipped: list[Skipped] = []
@@ -140,7 +146,8 @@ def scan_folder(root: Path, *, follow_symlinks: bool = False) -> Collection:
                 continue
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in seen_inodes:
-                skipped.append(Skipped(rid, "hardlink_duplicate", f"same file as {seen_inodes[key]}"))
+                skipped.append(Skipped(rid, "hardlink_duplicate",
+                                       f"same file as {seen_inodes[key]}"))
                 continue
             seen_inodes[key] = rid
             rel_to_base = path.relative_to(base).parts
@@ -182,7 +189,8 @@ def _walk(
                 continue
             if entry.is_symlink():
                 if not follow_symlinks:
-                    skipped.append(Skipped(_rel(root, path), "symlink", "symlinks are not followed"))
+                    skipped.append(Skipped(_rel(root, path), "symlink",
+                                           "symlinks are not followed (--follow-symlinks)"))
                     continue
                 try:
                     target = path.resolve(strict=True)
@@ -203,6 +211,10 @@ def _walk(
                 stack.append(path)
             elif stat.S_ISREG(mode):
                 files.append((path, _rel(root, path)))
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                # A FIFO or device named like an image would block or stream forever.
+                skipped.append(Skipped(_rel(root, path), "not_a_regular_file",
+                                       "a FIFO, socket or device, not a file"))
         yield from reversed(files)
 
 
@@ -210,18 +222,32 @@ def _rel(root: Path, path: Path) -> str:
     # Ids keep the names the file system gave: NFC and NFD spellings of one name are two
     # different files on Linux. Only labels are normalised (see _nfc).
     try:
-        return path.relative_to(root).as_posix()
+        return _printable(path.relative_to(root).as_posix())
     except ValueError:
-        return path.as_posix()
+        return _printable(path.as_posix())
+
+
+def _printable(name: str) -> str:
+    """A name that is valid UTF-8 text (parquet, JSON and terminals need that).
+
+    Linux names are bytes; ones that are not UTF-8 reach Python as lone surrogates, which
+    pyarrow cannot store. Those bytes are spelled ``\\xff`` instead; the record keeps the
+    real path for reading.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _nfc(text: str) -> str:
     """Class names typed on different systems compare equal once NFC-normalised."""
-    return unicodedata.normalize("NFC", text)
+    return unicodedata.normalize("NFC", _printable(text))
 
 
 def _check_unique_ids(records: list[Record]) -> None:
-    for a, b in zip(records, records[1:], strict=False):
+    for a, b in itertools.pairwise(records):
         if a.id == b.id:
             raise InputError(f"the image {a.id!r} is listed twice", hint="remove duplicate rows")
 

@@ -42,6 +42,19 @@ def _is_bn_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+def _load_weights(spec: str, path: Path, model: torch.nn.Module, state: dict[str, Any]
+                  ) -> None:
+    """Load ``state`` into ``model``; a file for another architecture is an EncoderError."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # torch reports shape mismatches even with strict=False
+        raise EncoderError(
+            f"{path} does not fit {spec}: {str(exc).splitlines()[-1].strip()[:300]}",
+            hint="the weights file must be a state dict for exactly this architecture",
+        ) from exc
+    check_missing_keys(spec, path, result, _is_bn_counter)
+
+
 def _weights_file(path: Path) -> WeightsInfo:
     return WeightsInfo("file", str(path.resolve()), sha256_file(path))
 
@@ -84,8 +97,7 @@ def build_efficientnet_lite(spec: str, name: str, weights: Path | None) -> Encod
     target = model.state_dict()
     if list(source) and next(iter(source)).startswith("_conv_stem"):
         source = _map_by_position(spec, path, source, target)
-    result = model.load_state_dict(source, strict=False)
-    check_missing_keys(spec, path, result, _is_bn_counter)
+    _load_weights(spec, path, model, source)
     model.reset_classifier(0)
     return Encoder(spec, model, _timm_preprocess(model), info)
 
@@ -126,8 +138,7 @@ def build_timm(spec: str, name: str, weights: Path | None) -> Encoder:
         raise EncoderError(f"timm has no model {name!r}", hint=f"similar names: {known}")
     if weights is not None:
         model = timm.create_model(name, pretrained=False)
-        result = model.load_state_dict(load_state_dict(weights), strict=False)
-        check_missing_keys(spec, weights, result, _is_bn_counter)
+        _load_weights(spec, weights, model, load_state_dict(weights))
         model.reset_classifier(0)
         info = _weights_file(weights)
     else:
@@ -185,8 +196,7 @@ def build_torchvision(spec: str, name: str, weights: Path | None) -> Encoder:
                            hint=f"known: {', '.join(w.name for w in enum)}") from None
     if weights is not None:
         model = torchvision.models.get_model(name, weights=None)
-        result = model.load_state_dict(load_state_dict(weights), strict=False)
-        check_missing_keys(spec, weights, result, _is_bn_counter)
+        _load_weights(spec, weights, model, load_state_dict(weights))
         info = _weights_file(weights)
     else:
         try:

@@ -36,26 +36,35 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+#: errno values that mean "this folder cannot take the write", not a bug.
+_NO_WRITE = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_error(path: Path, exc: OSError) -> BundleError:
+    return BundleError(
+        f"cannot write {path}: {exc.strerror or exc}",
+        hint="free disk space or choose a writable folder with --out; "
+        "the previous bundle, if any, is untouched and still loads",
+    )
+
+
 def atomic_write(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through ``writer(file)`` atomically; a failure leaves no temp file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES,
-                                                      errno.EDQUOT):
-            raise BundleError(
-                f"cannot write {path}: {exc.strerror}",
-                hint="free disk space or choose a writable folder with --out; "
-                "the previous bundle, if any, is untouched",
-            ) from exc
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _NO_WRITE:
+            raise _write_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -130,8 +139,11 @@ def exclusive_lock(folder: Path, wait: bool = False) -> Iterator[None]:
     ``flock`` is released by the kernel when the process dies, so a ``kill -9`` never
     leaves a stale lock behind.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # read-only, full, or the path is a file: nothing to build into
+        raise _write_error(folder / ".lock", exc) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
