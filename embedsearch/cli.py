@@ -316,5 +316,89 @@ def serve_cmd(ctx: click.Context, index_name: str, host: str, port: int, k: int,
                 timeout_graceful_shutdown=5)
 
 
+# -- benchmark ------------------------------------------------------------------------
+def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: give comma-separated integers, e.g. 1,5,10") from None
+    if not ks or min(ks) < 1:
+        raise click.BadParameter("k values must be positive integers")
+    return ks
+
+
+@main.command("benchmark")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--model", "-m", "models", multiple=True,
+              help="Encoder spec, repeatable (several encoders in one study); SPEC=FILE "
+              "gives a weights file. Default: efficientnet-lite0.")
+@click.option("--weights", "weights", multiple=True, type=click.Path(path_type=Path,
+              dir_okay=False), help="Weights file, repeatable, matched to --model by position.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Report folder (default: reports/<data folder name>).")
+@click.option("--bundles", type=click.Path(path_type=Path),
+              help="Where the index bundles go, reused by later runs (default: OUT/bundles).")
+@click.option("--seed", default=0, show_default=True, help="Split, heads and bootstrap seed.")
+@click.option("--k", "ks", default="1,5,10,20,50", show_default=True, callback=_parse_ks,
+              help="kNN k values to sweep.")
+@click.option("--cv-folds", type=click.IntRange(2, 50),
+              help="k-fold cross-validation instead of one test split (small collections).")
+@click.option("--no-dedupe", is_flag=True,
+              help="Do not group duplicate images (they may then straddle splits).")
+@click.option("--near-threshold", type=float,
+              help="Cosine similarity above which two images count as near duplicates.")
+@click.option("--no-heads", is_flag=True, help="Skip the trained heads.")
+@click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")
+@click.option("--title", help="Report title.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="Image decoding processes.")
+@click.option("--path-col", help="CSV/parquet column with image paths.")
+@click.option("--label-col", help="CSV/parquet column with labels.")
+@click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
+@click.pass_context
+def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
+                  weights: tuple[Path, ...], out: Path | None, bundles: Path | None, seed: int,
+                  ks: tuple[int, ...], cv_folds: int | None, no_dedupe: bool,
+                  near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
+                  title: str | None, batch_size: int, workers: int | None,
+                  path_col: str | None, label_col: str | None, split_col: str | None,
+                  as_json: bool) -> None:
+    """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
+
+    Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
+    and similarity-weighted vote), linear and MLP heads and, for CLIP encoders, zero-shot,
+    on the collection's own test split (else a seeded stratified split, or --cv-folds).
+    Writes OUT/report.md, a self-contained OUT/report.html and OUT/results.json.
+    """
+    from embedsearch.report.study import DEFAULT_HEADS, run_benchmark
+
+    def stage(msg: str) -> None:
+        if not ctx.obj.get("quiet"):
+            click.echo(msg, err=True)
+
+    result = run_benchmark(
+        data, list(models) or ["efficientnet-lite0"], weights=list(weights) or None, out=out,
+        bundles=bundles, seed=seed, ks=ks, cv_folds=cv_folds, dedupe=not no_dedupe,
+        near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
+        zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
+        num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
+        command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage)
+    rows = result.rows()
+    if as_json:
+        for row in rows:
+            _echo_json(row)
+    else:
+        for row in rows:
+            lo, hi = row["accuracy_ci"]
+            click.echo(f"{row['encoder'][:36]:36s} {row['method'][:34]:34s} "
+                       f"acc {row['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  "
+                       f"bal {row['balanced_accuracy']:.3f}  F1 {row['macro_f1']:.3f}")
+    click.echo(f"report   {result.markdown}", err=True)
+    click.echo(f"         {result.html}", err=True)
+    click.echo(f"         {result.json}", err=True)
+
+
 if __name__ == "__main__":
     main()
