@@ -96,6 +96,9 @@ class Prediction:
     probabilities: dict[str, float] = field(default_factory=dict)
     neighbours: list[dict[str, Any]] = field(default_factory=list)
     detail: str = ""
+    #: With ``method="all"``: {"knn" | "head:NAME" | "zeroshot": {"label", "confidence",
+    #: "probabilities", "method"}} (or {"error"} for a head that could not be loaded).
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, "", [], {})
@@ -253,22 +256,36 @@ class Bundle:
         return (np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)), statuses
 
     def predict_vectors(self, vectors: np.ndarray, ids: list[str], k: int = 10,
-                        n_neighbours: int = 5, weighting: str = "similarity"
-                        ) -> list[Prediction]:
-        """kNN predictions (or similar-image search on an unlabelled bundle) for vectors."""
+                        n_neighbours: int = 5, weighting: str = "similarity",
+                        method: str = "auto", head_name: str | None = None,
+                        classes: list[str] | None = None,
+                        templates: str | list[str] | None = None) -> list[Prediction]:
+        """Predictions for embedded queries, with their nearest reference images.
+
+        ``method``: "auto" (the best available: a trained head that beat kNN on validation,
+        else kNN, else zero-shot on an unlabelled CLIP bundle given ``classes``, else a
+        similar-image search), "knn", "head" (``head_name`` or the best head), "zeroshot"
+        (``classes`` default to the bundle's; ``templates`` "photo", "art" or a list) or
+        "all" (every method in ``Prediction.methods``, the auto choice in ``label``).
+        """
         from embedsearch.classify.knn import vote
         from embedsearch.index import search
+        from embedsearch.training import MethodOutput, run_methods, top_probabilities
 
         items = self.items
         item_ids, item_labels = items["id"].to_numpy(), items["label"].to_numpy()
-        if self.labelled:
+        knn_out = None
+        if self.labelled and method != "zeroshot":
             clf = self.knn(k, weighting)
             neigh = clf.kneighbors(vectors, max(k, n_neighbours))
             trimmed = type(neigh)([i[:k] for i in neigh.ids], [s[:k] for s in neigh.similarities])
             proba = vote(trimmed, clf._y_idx, len(clf.classes_), weighting)
+            knn_out = MethodOutput("knn", f"knn(k={k}, {weighting})", clf.classes_, proba)
         else:
-            neigh = search(self.index, vectors, n_neighbours)
-            proba = None
+            neigh = search(self.index, vectors, n_neighbours,
+                           self.reference_rows if self.labelled else None)
+        chosen, outputs = run_methods(self, vectors, method, knn_out, head_name, classes,
+                                      templates)
         out = []
         for q, qid in enumerate(ids):
             shown = [
@@ -278,24 +295,79 @@ class Bundle:
                                 strict=True)
             ]
             pred = Prediction(qid, neighbours=shown)
-            if proba is not None:
-                best = int(proba[q].argmax())
-                pred.label, pred.confidence = str(clf.classes_[best]), round(float(proba[q, best]), 4)
-                pred.method = f"knn(k={k}, {weighting})"
-                pred.probabilities = {str(c): round(float(p), 4)
-                                      for c, p in zip(clf.classes_, proba[q], strict=True) if p > 0}
+            for key, o in outputs.items():
+                if o.proba is None:
+                    res: dict[str, Any] = {"error": o.error}
+                else:
+                    best = int(o.proba[q].argmax())
+                    res = {"label": str(o.classes[best]),
+                           "confidence": round(float(o.proba[q, best]), 4),
+                           "probabilities": top_probabilities(o.classes, o.proba[q]),
+                           "method": o.description}
+                if key == chosen:
+                    pred.label, pred.confidence = res["label"], res["confidence"]
+                    pred.probabilities, pred.method = res["probabilities"], res["method"]
+                if method == "all":
+                    pred.methods[key] = res
             out.append(pred)
         return out
 
     def predict(self, paths: list[Path], k: int = 10, n_neighbours: int = 5,
                 weighting: str = "similarity", batch_size: int = 32,
-                num_workers: int | None = None) -> list[Prediction]:
+                num_workers: int | None = None, method: str = "auto",
+                head_name: str | None = None, classes: list[str] | None = None,
+                templates: str | list[str] | None = None) -> list[Prediction]:
         """Embed image files and predict them; unreadable files come back with a status."""
         vectors, statuses = self.embed_paths(paths, batch_size, num_workers)
         ok_ids = [p for p, status, _ in statuses if status == "ok"]
-        preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting))
+        preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting, method,
+                                          head_name, classes, templates))
         return [next(preds) if status == "ok" else Prediction(p, status=status, detail=detail)
                 for p, status, detail in statuses]
+
+    # -- trained heads & zero-shot (see embedsearch.training) ------------------------------
+    def heads(self) -> list[dict[str, Any]]:
+        """Registered heads: name, kind, validation figures, training seconds, files."""
+        return [{"name": n, **e} for n, e in self.manifest.get("heads", {}).items()]
+
+    def load_head(self, name: str | os.PathLike[str] | None = None) -> Any:
+        """A trained head by name (None: the best by validation macro-F1) or head folder;
+        refused when it was trained on another encoder's embeddings."""
+        from embedsearch.training import load_bundle_head
+
+        return load_bundle_head(self, name)
+
+    def fit_head(self, kind: str = "linear", **options: Any) -> Any:
+        """Train and save a head on the cached embeddings (see ``training.fit_head``)."""
+        from embedsearch.training import fit_head
+
+        return fit_head(self, kind, **options)
+
+    def zeroshot(self, classes: list[str] | None = None,
+                 templates: str | list[str] | None = None) -> Any:
+        """A CLIP zero-shot classifier over ``classes`` (default: the bundle's classes)."""
+        from embedsearch.training import bundle_zeroshot
+
+        return bundle_zeroshot(self, classes, templates)
+
+    def classifier(self, method: str = "auto", k: int = 10, weighting: str = "similarity",
+                   head_name: str | None = None, classes: list[str] | None = None,
+                   templates: str | list[str] | None = None) -> Any:
+        """A fitted classifier (``predict_proba`` / ``predict`` / ``classes_``) for arrays."""
+        from embedsearch.training import choose_method
+
+        kind = method
+        if method == "auto":
+            kind, head_name = choose_method(self, head_name, classes)
+        if kind == "knn":
+            return self.knn(k, weighting)
+        if kind == "head":
+            return self.load_head(head_name)
+        if kind == "zeroshot":
+            return self.zeroshot(classes, templates)
+        raise EmbedsearchError(f"no classifier for method {method!r} on bundle {self.name}",
+                               hint="use knn, head or zeroshot (an unlabelled bundle needs a "
+                               "CLIP encoder and --classes)")
 
 
 def _none(value: Any) -> Any:

@@ -207,23 +207,44 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
               help="The encoder's weights file, if it moved since the build.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, help="Image decoding processes.")
+@click.option("--method", type=click.Choice(["auto", "knn", "head", "zeroshot", "all"]),
+              default="auto", show_default=True,
+              help="auto: the best available (a trained head that beat kNN on validation, "
+              "else kNN, else zero-shot); all: every method side by side.")
+@click.option("--head-name", help="Which trained head (default: the best on validation).")
+@click.option("--classes", help="Zero-shot class names, comma-separated (default: the "
+              "bundle's classes; needed for an unlabelled bundle).")
+@click.option("--templates", "template_set", type=click.Choice(["photo", "art"]),
+              help="Zero-shot prompt set (default photo).")
+@click.option("--template", "templates", multiple=True,
+              help="Custom zero-shot prompt with {} for the class name; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
                 n_neighbours: int, weighting: str, weights: Path | None, batch_size: int,
-                workers: int | None, as_json: bool) -> None:
-    """Classify IMAGES (files, folders, or - for paths on stdin) with kNN over an index.
+                workers: int | None, method: str, head_name: str | None, classes: str | None,
+                template_set: str | None, templates: tuple[str, ...], as_json: bool) -> None:
+    """Classify IMAGES (files, folders, or - for paths on stdin) with kNN, a trained head or
+    CLIP zero-shot over an index.
 
-    On an unlabelled index this is a similar-image search. When a folder has class
-    sub-folders, their names are taken as true labels and the accuracy is printed.
+    On an unlabelled index this is a similar-image search (or zero-shot with --classes on
+    a CLIP index). When a folder has class sub-folders, their names are taken as true
+    labels and the accuracy is printed (per method with --method all).
     """
     from embedsearch.bundle import load_bundle
 
     bundle = load_bundle(index_name)
     bundle.encoder(weights)
     paths, truth = _collect_queries(images)
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    prompt_templates = ([*([template_set] if template_set else []), *templates]
+                        or None)
     preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
-                           batch_size=batch_size, num_workers=workers)
+                           batch_size=batch_size, num_workers=workers, method=method,
+                           head_name=head_name, classes=class_list, templates=prompt_templates)
+    if method == "all" and not as_json:
+        _print_side_by_side(preds, truth)
+        return
     correct = labelled = 0
     for p in preds:
         true = truth.get(p.id)
@@ -249,6 +270,122 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
     click.echo(summary, err=True)
 
 
+def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
+    """--method all: one row per image, one 'label probability' column per method."""
+    keys: list[str] = []
+    for p in preds:
+        keys.extend(k for k in p.methods if k not in keys)
+    has_truth = any(p.id in truth for p in preds)
+    rows = [["image", *(["true"] if has_truth else []), *keys]]
+    right = {k: 0 for k in keys}
+    for p in preds:
+        cells = [p.id, *([truth.get(p.id, "")] if has_truth else [])]
+        for k in keys:
+            r = p.methods.get(k, {})
+            if p.status != "ok":
+                cells.append(f"SKIPPED {p.status}")
+            elif r.get("label") is None:
+                cells.append("error" if r.get("error") else "-")
+            else:
+                cells.append(f"{r['label']} {r['confidence']:.2f}")
+                right[k] += truth.get(p.id) == r["label"]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    n_ok = sum(p.status == "ok" for p in preds)
+    chosen = next((p.method for p in preds if p.method), None)
+    click.echo(f"{len(preds)} images, {n_ok} predicted, {len(preds) - n_ok} unreadable"
+               + (f"; best available: {chosen}" if chosen else ""), err=True)
+    for k in keys:
+        descr = next((p.methods[k].get("method") or p.methods[k].get("error")
+                      for p in preds if k in p.methods), "")
+        n_true = sum(p.id in truth and p.status == "ok" for p in preds)
+        acc = f"accuracy {right[k] / n_true:.3f} on {n_true} images" if n_true else ""
+        click.echo(f"  {k:16s} {acc}  {descr}".rstrip(), err=True)
+
+
+# -- train ------------------------------------------------------------------------------
+@main.command("train")
+@click.option("--index", "index_name", required=True, help="Bundle name or path.")
+@click.option("--head", "kind", type=click.Choice(["linear", "mlp"]), default="linear",
+              show_default=True, help="linear: logistic regression; mlp: one hidden layer.")
+@click.option("--head-name", help="Name to save it under (default: the kind); several heads "
+              "can live side by side.")
+@click.option("--class-weight", type=click.Choice(["auto", "balanced", "none"]),
+              default="auto", show_default=True,
+              help="auto = balanced when the largest class is over 3x the smallest.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("-C", "C", type=float, help="linear: fixed inverse regularisation strength "
+              "(default: chosen on validation).")
+@click.option("--hidden", type=int, help="mlp: hidden units (default 512).")
+@click.option("--max-epochs", type=int, help="mlp: epoch limit for early stopping (default 100).")
+@click.option("--no-refit", is_flag=True, help="Keep the train-only model instead of refitting "
+              "on train + validation with the chosen setting.")
+@click.option("-k", default=10, show_default=True, help="k of the kNN baseline shown beside it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
+def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: str, seed: int,
+              C: float | None, hidden: int | None, max_epochs: int | None, no_refit: bool,
+              k: int, as_json: bool) -> None:
+    """Train a head on the bundle's cached embeddings (no image is re-encoded) and save it
+    inside the bundle. Validation rows choose its settings; test rows are never used for
+    training and are scored for the report only."""
+    from embedsearch.bundle import load_bundle
+    from embedsearch.training import fit_head
+
+    params: dict[str, Any] = {"refit": not no_refit}
+    for key, value in (("C", C), ("hidden", hidden), ("max_epochs", max_epochs)):
+        if value is not None:
+            if (key == "C") != (kind == "linear"):
+                raise EmbedsearchError(f"--{key.lower().replace('_', '-')} does not apply to "
+                                       f"a {kind} head")
+            params[key] = value
+    bundle = load_bundle(index_name)
+    res = fit_head(bundle, kind, name=head_name, class_weight=class_weight, seed=seed, k=k,
+                   **params)
+    if as_json:
+        _echo_json(res.as_dict())
+        return
+    info = res.head.info
+    sel, cw, trained = info["selection"], info["class_weight"], info["trained_on"]
+    click.echo(f"head      {res.name} ({kind}) saved in {res.path}")
+    splits = [s for s in ("train", "val", "test") if s in res.counts]
+    width = max(len(str(c)) for c in res.head.classes_)
+    click.echo(f"classes   {len(res.head.classes_)}; images per class:")
+    click.echo(f"  {'':{width}s}" + "".join(f"{s:>8s}" for s in splits))
+    for c in res.head.classes_:
+        click.echo(f"  {c:{width}s}" + "".join(f"{res.counts[s].get(str(c), 0):8d}"
+                                               for s in splits))
+    n = list(res.counts["train"].values())
+    why = f" (largest class {max(n)} is {max(n) / max(min(n), 1):.1f}x the smallest {min(n)})"
+    click.echo(f"weights   class weight {cw['used']}"
+               + (f", from auto{why}" if cw["requested"] == "auto" else ""))
+    if kind == "linear":
+        tried = ", ".join(f"{g['C']:g}" for g in sel["grid"]) or f"{sel['C']:g}"
+        click.echo(f"chose     C={sel['C']:g} by {sel['criterion']} on {sel['protocol']} "
+                   f"(tried {tried})")
+    else:
+        click.echo(f"chose     {sel['best_epoch']} epochs by {sel['criterion']} on "
+                   f"{sel['protocol']} ({sel['epochs_run']} run)")
+    click.echo(f"refit     on {trained['rows']:,} rows"
+               + (" (train + validation)" if trained.get("refit_on_train_and_val") else ""))
+
+    def figures(f: dict[str, Any]) -> str:
+        return (f"accuracy {f['accuracy']:.3f}  balanced accuracy {f['balanced_accuracy']:.3f}"
+                f"  macro-F1 {f['macro_f1']:.3f}") if f.get("n") else "n/a"
+
+    if res.validation:
+        click.echo(f"val       {figures(res.validation)}  ({res.validation['n']} images)")
+    if res.knn_validation:
+        click.echo(f"  {k}-NN    {figures(res.knn_validation)}  "
+                   f"({res.knn_validation['protocol']})")
+    if res.test:
+        click.echo(f"test      {figures(res.test)}  ({res.test['n']} held-out images, "
+                   "report only)")
+        click.echo(f"  {k}-NN    {figures(res.knn_test)}")
+    click.echo(f"took      {res.seconds:.1f} s to train")
+
+
 # -- info -----------------------------------------------------------------------------
 @main.command("info")
 @click.argument("index_name")
@@ -268,6 +405,12 @@ def info_cmd(index_name: str, as_json: bool) -> None:
     click.echo(f"source   {m['source']['path']}")
     click.echo(f"counts   {json.dumps(m['counts'])}")
     click.echo(f"index    {json.dumps(m['index'])}")
+    for name, h in m.get("heads", {}).items():
+        v = h.get("validation", {})
+        figures = (f"val accuracy {v['accuracy']:.3f}, macro-F1 {v['macro_f1']:.3f}"
+                   if "accuracy" in v else "no validation figures")
+        click.echo(f"head     {name} ({h['kind']}): {figures}, trained in "
+                   f"{h.get('train_seconds') or 0:.1f} s")
 
 
 # -- serve ----------------------------------------------------------------------------

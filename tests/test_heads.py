@@ -1,0 +1,394 @@
+"""Trained heads (linear, MLP) on cached embeddings, CLIP zero-shot, and method choice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from embedsearch import build_index, load_bundle
+from embedsearch.classify.heads import LinearHead, MLPHead, load_head
+from embedsearch.cli import main
+from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
+from embedsearch.training import fit_head
+from tests.conftest import COLOURS, draw_image
+
+TINY = "test:tiny"
+
+
+def blobs(n_per_class: tuple[int, ...], spread: float, seed: int, dim: int = 32,
+          flip: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian clusters around random unit centres, as unit vectors (like embeddings);
+    ``flip`` relabels that fraction of rows at random (label noise)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(n_per_class), dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    X = np.vstack([c + spread * rng.normal(size=(n, dim)) for c, n in zip(centres, n_per_class,
+                                                                          strict=True)])
+    y = np.repeat([f"c{i}" for i in range(len(n_per_class))], n_per_class)
+    if flip:
+        noisy = rng.random(len(y)) < flip
+        y[noisy] = rng.choice(np.unique(y), noisy.sum())
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype(np.float32), y
+
+
+def split(X: np.ndarray, y: np.ndarray, seed: int = 1) -> tuple[np.ndarray, ...]:
+    """Shuffle and cut 60/20/20 into train/val/test."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    a, b = int(0.6 * len(y)), int(0.8 * len(y))
+    tr, va, te = order[:a], order[a:b], order[b:]
+    return X[tr], y[tr], X[va], y[va], X[te], y[te]
+
+
+HEADS = [LinearHead, lambda **kw: MLPHead(hidden=64, **kw)]
+
+
+@pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
+def test_separable_problem_is_learnt_perfectly(make) -> None:
+    X, y = blobs((60, 60, 60), spread=0.05, seed=0)
+    Xtr, ytr, Xva, yva, Xte, yte = split(X, y)
+    head = make().fit(Xtr, ytr, Xva, yva)
+    assert list(head.classes_) == ["c0", "c1", "c2"]
+    assert (head.predict(Xte) == yte).all()
+    proba = head.predict_proba(Xte)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+    # Columns follow classes_: the column of the true class is the largest.
+    assert (head.classes_[proba.argmax(1)] == yte).all()
+    assert head.info["validation"]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
+def test_noisy_problem_better_than_chance_not_perfect(make) -> None:
+    X, y = blobs((150, 150, 150), spread=0.25, seed=3, flip=0.25)
+    Xtr, ytr, Xva, yva, Xte, yte = split(X, y)
+    head = make().fit(Xtr, ytr, Xva, yva)
+    acc = float(np.mean(head.predict(Xte) == yte))
+    # Chance is 1/3; a quarter of the labels were redrawn at random, so ~0.83 is the ceiling.
+    assert 0.65 < acc < 0.9, acc
+    assert 0.65 < head.info["validation"]["accuracy"] < 0.9
+
+
+def test_linear_head_matches_scikit_learn() -> None:
+    """Same objective as LogisticRegression(C) on standardised inputs."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = blobs((80, 50, 70), spread=0.7, seed=5)
+    head = LinearHead(C=0.05, class_weight="none", refit=False).fit(X, y)
+    Z = (X - X.mean(0)) / X.std(0)
+    ref = LogisticRegression(C=0.05, max_iter=2000, tol=1e-8).fit(Z, y)
+    np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(Z), atol=2e-3)
+    assert head.info["selection"]["protocol"] == "fixed C"
+
+
+def test_linear_chooses_C_on_validation_or_cross_validation() -> None:
+    X, y = blobs((60, 60, 60), spread=0.8, seed=7)
+    Xtr, ytr, Xva, yva, _, _ = split(X, y)
+    with_val = LinearHead().fit(Xtr, ytr, Xva, yva)
+    sel = with_val.info["selection"]
+    assert sel["protocol"] == "validation split"
+    losses = {g["C"]: g["val_loss"] for g in sel["grid"]}
+    assert sel["C"] == min(losses, key=losses.get) and len(losses) == 7
+    assert with_val.info["trained_on"] == {"rows": len(ytr) + len(yva),
+                                           "refit_on_train_and_val": True}
+    cv = LinearHead().fit(Xtr, ytr)
+    assert cv.info["selection"]["protocol"] == "5-fold cross-validation"
+    assert cv.info["validation"]["n"] == len(ytr)  # out-of-fold predictions of every row
+
+
+def test_class_weight_auto_balances_a_rare_class() -> None:
+    # 400 vs 25 rows (16x): "auto" turns balancing on, which finds more of the rare class.
+    X, y = blobs((400, 25), spread=0.9, seed=11)
+    Xte, yte = blobs((400, 400), spread=0.9, seed=11)  # same centres, balanced test
+    Xte, yte = Xte[np.r_[0:100, 400:500]], yte[np.r_[0:100, 400:500]]
+    auto = LinearHead(C=0.1).fit(X, y)
+    none = LinearHead(C=0.1, class_weight="none").fit(X, y)
+    assert auto.info["class_weight"]["used"] == "balanced"
+    assert auto.info["counts"]["train"] == {"c0": 400, "c1": 25}
+    assert none.info["class_weight"]["used"] == "none"
+    rare = yte == "c1"
+    recall_auto = np.mean(auto.predict(Xte[rare]) == "c1")
+    recall_none = np.mean(none.predict(Xte[rare]) == "c1")
+    assert recall_auto > recall_none + 0.1, (recall_auto, recall_none)
+    # A mildly uneven set (2x) stays unweighted under "auto".
+    X2, y2 = blobs((100, 50), spread=0.5, seed=12)
+    assert LinearHead(C=1.0).fit(X2, y2).info["class_weight"]["used"] == "none"
+
+
+def test_mlp_is_deterministic_for_a_seed() -> None:
+    X, y = blobs((60, 60, 60), spread=0.6, seed=2)
+    a = MLPHead(hidden=32, seed=4).fit(X, y)
+    b = MLPHead(hidden=32, seed=4).fit(X, y)
+    c = MLPHead(hidden=32, seed=5).fit(X, y)
+    for key in a.params:
+        assert np.array_equal(a.params[key], b.params[key])
+    assert not np.array_equal(a.params["w1"], c.params["w1"])
+    sel = a.info["selection"]
+    assert sel["protocol"].startswith("stratified 15%")
+    assert 1 <= sel["best_epoch"] <= sel["epochs_run"] <= 100
+
+
+@pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
+def test_saved_head_loads_with_identical_predictions(make, tmp_path: Path) -> None:
+    X, y = blobs((40, 40, 40), spread=0.8, seed=9)
+    head = make().fit(X, y)
+    files = head.save(tmp_path / "h", encoder={"spec": "x", "dim": 32})
+    assert set(files) == {"weights.safetensors", "head.json"}
+    meta = json.loads((tmp_path / "h" / "head.json").read_text())
+    assert meta["classes"] == ["c0", "c1", "c2"] and meta["encoder"]["spec"] == "x"
+    assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(meta["validation"])
+    assert meta["train_seconds"] >= 0 and meta["hyperparameters"]["seed"] == 0
+    again = load_head(tmp_path / "h")
+    assert type(again) is type(head)
+    Q = blobs((30, 30, 30), spread=0.8, seed=10)[0]
+    assert np.array_equal(again.predict_proba(Q), head.predict_proba(Q))
+    assert list(again.classes_) == list(head.classes_)
+    # Tampered weights are refused.
+    w = tmp_path / "h" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match="modified"):
+        load_head(tmp_path / "h")
+
+
+def test_head_contract_errors() -> None:
+    X, y = blobs((10, 10), spread=0.1, seed=0)
+    with pytest.raises(EmbedsearchError, match="two classes"):
+        LinearHead().fit(X, np.array(["a"] * 20))
+    head = LinearHead(C=1.0).fit(X, y)
+    with pytest.raises(EmbedsearchError, match="shape"):
+        head.predict(np.zeros((2, 5), np.float32))
+    with pytest.raises(EmbedsearchError, match="not fitted"):
+        MLPHead().predict(X)
+
+
+# -- on a bundle --------------------------------------------------------------------------
+@pytest.fixture
+def tiny_bundle(split_collection: Path):
+    build_index(split_collection, name="tb", model=TINY)
+    return load_bundle("tb")
+
+
+def test_fit_head_on_bundle_uses_cached_embeddings_only(tiny_bundle, queries, monkeypatch
+                                                        ) -> None:
+    import embedsearch.encoders as encoders
+
+    def no_encoder(*a, **kw):
+        raise AssertionError("training must not load an encoder")
+
+    with monkeypatch.context() as m:
+        m.setattr(encoders, "load_encoder", no_encoder)
+        res = fit_head(tiny_bundle, "linear")
+    # 18 train + 6 val rows; the 9 test rows are scored only.
+    assert res.counts["train"] == {c: 6 for c in COLOURS}
+    assert res.counts["val"] == {c: 2 for c in COLOURS}
+    assert res.head.info["trained_on"]["rows"] == 24
+    assert res.test["n"] == 9 and res.test["accuracy"] == 1.0
+    assert res.validation["macro_f1"] == 1.0 and res.knn_validation["n"] == 6
+    assert (res.path / "weights.safetensors").is_file()
+
+    b = load_bundle("tb")
+    assert [h["name"] for h in b.heads()] == ["linear"]
+    assert b.heads()[0]["encoder"]["spec"] == TINY
+    head = b.load_head("linear")
+    X = np.asarray(b.embeddings)
+    assert np.array_equal(head.predict_proba(X), res.head.predict_proba(X))
+    preds = b.predict(list(queries.values()), method="head")
+    assert [p.label for p in preds] == list(queries)
+    assert preds[0].method.startswith("head:linear (linear, C=")
+    assert all(p.confidence > 0.5 for p in preds)
+
+
+def test_several_heads_side_by_side_and_auto_choice(tiny_bundle, queries) -> None:
+    fit_head(tiny_bundle, "linear")
+    fit_head(tiny_bundle, "mlp", name="mlp-small", hidden=16)
+    b = load_bundle("tb")
+    assert {h["name"] for h in b.heads()} == {"linear", "mlp-small"}
+    X = np.asarray(b.embeddings[b.reference_rows:])
+    ids = b.items["id"].iloc[b.reference_rows:].tolist()
+    truth = b.items["label"].iloc[b.reference_rows:].tolist()
+    preds = b.predict_vectors(X, ids, k=3, method="all")
+    for p, t in zip(preds, truth, strict=True):
+        assert set(p.methods) == {"knn", "head:linear", "head:mlp-small"}
+        assert {m["label"] for m in p.methods.values()} == {t}
+        assert p.label == t and p.method.startswith("head:")
+        assert len(p.neighbours) == 5
+        d = p.as_dict()
+        assert json.loads(json.dumps(d))["methods"]["knn"]["probabilities"][t] > 0.5
+    # auto == the best head on validation (both perfect here: ties go to the first best).
+    auto = b.predict_vectors(X, ids, method="auto")
+    assert auto[0].method == preds[0].method
+    knn = b.predict_vectors(X, ids, k=3, method="knn")
+    assert knn[0].method == "knn(k=3, similarity)" and not knn[0].methods
+    # The shared classes_: every method's predict_proba has the same column order.
+    for m in ("knn", "head"):
+        assert list(b.classifier(m).classes_) == b.classes
+
+
+def test_auto_prefers_knn_when_it_beat_the_head(tiny_bundle) -> None:
+    fit_head(tiny_bundle, "linear")
+    b = load_bundle("tb")
+    b.manifest["heads"]["linear"]["validation"]["macro_f1"] = 0.5  # pretend a poor head
+    X = np.asarray(b.embeddings[:2])
+    assert b.predict_vectors(X, ["a", "b"])[0].method.startswith("knn")
+    assert b.predict_vectors(X, ["a", "b"], method="head")[0].method.startswith("head:linear")
+
+
+def test_head_from_another_encoder_is_refused(tiny_bundle, split_collection: Path) -> None:
+    import embedsearch.encoders.families as fam
+
+    fit_head(tiny_bundle, "linear")
+    other = fam.build_tiny("test:tiny", "tiny", None)
+    other.spec = "test:other"
+    build_index(split_collection, name="other", encoder=other)
+    ob = load_bundle("other")
+    with pytest.raises(BundleMismatchError, match="retrain"):
+        ob.load_head(tiny_bundle.path / "heads" / "linear")
+    # Copied in with its manifest entry: still refused by name, and "auto" passes it over.
+    shutil.copytree(tiny_bundle.path / "heads", ob.path / "heads")
+    ob.manifest["heads"] = tiny_bundle.manifest["heads"]
+    with pytest.raises(BundleMismatchError, match="test:tiny"):
+        ob.load_head("linear")
+    assert ob.predict_vectors(np.asarray(ob.embeddings[:1]), ["q"])[0].method.startswith("knn")
+
+
+def test_tampered_head_file_refused(tiny_bundle) -> None:
+    res = fit_head(tiny_bundle, "linear")
+    meta = json.loads((res.path / "head.json").read_text())
+    meta["classes"] = list(reversed(meta["classes"]))
+    (res.path / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="modified"):
+        load_bundle("tb").load_head("linear")
+
+
+def test_heads_survive_an_incremental_rebuild(tiny_bundle, split_collection: Path) -> None:
+    fit_head(tiny_bundle, "linear")
+    draw_image("red", 777).save(split_collection / "train" / "red" / "extra.jpg")
+    res = build_index(split_collection, name="tb", model=TINY)
+    assert res.encoded == 1
+    assert load_bundle("tb").load_head().classes_.tolist() == sorted(COLOURS)
+
+
+def test_zeroshot_refused_for_image_only_encoder(tiny_bundle) -> None:
+    with pytest.raises(EmbedsearchError, match="zero-shot needs a CLIP encoder"):
+        tiny_bundle.predict_vectors(np.asarray(tiny_bundle.embeddings[:1]), ["q"],
+                                    method="zeroshot")
+
+
+def test_cli_train_and_predict_all(split_collection: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(main, ["-q", "build-index", str(split_collection / "train"),
+                                "--name", "tr", "--model", TINY]).exit_code == 0
+    out = runner.invoke(main, ["train", "--index", "tr", "--head", "linear"])
+    assert out.exit_code == 0, out.output
+    text = out.output
+    assert "red" in text and "C=" in text and "5-fold cross-validation" in text
+    assert "macro-F1 1.000" in text and "took" in text
+    out = runner.invoke(main, ["train", "--index", "tr", "--head", "mlp", "--hidden", "16",
+                               "--head-name", "m", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)
+    assert summary["kind"] == "mlp" and summary["selection"]["best_epoch"] >= 1
+    out = runner.invoke(main, ["predict", str(split_collection / "test"), "--index", "tr",
+                               "--method", "all"])
+    assert out.exit_code == 0, out.output
+    header = out.output.splitlines()[0].split()
+    assert header == ["image", "true", "knn", "head:linear", "head:m"]
+    assert "accuracy 1.000 on 9 images" in out.output
+    out = runner.invoke(main, ["predict", str(split_collection / "test"), "--index", "tr",
+                               "--method", "zeroshot"])
+    assert out.exit_code == 1 and "zero-shot needs a CLIP encoder" in out.output
+    out = runner.invoke(main, ["train", "--index", "tr", "--head", "mlp", "-C", "1"])
+    assert out.exit_code == 1 and "does not apply" in out.output
+
+
+# -- zero-shot with a randomly initialised CLIP built locally (no download) -------------------
+CLIP = "openclip:ViT-S-32"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from embedsearch.encoders import load_encoder
+
+    return load_encoder(CLIP)  # no tag: random weights, nothing is downloaded
+
+
+def test_zeroshot_prompt_ensemble(clip) -> None:
+    from embedsearch.classify.zeroshot import ZeroShotClassifier, prompt_name
+
+    assert prompt_name("art_nouveau") == "art nouveau"
+    assert prompt_name("long-sleeve") == "long sleeve" and prompt_name("t-shirt") == "t-shirt"
+    zs = ZeroShotClassifier(clip, ["t-shirt", "red_car", "blue-sky"], "art").fit()
+    assert list(zs.classes_) == ["blue-sky", "red_car", "t-shirt"]
+    assert len(zs.templates) > 3 and "a painting in the style of {}." in zs.templates
+    expected = clip.encode_text([t.format("red car") for t in zs.templates]).mean(0)
+    expected /= np.linalg.norm(expected)
+    np.testing.assert_allclose(zs.text_embeddings[1], expected, atol=1e-5)
+    assert zs.logit_scale == pytest.approx(float(clip.model.logit_scale.exp()), rel=1e-5)
+    # A query equal to a class's text embedding is that class; rows are distributions.
+    proba = zs.predict_proba(zs.text_embeddings)
+    assert list(proba.argmax(1)) == [0, 1, 2]
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-9)
+    custom = ZeroShotClassifier(clip, ["a", "b"], ["a sketch of {}."])
+    assert custom.templates == ["a sketch of {}."]
+    with pytest.raises(EmbedsearchError, match="exactly once"):
+        ZeroShotClassifier(clip, ["a", "b"], ["no placeholder"])
+
+
+def test_zeroshot_on_an_unlabelled_clip_bundle(clip, tmp_path: Path, monkeypatch) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, cls in enumerate(list(COLOURS) * 2):
+        draw_image(cls, 300 + i).save(flat / f"img_{i}.png")
+    build_index(flat, name="clip", encoder=clip)
+    b = load_bundle("clip")
+    assert not b.labelled
+    monkeypatch.setattr(b, "encoder", lambda *a, **kw: clip)
+    X, ids = np.asarray(b.embeddings), b.items["id"].tolist()
+    names = ["red", "green", "blue"]
+    preds = b.predict_vectors(X, ids, classes=names)  # auto: zero-shot, no labels needed
+    assert all(p.label in names and p.method.startswith("zeroshot") for p in preds)
+    assert all(len(p.neighbours) == 5 for p in preds)
+    expected = [p.label for p in preds]
+    assert len(list((b.path / "zeroshot").glob("*.safetensors"))) == 1
+    # Cached: a fresh load predicts the same without the text tower (no encoder at all).
+    b2 = load_bundle("clip")
+
+    def no_encoder(*a, **kw):
+        raise AssertionError("text embeddings should come from the cache")
+
+    monkeypatch.setattr(b2, "encoder", no_encoder)
+    again = b2.predict_vectors(X, ids, classes=names, method="all")
+    assert [p.label for p in again] == expected
+    assert set(again[0].methods) == {"zeroshot"}
+    with pytest.raises(EmbedsearchError, match="class names"):
+        b2.predict_vectors(X, ids, method="zeroshot")  # unlabelled and no classes given
+    # Another template set is another cache entry (so here it needs the encoder).
+    with pytest.raises(AssertionError, match="cache"):
+        b2.zeroshot(names, "art")
+
+
+# -- real weights, real photos --------------------------------------------------------------
+@pytest.mark.slow
+def test_heads_beat_knn_on_clothing(clothing_bundle) -> None:
+    """Linear head ≥ 0.86 test accuracy and ≥ 10-NN on clothing-small; MLP reported."""
+    b = clothing_bundle
+    lin = fit_head(b, "linear", save=False)
+    mlp = fit_head(b, "mlp", save=False)
+    knn_acc = lin.knn_test["accuracy"]
+    print(f"\nclothing-small test accuracy: 10-NN {knn_acc:.3f}, linear "
+          f"{lin.test['accuracy']:.3f} ({lin.seconds:.1f} s), MLP {mlp.test['accuracy']:.3f} "
+          f"({mlp.seconds:.1f} s)")
+    assert lin.test["n"] == 372
+    assert lin.test["accuracy"] >= 0.86
+    assert lin.test["accuracy"] >= knn_acc
+    assert mlp.test["accuracy"] >= 0.84
+    # Cross-check the reported kNN figure against the bundle's own kNN predictions.
+    test = b.items.iloc[b.reference_rows:]
+    preds = b.predict_vectors(np.asarray(b.embeddings[b.reference_rows:]),
+                              test["id"].tolist(), k=10, method="knn")
+    assert np.mean([p.label == t for p, t in zip(preds, test["label"], strict=True)]) \
+        == pytest.approx(knn_acc, abs=1e-3)
