@@ -103,11 +103,15 @@ class Document:
 
 
 # -- Markdown -----------------------------------------------------------------------------
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
+# Characters that would change the rendering: backslash, code, emphasis, HTML, table
+# cells, a link opener "](", and an underscore that is not inside a word (GitHub ignores
+# intraword ones, so mobilenet_v2 stays readable in the raw file).
+_MD_SPECIAL = re.compile(r"([\\`*<>|]|\](?=\()|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
 
 
 def md_escape(text: str) -> str:
-    return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
+    out = _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
+    return "\\" + out if out.startswith(("#", "-", "+", ">")) else out
 
 
 def _md_inline(text: Text) -> str:
