@@ -46,9 +46,15 @@ HELD_OUT_SPLITS = frozenset({"test"})
 
 
 def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
-    """``covers`` → ``indexes/covers``; anything that looks like a path is used as is."""
+    """``covers`` → ``indexes/covers``; anything that looks like a path is used as is.
+
+    A bare name is a path only when ``./NAME`` is a bundle and ``indexes/NAME`` is not: an
+    image folder ``./covers`` must never become the bundle of ``build-index covers``.
+    """
     p = Path(name_or_path)
-    if p.is_absolute() or len(p.parts) > 1 or p.exists():
+    if p.is_absolute() or len(p.parts) > 1:
+        return p
+    if (p / "manifest.json").is_file() and not (DEFAULT_ROOT / p / "manifest.json").is_file():
         return p
     return DEFAULT_ROOT / p
 

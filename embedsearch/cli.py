@@ -119,13 +119,21 @@ def models_cmd(as_json: bool) -> None:
               show_default=True, help="faiss index: exact flat, or approximate HNSW.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, help="Image decoding processes (default: spare cores).")
+@click.option("--dedupe/--no-dedupe", default=None,
+              help="Leave near-duplicates out of the index (recorded in the manifest; the "
+              "choice sticks to the bundle). Default: as the bundle was built.")
+@click.option("--dedupe-threshold", type=float, help="Near-duplicate cosine for --dedupe "
+              "(default 0.90).")
+@click.option("--dedupe-keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
+              help="Which image of a duplicate group --dedupe keeps (default: resolution).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path | None,
                     model: str | None, weights: Path | None, path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
                     skip_missing: bool, overwrite: bool, index_type: str, batch_size: int,
-                    workers: int | None, as_json: bool) -> None:
+                    workers: int | None, dedupe: bool | None, dedupe_threshold: float | None,
+                    dedupe_keep: str | None, as_json: bool) -> None:
     """Embed every image in DATA once and index it.
 
     DATA is a folder with one sub-folder per class (optionally below train/ val/ test/),
@@ -139,7 +147,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
         skip_missing=skip_missing, overwrite=overwrite, index_type=index_type,
         batch_size=batch_size, num_workers=workers,
-        progress=_progress_factory(ctx, "encoding"),
+        progress=_progress_factory(ctx, "encoding"), dedupe=dedupe,
+        dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
     )
     m = result.manifest
     if as_json:
@@ -160,6 +169,11 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     click.echo(f"index    {m['index']['type']} ({'exact' if m['index']['exact'] else 'approximate'})"
                f", {m['index']['ntotal']:,} vectors, {m['index']['reference_rows']:,} used "
                "for classification")
+    if "dedupe" in m:
+        d = m["dedupe"]
+        click.echo(f"dedupe   {d['removed']:,} duplicates left out ({d['groups']:,} groups, "
+                   f"threshold {d['settings']['threshold']:g}); listed in "
+                   f"{result.path / d['removed_file']}")
     for row in result.failures.head(10).itertuples():
         click.echo(f"  skipped {row.id}: {row.reason} {row.detail}", err=True)
     if len(result.failures) > 10:
@@ -541,6 +555,202 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
     click.echo(f"report   {result.markdown}", err=True)
     click.echo(f"         {result.html}", err=True)
     click.echo(f"         {result.json}", err=True)
+
+
+# -- dedupe ---------------------------------------------------------------------------
+def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | None,
+                       model: str | None) -> Any:
+    """The bundle to deduplicate: --index NAME, or DATA embedded (or refreshed) first."""
+    from embedsearch.bundle import load_bundle
+
+    if (data is None) == (index_name is None):
+        raise EmbedsearchError("give an image folder (or CSV) DATA, or --index NAME, not both",
+                               hint="embedsearch dedupe ./images   or   embedsearch dedupe "
+                               "--index covers")
+    if index_name is not None:
+        return load_bundle(index_name)
+    from embedsearch.pipeline import build_index
+
+    result = build_index(data, model=model, progress=_progress_factory(ctx, "encoding"))
+    return load_bundle(result.path)
+
+
+@main.command("dedupe")
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA.")
+@click.option("--threshold", "-t", type=float,
+              help="Cosine similarity at which two images are near-duplicates. Default: 0.90 "
+              "(chosen from planted copies of real photos with the default encoder: "
+              "benchmarks/results/dedupe_threshold.md). Check it with --sweep and the report.")
+@click.option("--keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
+              default="resolution", show_default=True,
+              help="Which image of a group to keep: largest resolution, largest file, first "
+              "in path order, or oldest modification time.")
+@click.option("--sweep", is_flag=True, help="Print group counts across thresholds and stop.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Report folder (default: reports/dedupe-<bundle name>).")
+@click.option("--no-html", is_flag=True, help="Skip report.html (thumbnails).")
+@click.option("--move-to", type=click.Path(path_type=Path),
+              help="Move removed duplicates here, keeping relative paths; writes an undo "
+              "manifest first (embedsearch dedupe-undo MANIFEST).")
+@click.option("--copy-clean-to", type=click.Path(path_type=Path),
+              help="Copy every image except removed duplicates here (see --link).")
+@click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy",
+              show_default=True, help="How --copy-clean-to places files.")
+@click.option("--delete", is_flag=True,
+              help="Delete removed duplicates in place. Only with this flag is anything "
+              "deleted; a log of every deleted file (sha256, kept copy) is written first.")
+@click.option("--leakage", is_flag=True,
+              help="Report duplicates across splits (train/val/test) instead.")
+@click.option("--model", "-m", help="Encoder when DATA has to be embedded (default: the "
+              "bundle's, else efficientnet-lite0).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
+               threshold: float | None, keep: str, sweep: bool, out: Path | None,
+               no_html: bool, move_to: Path | None, copy_clean_to: Path | None, link: str,
+               delete: bool, leakage: bool, model: str | None, as_json: bool) -> None:
+    """Find exact and near-duplicate images in DATA (or an index) and report them.
+
+    Writes groups.csv/parquet, label_conflicts.csv and report.html (thumbnails side by
+    side). By default nothing on disk changes: --move-to, --copy-clean-to or --delete act.
+    """
+    from embedsearch import dedupe as dd
+    from embedsearch.dedupe.actions import check_action_args
+
+    check_action_args(move_to, copy_clean_to, delete)
+    bundle = _dedupe_bundle_arg(ctx, data, index_name, model)
+    t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
+    if leakage:
+        ctx.invoke(leakage_cmd, folders=(), index_name=str(bundle.path), between=None,
+                   threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
+                   as_json=as_json)
+        return
+    if sweep:
+        table = dd.sweep_bundle(bundle, keep=keep)
+        if as_json:
+            for row in table.to_dict("records"):
+                _echo_json(row)
+            return
+        click.echo(f"{'threshold':>9s} {'groups':>7s} {'removed':>8s} {'exact':>6s} "
+                   f"{'near':>6s} {'largest':>8s} {'label conflicts':>16s}")
+        for r in table.itertuples():
+            mark = "  <- default" if abs(r.threshold - dd.DEFAULT_THRESHOLD) < 1e-9 else ""
+            click.echo(f"{r.threshold:9.2f} {r.groups:7d} {r.removed:8d} {r.removed_exact:6d} "
+                       f"{r.removed_near:6d} {r.largest_group:8d} "
+                       f"{r.label_conflict_groups:16d}{mark}")
+        return
+    result = dd.dedupe_bundle(bundle, threshold=t, keep=keep)
+    out = out or Path("reports") / f"dedupe-{bundle.name}"
+    files = dd.write_report(result, out, html_page=not no_html,
+                            title=f"Duplicates in {bundle.name} (threshold {t:g})")
+    action = None
+    if move_to:
+        action = dd.move_to(result, move_to)
+    elif copy_clean_to:
+        action = dd.copy_clean_to(result, copy_clean_to, mode=link)
+    elif delete:
+        action = dd.delete_in_place(result, out)
+    s = result.summary()
+    if as_json:
+        _echo_json({"summary": s, "files": {k: str(v) for k, v in files.items()},
+                    "action": action.summary() if action else None})
+        return
+    click.echo(f"bundle     {bundle.path} ({s['images']:,} images, "
+               f"{bundle.encoder_identity.get('spec')})")
+    click.echo(f"threshold  {t:g}, keep {keep}")
+    click.echo(f"groups     {s['groups']:,}; {s['removed']:,} duplicates to remove "
+               f"({s['removed_exact']:,} exact, {s['removed_near']:,} near); largest group "
+               f"{s['largest_group']}")
+    if s["label_conflict_groups"]:
+        click.echo(f"conflicts  {s['label_conflict_groups']:,} groups hold images with "
+                   f"different labels (label noise): {files['label_conflicts']}")
+    click.echo(f"report     {files.get('html', files['groups_csv'])}")
+    click.echo(f"           {files['groups_csv']}")
+    if action is None:
+        click.echo("action     none (report only). To act: --move-to DIR (undoable), "
+                   "--copy-clean-to DIR, or --delete")
+    else:
+        a = action.summary()
+        click.echo(f"action     {a['action']}: {a['done']:,} files, {a['skipped']:,} skipped; "
+                   f"log {a['log']}")
+        for ex in a["skipped_examples"]:
+            click.echo(f"  skipped {ex}", err=True)
+        if action.action == "move":
+            click.echo(f"undo       embedsearch dedupe-undo {a['log']}")
+
+
+@main.command("dedupe-undo")
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def dedupe_undo_cmd(manifest: Path, as_json: bool) -> None:
+    """Move the files of a `dedupe --move-to` back (MANIFEST: the undo JSON it wrote)."""
+    from embedsearch.dedupe import undo
+
+    report = undo(manifest)
+    if as_json:
+        _echo_json(report.summary())
+        return
+    click.echo(f"restored {len(report.done):,} files; {len(report.skipped):,} skipped")
+    for item_id, why in report.skipped[:20]:
+        click.echo(f"  skipped {item_id}: {why}", err=True)
+
+
+@main.command("leakage")
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--index", "index_name",
+              help="A bundle with splits (train/ val/ test/ folders or a split column).")
+@click.option("--between", help="Two splits to compare, e.g. train,test "
+              "(default: every two splits).")
+@click.option("--threshold", "-t", type=float, help="Default: the dedupe default (0.90).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Report folder (default: reports/leakage-<name>).")
+@click.option("--no-html", is_flag=True)
+@click.option("--model", "-m", help="Encoder when folders have to be embedded.")
+@click.option("--fail-on-leak", is_flag=True, help="Exit with status 1 when a pair is found.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one per pair.")
+@click.pass_context
+def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_name: str | None,
+                between: str | None, threshold: float | None, out: Path | None,
+                no_html: bool, model: str | None, fail_on_leak: bool, as_json: bool) -> None:
+    """Duplicates that sit on both sides of a train/test split.
+
+    Either two folders (TRAIN_DIR TEST_DIR), each embedded into a bundle of its own, or
+    --index NAME for a bundle built with splits.
+    """
+    from embedsearch import dedupe as dd
+    from embedsearch.bundle import load_bundle
+
+    t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
+    if index_name is not None and not folders:
+        bundle = load_bundle(index_name)
+        pairs = dd.leakage_bundle(bundle, threshold=t, between=between)
+        roots: tuple[Path, Path] = (dd.items_root(bundle), dd.items_root(bundle))
+        name = bundle.name
+    elif len(folders) == 2 and index_name is None:
+        pairs = dd.leakage_folders(folders[0], folders[1], threshold=t, model=model,
+                                   progress=_progress_factory(ctx, "encoding"))
+        roots = (folders[0], folders[1])
+        name = f"{folders[0].name}-{folders[1].name}"
+    else:
+        raise EmbedsearchError("give two folders (TRAIN_DIR TEST_DIR) or --index NAME",
+                               hint="embedsearch leakage data/train data/test")
+    files = dd.write_leakage(pairs, out or Path("reports") / f"leakage-{name}", *roots,
+                             html_page=not no_html)
+    if as_json:
+        for row in pairs.to_dict("records"):
+            _echo_json(row)
+    else:
+        for r in pairs.head(50).itertuples():
+            click.echo(f"{r.similarity:.3f}{' exact' if r.exact else '      '}  "
+                       f"{r.split_a}:{r.id_a}  <->  {r.split_b}:{r.id_b}")
+        if len(pairs) > 50:
+            click.echo(f"… {len(pairs) - 50} more in {files['leakage_csv']}")
+    n_exact = int(pairs["exact"].sum()) if len(pairs) else 0
+    click.echo(f"{len(pairs)} duplicate pairs across splits ({n_exact} byte-identical) at "
+               f"threshold {t:g}; {files['leakage_csv']}", err=True)
+    if fail_on_leak and len(pairs):
+        ctx.exit(1)
 
 
 if __name__ == "__main__":

@@ -144,12 +144,17 @@ def build_index(
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     engine: str = "local",
     ray_options: RayOptions | None = None,
+    dedupe: bool | None = None,
+    dedupe_threshold: float | None = None,
+    dedupe_keep: str | None = None,
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
     ``progress(total, already_done)`` may return a callback that receives image counts as
     encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
     cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
+    ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
+    the choice sticks to the bundle until ``dedupe=False``.
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
@@ -161,6 +166,9 @@ def build_index(
     with exclusive_lock(path):
         remove_temp_files(path)
         old = _previous_manifest(path)
+        from embedsearch.dedupe.bundles import build_settings
+
+        dedupe_settings = build_settings(old, dedupe, dedupe_threshold, dedupe_keep)
         if encoder is None:
             from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
@@ -183,6 +191,9 @@ def build_index(
             failed_before = read_parquet(path / old["roles"]["failures"])
             cache.add(np.zeros((0, encoder.dim), np.float32),
                       failed_before[failed_before["row"] == -1])
+            if "dedupe_removed" in old["roles"]:  # left out by --dedupe, vectors kept
+                cache.add(read_npy(path / old["roles"]["dedupe_removed_embeddings"]),
+                          read_parquet(path / old["roles"]["dedupe_removed"]))
         shards = ShardCache(path / "cache", encoder_key(identity))
         if overwrite:
             shards.clear()
@@ -198,7 +209,7 @@ def build_index(
                         engine, ray_options)
         encode_seconds = time.perf_counter() - t_enc
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
-                                          fingerprint, index_type)
+                                          fingerprint, index_type, dedupe_settings)
         shards.clear()
         _remove_stale_generations(path, manifest)
     return BuildResult(path, manifest, len(todo), reused, failures,
@@ -294,7 +305,8 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
 
 def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
                  keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
-                 fingerprint: np.ndarray, index_type: str) -> tuple[dict[str, Any], pd.DataFrame]:
+                 fingerprint: np.ndarray, index_type: str,
+                 dedupe: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """Write a new generation of the bundle's files, then the manifest (the commit)."""
     import pandas as pd
 
@@ -331,6 +343,16 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     roles = {r: f"data/{r}-{gen:06d}.{ext}" for r, ext in
              (("embeddings", "npy"), ("items", "parquet"), ("failures", "parquet"),
               ("index", "faiss"))}
+    dedupe_record = None
+    if dedupe:
+        from embedsearch.dedupe.bundles import apply_build_dedupe
+
+        items, vectors, gone, gone_vectors, dedupe_record = apply_build_dedupe(items, vectors,
+                                                                               dedupe)
+        roles["dedupe_removed"] = f"data/dedupe_removed-{gen:06d}.parquet"
+        roles["dedupe_removed_embeddings"] = f"data/dedupe_removed_embeddings-{gen:06d}.npy"
+        write_parquet(path / roles["dedupe_removed"], gone)
+        write_npy(path / roles["dedupe_removed_embeddings"], gone_vectors)
     write_npy(path / roles["embeddings"], vectors)
     write_parquet(path / roles["items"], items)
     write_parquet(path / roles["failures"], failures)
@@ -371,6 +393,9 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
         for key in ("heads", "dedupe"):
             if key in old:
                 manifest[key] = old[key]
+    manifest.pop("dedupe", None)
+    if dedupe_record is not None:
+        manifest["dedupe"] = {**dedupe_record, "removed_file": roles["dedupe_removed"]}
     write_json(path / "manifest.json", manifest)
     return manifest, failures
 

@@ -1,0 +1,53 @@
+"""Exact and near-duplicate images: grouping, keep policy, reports, safe actions, leakage.
+
+Library API (the CLI's ``dedupe``, ``dedupe-undo`` and ``leakage`` commands call these):
+
+- :func:`find_duplicates` (arrays only) / :func:`dedupe_bundle` → :class:`DedupeResult`
+- :func:`sweep` / :func:`sweep_bundle`: group counts across thresholds from one search
+- :func:`leakage` / :func:`leakage_bundle` / :func:`leakage_folders`: duplicates across splits
+- :func:`group_labels`, :func:`grouped_split`, :func:`near_duplicate_pairs`: group-aware
+  train/test splitting
+- :func:`write_report`: groups.csv/parquet, label_conflicts.csv, summary.json, report.html
+- :func:`move_to` + :func:`undo`, :func:`copy_clean_to`, :func:`delete_in_place`
+
+Submodules are imported on first use, so ``import embedsearch.dedupe`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DEFAULT_THRESHOLD": "group",
+    "KEEP_POLICIES": "group",
+    "SWEEP_THRESHOLDS": "group",
+    "DedupeResult": "group",
+    "find_duplicates": "group",
+    "sweep": "group",
+    "group_labels": "group",
+    "grouped_split": "group",
+    "near_duplicate_pairs": "group",
+    "candidate_pairs": "search",
+    "dedupe_bundle": "bundles",
+    "sweep_bundle": "bundles",
+    "leakage": "bundles",
+    "leakage_bundle": "bundles",
+    "leakage_folders": "bundles",
+    "items_root": "bundles",
+    "build_removed": "bundles",
+    "write_report": "report",
+    "write_leakage": "report",
+    "move_to": "actions",
+    "undo": "actions",
+    "copy_clean_to": "actions",
+    "delete_in_place": "actions",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

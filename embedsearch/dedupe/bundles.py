@@ -1,0 +1,242 @@
+"""Deduplication over index bundles: reports, leakage between splits, build-time dropping."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch.dedupe.group import (
+    DEFAULT_THRESHOLD,
+    KEEP_POLICIES,
+    SWEEP_THRESHOLDS,
+    DedupeResult,
+    find_duplicates,
+    sweep,
+)
+from embedsearch.dedupe.search import candidate_pairs
+from embedsearch.errors import EmbedsearchError, InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from embedsearch.bundle import Bundle
+
+
+def items_root(bundle: Bundle) -> Path:
+    """The folder that a bundle's item ids are relative to."""
+    src = bundle.manifest.get("source", {})
+    path = Path(src.get("path", "."))
+    return path if src.get("kind", "folder") == "folder" else path.parent
+
+
+def item_facts(items: pd.DataFrame) -> dict[str, Any]:
+    """Keyword arguments of :func:`find_duplicates` taken from a bundle's items table."""
+    def num(col: str) -> np.ndarray | None:
+        if col not in items:
+            return None
+        return items[col].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+
+    def obj(col: str) -> list[Any] | None:
+        return items[col].tolist() if col in items else None
+
+    return {"ids": items["id"].tolist(), "sha256": obj("sha256"), "widths": num("width"),
+            "heights": num("height"), "sizes": num("size"), "mtimes": num("mtime_ns"),
+            "labels": obj("label"), "splits": obj("split")}
+
+
+def dedupe_bundle(bundle: Bundle, *, threshold: float = DEFAULT_THRESHOLD,
+                  keep: str = "resolution") -> DedupeResult:
+    """Duplicate groups among a bundle's images, from its cached embeddings."""
+    res = find_duplicates(np.asarray(bundle.embeddings), threshold=threshold, keep=keep,
+                          **item_facts(bundle.items))
+    res.extra.update({"bundle": str(bundle.path), "root": str(items_root(bundle)),
+                      "encoder": bundle.encoder_identity.get("spec")})
+    # Files that exist but could not be decoded: not compared, but a clean copy keeps them.
+    failed = bundle.failures
+    res.extra["not_indexed"] = failed.loc[failed["row"] == -1, "id"].tolist()
+    return res
+
+
+def sweep_bundle(bundle: Bundle, thresholds: Sequence[float] = SWEEP_THRESHOLDS,
+                 keep: str = "resolution") -> pd.DataFrame:
+    """:func:`sweep` over a bundle's embeddings."""
+    return sweep(np.asarray(bundle.embeddings), thresholds, keep=keep,
+                 **item_facts(bundle.items))
+
+
+# -- leakage ------------------------------------------------------------------------------
+LEAK_COLUMNS = ["id_a", "split_a", "id_b", "split_b", "similarity", "exact", "label_a",
+                "label_b"]
+
+
+def leakage(vectors: np.ndarray, ids: Sequence[Any], splits: Sequence[Any], *,
+            threshold: float = DEFAULT_THRESHOLD, sha256: Sequence[Any] | None = None,
+            labels: Sequence[Any] | None = None,
+            between: Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Duplicate pairs whose two images sit in different splits (train vs test, …).
+
+    ``between`` limits the split pairs checked (default: every two distinct splits).
+    One row per pair, most similar first; ``exact`` marks byte-identical files.
+    """
+    import pandas as pd
+
+    vectors = np.asarray(vectors)
+    n = len(vectors)
+    ids_a = np.asarray([str(i) for i in ids], dtype=object)
+    sp = np.asarray([None if s is None or (isinstance(s, float) and np.isnan(s)) else str(s)
+                     for s in splits], dtype=object)
+    if len(ids_a) != n or len(sp) != n:
+        raise EmbedsearchError("ids and splits need one entry per vector")
+    lab = np.asarray(labels, dtype=object) if labels is not None else np.full(n, None, object)
+    sha = np.asarray(sha256, dtype=object) if sha256 is not None else np.full(n, None, object)
+    allowed = {tuple(sorted(p)) for p in between} if between else None
+    pairs = candidate_pairs(vectors, threshold)
+    known = np.array([v is not None for v in sp])
+    cross = known[pairs.i] & known[pairs.j] & (sp[pairs.i] != sp[pairs.j])
+    rows = []
+    for i, j, s in zip(pairs.i[cross].tolist(), pairs.j[cross].tolist(),
+                       pairs.sim[cross].tolist(), strict=True):
+        a, b = sp[i], sp[j]
+        if allowed is not None and tuple(sorted((a, b))) not in allowed:
+            continue
+        if allowed is not None:  # report in the order the user named the splits
+            first = next(p for p in between if set(p) == {a, b})[0]
+            if a != first:
+                i, j, a, b = j, i, b, a
+        elif a > b:
+            i, j, a, b = j, i, b, a
+        rows.append({"id_a": ids_a[i], "split_a": a, "id_b": ids_a[j], "split_b": b,
+                     "similarity": round(min(float(s), 1.0), 4),
+                     "exact": bool(sha[i]) and sha[i] == sha[j],
+                     "label_a": lab[i], "label_b": lab[j]})
+    out = pd.DataFrame(rows, columns=LEAK_COLUMNS)
+    return out.sort_values(["similarity", "id_a", "id_b"], ascending=[False, True, True],
+                           ignore_index=True)
+
+
+def _between(value: str | Sequence[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
+    if value is None or (isinstance(value, list | tuple) and not value):
+        return None
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if len(parts) != 2:
+            raise InputError(f"--between needs two split names, like train,test; got {value!r}")
+        return [(parts[0], parts[1])]
+    return [tuple(p) for p in value]  # type: ignore[misc]
+
+
+def leakage_bundle(bundle: Bundle, *, threshold: float = DEFAULT_THRESHOLD,
+                   between: str | Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Cross-split duplicate pairs inside one bundle (built from train/val/test folders or a
+    CSV with a split column)."""
+    items = bundle.items
+    if items["split"].dropna().nunique() < 2:
+        raise InputError(
+            f"bundle {bundle.name} has {items['split'].dropna().nunique()} split(s); leakage "
+            "needs at least two",
+            hint="build from a folder with train/ and test/ sub-folders, a CSV with a split "
+            "column, or pass two folders: embedsearch leakage TRAIN_DIR TEST_DIR")
+    return leakage(np.asarray(bundle.embeddings), items["id"].tolist(), items["split"].tolist(),
+                   threshold=threshold, sha256=items["sha256"].tolist(),
+                   labels=items["label"].tolist(), between=_between(between))
+
+
+def folder_bundle_name(folder: str | os.PathLike[str]) -> str:
+    """A stable bundle name for a folder: its name plus a hash of its absolute path."""
+    p = Path(folder).resolve()
+    return f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+
+
+def leakage_folders(folder_a: str | os.PathLike[str], folder_b: str | os.PathLike[str], *,
+                    threshold: float = DEFAULT_THRESHOLD, model: str | None = None,
+                    index_root: str | os.PathLike[str] | None = None,
+                    **build_kw: Any) -> pd.DataFrame:
+    """Duplicates between two folders (e.g. train/ and test/), each embedded into a bundle
+    of its own (reused on the next run). Ids in the result are relative to each folder."""
+    from embedsearch.bundle import DEFAULT_ROOT, load_bundle
+    from embedsearch.pipeline import build_index
+
+    root = Path(index_root) if index_root else DEFAULT_ROOT
+    bundles = []
+    for folder in (folder_a, folder_b):
+        if not Path(folder).is_dir():
+            raise InputError(f"{folder}: not a folder")
+        res = build_index(folder, out=root / folder_bundle_name(folder), model=model, **build_kw)
+        bundles.append(load_bundle(res.path))
+    a, b = bundles
+    a.check_vectors_from(b.encoder_identity, f"bundle {b.path}")
+    names = (Path(folder_a).name or "a", Path(folder_b).name or "b")
+    if names[0] == names[1]:
+        names = (f"{names[0]} (1)", f"{names[1]} (2)")
+    vectors = np.concatenate([np.asarray(a.embeddings), np.asarray(b.embeddings)])
+    ids = [*a.items["id"].tolist(), *b.items["id"].tolist()]
+    splits = [names[0]] * len(a.items) + [names[1]] * len(b.items)
+    # The same relative id may exist in both folders: keep ids unique for the search.
+    uniq = [f"{s}/{i}" for s, i in zip(splits, ids, strict=True)]
+    out = leakage(vectors, uniq, splits, threshold=threshold,
+                  sha256=[*a.items["sha256"].tolist(), *b.items["sha256"].tolist()],
+                  labels=[*a.items["label"].tolist(), *b.items["label"].tolist()],
+                  between=[names])
+    for col, name in (("id_a", names[0]), ("id_b", names[1])):
+        out[col] = out[col].str.slice(len(name) + 1)
+    return out
+
+
+# -- build-time dedupe (called by embedsearch.pipeline) -------------------------------------
+def build_settings(old_manifest: dict[str, Any] | None, dedupe: bool | None,
+                   threshold: float | None, keep: str | None) -> dict[str, Any] | None:
+    """What ``build-index`` should drop: an explicit choice, else the bundle's previous one."""
+    previous = ((old_manifest or {}).get("dedupe") or {}).get("settings")
+    if dedupe is False:
+        return None
+    if dedupe is None and previous is None:
+        if threshold is not None or keep is not None:
+            raise InputError("--dedupe-threshold/--dedupe-keep need --dedupe")
+        return None
+    base = previous or {"threshold": DEFAULT_THRESHOLD, "keep": "resolution"}
+    settings = {"threshold": float(threshold if threshold is not None else base["threshold"]),
+                "keep": keep or base["keep"]}
+    if settings["keep"] not in KEEP_POLICIES:
+        raise InputError(f"unknown keep policy {settings['keep']!r}",
+                         hint=f"use one of: {', '.join(KEEP_POLICIES)}")
+    return settings
+
+
+def apply_build_dedupe(items: pd.DataFrame, vectors: np.ndarray, settings: dict[str, Any]
+                       ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray,
+                                  dict[str, Any]]:
+    """Split a build's rows into kept and removed duplicates.
+
+    Returns (kept items, kept vectors, removed items, removed vectors, manifest record).
+    Removed rows keep every items column (so the next build reuses their vectors instead
+    of re-encoding them) plus the group, the kept image and the reason.
+    """
+    res = find_duplicates(vectors, threshold=settings["threshold"], keep=settings["keep"],
+                          **item_facts(items))
+    removed = res.removed_mask()
+    info = res.groups.set_index("id")
+    gone = items[removed].copy()
+    for col in ("group", "kept_id", "similarity", "match", "reason"):
+        gone[col] = info.loc[gone["id"], col].to_numpy()
+    gone["row"] = np.arange(len(gone))
+    kept = items[~removed].copy()
+    kept["row"] = np.arange(len(kept))
+    s = res.summary()
+    record = {"settings": settings, "groups": s["groups"], "removed": s["removed"],
+              "removed_exact": s["removed_exact"], "removed_near": s["removed_near"],
+              "label_conflict_groups": s["label_conflict_groups"], "method": s["method"]}
+    return (kept.reset_index(drop=True), np.ascontiguousarray(vectors[~removed]),
+            gone.reset_index(drop=True), np.ascontiguousarray(vectors[removed]), record)
+
+
+def build_removed(bundle: Bundle) -> pd.DataFrame | None:
+    """The images ``build-index --dedupe`` left out of a bundle (None when it did not)."""
+    from embedsearch.store.io import read_parquet
+
+    role = bundle.manifest.get("roles", {}).get("dedupe_removed")
+    return read_parquet(bundle.path / role) if role else None
