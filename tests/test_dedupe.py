@@ -246,6 +246,18 @@ def test_html_escapes_file_names(tmp_path: Path) -> None:
     assert "&lt;b&gt;x&amp;y.jpg" in page and "<b>x&y" not in page
 
 
+def test_report_from_arrays_only(tmp_path: Path) -> None:
+    for name in ("a.jpg", "b.jpg"):
+        picture(5).save(tmp_path / name)
+    x = np.eye(3, dtype=np.float32)
+    x[1] = x[0]
+    res = find_duplicates(x, ["a.jpg", "b.jpg", "gone.jpg"])
+    paths = write_report(res, tmp_path / "rep", root=tmp_path)
+    page = paths["html"].read_text()
+    assert page.count("base64,") == 2 and "label:" not in page
+    assert pd.read_csv(paths["groups_csv"])["id"].tolist() == ["a.jpg", "b.jpg"]
+
+
 def test_sweep_cli_and_unlabelled_folder(tmp_path: Path) -> None:
     root = tmp_path / "flat"
     root.mkdir()

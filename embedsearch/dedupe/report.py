@@ -120,8 +120,8 @@ def render_html(result: DedupeResult, root: Path, *, max_groups: int = MAX_HTML_
             img = (f"<img src='{src}' alt='{e(r.id)}'>" if src
                    else "<div>(image not readable)</div>")
             tag = "kept" if r.kept else f"removed · {r.similarity:.3f}"
-            dims = f"{r.width}×{r.height}" if r.width is not None and r.width == r.width else ""
-            label = "" if r.label is None else f"<br>label: {e(str(r.label))}"
+            dims = "" if _missing(r.width) or _missing(r.height) else f"{r.width}×{r.height}"
+            label = "" if _missing(r.label) else f"<br>label: {e(str(r.label))}"
             parts.append(
                 f"<figure class='{'kept' if r.kept else 'removed'}'>{img}<figcaption>"
                 f"<span class='tag'>{e(tag)}</span><br>{e(r.id)}<br>{e(dims)}{label}"
@@ -129,6 +129,12 @@ def render_html(result: DedupeResult, root: Path, *, max_groups: int = MAX_HTML_
         parts.append("</div></div>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def _missing(value: object) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
 
 
 def _path(root: Path, item_id: str) -> Path:
@@ -158,7 +164,7 @@ def write_leakage(pairs: pd.DataFrame, out: str | os.PathLike[str],
                 src = thumbnail_data_uri(_path(base, rid))
                 img = f"<img src='{src}' alt=''>" if src else "<div>(not readable)</div>"
                 body.append(f"<figure>{img}<figcaption>{e(str(rid))}"
-                            f"{'' if lab is None else '<br>label: ' + e(str(lab))}"
+                            f"{'' if _missing(lab) else '<br>label: ' + e(str(lab))}"
                             "</figcaption></figure>")
             body.append("</div></div>")
         body.append("</body></html>")
