@@ -375,9 +375,9 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     click.echo(f"weights   class weight {cw['used']}"
                + (f", from auto{why}" if cw["requested"] == "auto" else ""))
     if kind == "linear":
-        tried = ", ".join(f"{g['C']:g}" for g in sel["grid"]) or f"{sel['C']:g}"
+        tried = ", ".join(f"{g['C']:g}" for g in sel["grid"])
         click.echo(f"chose     C={sel['C']:g} by {sel['criterion']} on {sel['protocol']} "
-                   f"(tried {tried})")
+                   f"(tried {tried})" if tried else f"C         {sel['C']:g} ({sel['protocol']})")
     else:
         click.echo(f"chose     {sel['best_epoch']} epochs by {sel['criterion']} on "
                    f"{sel['protocol']} ({sel['epochs_run']} run)")

@@ -376,9 +376,8 @@ class LinearHead(Head):
             final_X, final_y = X, y_idx
             if folds < 2 or len(grid) == 1:
                 protocol = ("fixed C" if len(grid) == 1 else
-                            "none (a class has a single example: C not tuned)")
-                best, figures = (0 if len(grid) == 1 else grid.index(1.0) if 1.0 in grid
-                                 else len(grid) // 2), {}
+                            "none (a class has a single example: the grid's middle C)")
+                best, figures = len(grid) // 2, {}
                 iters = 0
             else:
                 protocol = f"{folds}-fold cross-validation"
@@ -417,8 +416,9 @@ class LinearHead(Head):
                                   "C": chosen, "grid": table, "lbfgs_iterations": iters,
                                   "converged": iters < self.max_iter}
         self.info["validation"] = figures
-        self.info["trained_on"] = {"rows": len(final_y),
-                                   "refit_on_train_and_val": bool(self.refit and X_val is not None)}
+        refit = bool(self.refit and X_val is not None)
+        self.info["trained_on"] = {"rows": len(final_y) if refit or X_val is None else len(y_idx),
+                                   "refit_on_train_and_val": refit}
 
 
 class MLPHead(Head):
