@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedsearch.report.metrics import METRIC_NAMES as METRIC_LABELS
 from embedsearch.report.metrics import METRICS
 from embedsearch.report.render import (
     Bold,
@@ -180,7 +181,8 @@ def build_document(results: dict[str, Any], out: Path) -> Document:
                  f"({results['call']['n_bootstrap']} resamples, paired across methods). "
                  "Training = fitting on the cached embeddings (index build for kNN); predict = "
                  "classifying an already-embedded image, batched (encoding it costs "
-                 "1 / throughput on top, see below)."))
+                 "1 / throughput on top, see below); the per-encoder tables also give the "
+                 "single-image latency (one image per call, one thread)."))
     doc.add(Bullets(_conclusions(results)))
     doc.add(Image(out / results["figures"]["methods"], "methods × metric",
                   "Accuracy, balanced accuracy and macro-F1 per method with 95 % bootstrap "
@@ -256,19 +258,24 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
             continue
         knn = methods["knn"]
         for mid in ("linear", "mlp", "zeroshot"):
-            c = _comparison(results, e["slug"], mid, "accuracy")
-            cf = _comparison(results, e["slug"], mid, "macro_f1")
-            if mid not in methods or c is None or cf is None:
+            if mid not in methods:
                 continue
-            lo, hi = c["ci"]
-            verdict = ("better than kNN" if lo > 0 else "worse than kNN" if hi < 0
-                       else "not distinguishable from kNN on this test set")
+            parts = []
+            for metric in METRICS:
+                c = _comparison(results, e["slug"], mid, metric)
+                if c is None:
+                    continue
+                lo, hi = c["ci"]
+                verdict = "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
+                parts.append(f"{METRIC_LABELS[metric]} {_pts(c['difference'])} points "
+                             f"(95 % CI {_pts(lo)} to {_pts(hi)}: {verdict})")
+            if not parts:
+                continue
             m = methods[mid]
             out.append([
                 Bold(f"{e['label']}, {m['name']}"),
-                f": {m['metrics']['accuracy']:.3f} vs {knn['metrics']['accuracy']:.3f} for "
-                f"{knn['name']}, {_pts(c['difference'])} accuracy points (95 % CI {_pts(lo)} "
-                f"to {_pts(hi)}; macro-F1 {_pts(cf['difference'])}): {verdict}. Cost: "
+                f" vs {knn['name']} (accuracy {m['metrics']['accuracy']:.3f} vs "
+                f"{knn['metrics']['accuracy']:.3f}): " + "; ".join(parts) + ". Cost: "
                 f"{_secs(tm[mid]['fit_seconds'])} of training vs "
                 f"{_secs(tm['knn']['fit_seconds'])} to index; "
                 f"{_ms(tm[mid]['predict_ms_per_image_batched'])} vs "
@@ -277,9 +284,13 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
             ])
         maj = methods.get("majority")
         if maj:
-            out.append(f"{e['label']}: the majority-class baseline scores "
-                       f"{maj['metrics']['accuracy']:.3f} accuracy, "
-                       f"{maj['metrics']['balanced_accuracy']:.3f} balanced accuracy.")
+            acc = maj["metrics"]["accuracy"]
+            text = (f"{e['label']}: the majority-class baseline scores {acc:.3f} accuracy, "
+                    f"{maj['metrics']['balanced_accuracy']:.3f} balanced accuracy.")
+            if acc >= 0.5:
+                text += (" The classes are strongly imbalanced: read balanced accuracy and "
+                         "macro-F1, not accuracy, to compare methods.")
+            out.append(text)
     names = {e["slug"]: e["label"] for e in results["encoders"]}
     for c in results["comparisons"]:
         if "method" in c:

@@ -531,7 +531,8 @@ def _usable_ks(ks: list[int], plan: SplitPlan) -> tuple[list[int], list[str]]:
 # -- methods on one fold -------------------------------------------------------------------
 def _time_predict(fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], Xt: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Predictions, median batched ms/image over 5 runs, median single-image ms."""
+    """Predictions, median batched ms/image over 5 runs, median single-image ms (one
+    image per call, BLAS/OpenMP limited to one thread)."""
     runs, first = [], None
     for _ in range(5):
         t = time.perf_counter()
@@ -539,14 +540,19 @@ def _time_predict(fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], Xt:
         runs.append(time.perf_counter() - t)
         first = first or res
     assert first is not None
+    from threadpoolctl import threadpool_limits
+
     singles = []
     m = min(len(Xt), SINGLE_QUERIES)
-    if m:
-        fn(Xt[:1])
-    for i in range(m):
-        t = time.perf_counter()
-        fn(Xt[i:i + 1])
-        singles.append(time.perf_counter() - t)
+    # One image per call on one thread: threading a single small product gains nothing,
+    # and on a busy machine every call would wait for a second core to be scheduled.
+    with threadpool_limits(limits=1):
+        if m:
+            fn(Xt[:1])
+        for i in range(m):
+            t = time.perf_counter()
+            fn(Xt[i:i + 1])
+            singles.append(time.perf_counter() - t)
     n = max(len(Xt), 1)
     return (first[0], first[1], 1000 * statistics.median(runs) / n,
             1000 * statistics.median(singles) if singles else 0.0)
