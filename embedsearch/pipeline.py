@@ -356,7 +356,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     write_npy(path / roles["embeddings"], vectors)
     write_parquet(path / roles["items"], items)
     write_parquet(path / roles["failures"], failures)
-    index, index_info = make_index(vectors, index_type)
+    del vectors  # the index is filled from the written file, block by block
+    index, index_info = make_index(read_npy(path / roles["embeddings"]), index_type)
     write_faiss(path / roles["index"], index)
     n_ref = int((~items["split"].isin(HELD_OUT_SPLITS)).sum())
     index_info["reference_rows"] = n_ref

@@ -159,6 +159,7 @@ class EncoderActor:
 
         from embedsearch.data.images import DECODE_ERROR, LoadFailure, load_image
 
+        cpu0, wall0 = time.process_time(), time.time()
         if self.throttle > 0:
             time.sleep(self.throttle)
 
@@ -187,7 +188,11 @@ class EncoderActor:
             vectors[ok] = enc.encode_tensors(prep.finish(torch.stack(tensors).to(self.device)))
         return {"pos": np.asarray(batch["pos"], np.int64), "status": np.array(status, object),
                 "detail": np.array(detail, object), "sha256": np.array(sha, object),
-                "width": width, "height": height, "vector": vectors}
+                "width": width, "height": height, "vector": vectors,
+                # What this batch cost the worker (CPU time spread over its rows) and when it
+                # ran: stats for throughput that leave actor start-up out.
+                "cpu_s": np.full(n, (time.process_time() - cpu0) / max(1, n)),
+                "t_start": np.full(n, wall0), "t_end": np.full(n, time.time())}
 
 
 def _user_error(exc: BaseException) -> EmbedsearchError | None:
@@ -207,13 +212,16 @@ def _user_error(exc: BaseException) -> EmbedsearchError | None:
 
 def encode_chunks(encoder: Encoder, paths: Sequence[Path], chunk_size: int,
                   options: RayOptions, *, max_pixels: int | None = None,
-                  progress: Callable[[int], None] | None = None
+                  progress: Callable[[int], None] | None = None,
+                  stats: dict[str, float] | None = None
                   ) -> Iterator[tuple[np.ndarray, list[ItemInfo]]]:
     """Yield, per consecutive chunk of ``chunk_size`` paths, (vectors of the decoded images,
     one ItemInfo per path) — the same contract as the local engine.
 
     Chunks come out in order as soon as each is complete, so the caller can commit it while
-    the cluster keeps encoding the next ones.
+    the cluster keeps encoding the next ones. ``stats``, when given, accumulates
+    ``worker_cpu_s`` (CPU seconds the actors spent), ``images``, and the first batch start
+    and last batch end on the workers' clocks (``t_first``, ``t_last``).
     """
     from embedsearch.bundle import encoder_key
     from embedsearch.data.images import DEFAULT_MAX_PIXELS
@@ -266,6 +274,13 @@ def encode_chunks(encoder: Encoder, paths: Sequence[Path], chunk_size: int,
                     pending[pos] = (info, out["vector"][j])
                 if progress is not None:
                     progress(len(out["pos"]))
+                if stats is not None:
+                    stats["worker_cpu_s"] = stats.get("worker_cpu_s", 0.0) + float(
+                        out["cpu_s"].sum())
+                    stats["images"] = stats.get("images", 0) + len(out["pos"])
+                    stats["t_first"] = min(stats.get("t_first", np.inf),
+                                           float(out["t_start"].min()))
+                    stats["t_last"] = max(stats.get("t_last", 0.0), float(out["t_end"].max()))
                 while next_chunk < n_chunks:
                     start = next_chunk * chunk_size
                     stop = min(start + chunk_size, len(paths))

@@ -19,8 +19,13 @@ from embedsearch.errors import BundleError, EmbedsearchError
 if TYPE_CHECKING:
     import faiss
 
-#: Below this many vectors an exact (flat) index is used; above, HNSW (see docs in README).
+#: Up to this many vectors an exact (flat) index is used; above, IVF (docs/scaling.md has the
+#: measurements behind the number).
 EXACT_LIMIT = 200_000
+#: Above this many bytes of float32 vectors, "auto" picks IVF-PQ (compressed lists) over
+#: IVF-Flat, whose lists hold every vector in full.
+IVF_FLAT_MAX_BYTES = 8 << 30
+INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 
 
 @dataclass
@@ -46,13 +51,34 @@ def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def auto_index_type(n: int, dim: int) -> str:
+    """flat up to EXACT_LIMIT rows; IVF-Flat above while the vectors fit IVF_FLAT_MAX_BYTES;
+    IVF-PQ beyond. (HNSW is available by name only: it needs every vector in memory, cannot
+    range-search for dedupe, and builds far slower than IVF on few cores.)"""
+    if n <= EXACT_LIMIT:
+        return "flat"
+    return "ivf" if n * dim * 4 <= IVF_FLAT_MAX_BYTES else "ivfpq"
+
+
 def make_index(vectors: np.ndarray, kind: str = "auto") -> tuple[faiss.Index, dict[str, Any]]:
-    """Build an inner-product index; returns it and a description for the manifest."""
+    """Build an inner-product index; returns it and a description for the manifest.
+
+    ``vectors`` may be a read-only memmap: IVF indexes train on a sample and are filled
+    block by block (:mod:`embedsearch.index.ivf`), recording their measured recall@10.
+    """
     import faiss
 
     n, dim = vectors.shape
     if kind == "auto":
-        kind = "flat" if n <= EXACT_LIMIT else "hnsw"
+        kind = auto_index_type(n, dim)
+    if kind in ("ivf", "ivfpq") and n:
+        from embedsearch.index.ivf import build_ivf
+
+        index, info = build_ivf(vectors, kind)
+        info.update({"metric": "inner_product", "dim": dim, "ntotal": int(index.ntotal)})
+        return index, info
+    if kind in ("ivf", "ivfpq"):
+        kind = "flat"  # nothing to train on: an empty exact index
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatIP(dim)
         info: dict[str, Any] = {"type": "flat", "exact": True}
@@ -62,9 +88,10 @@ def make_index(vectors: np.ndarray, kind: str = "auto") -> tuple[faiss.Index, di
         index.hnsw.efSearch = 64
         info = {"type": "hnsw", "exact": False, "M": 32, "efSearch": 64}
     else:
-        raise EmbedsearchError(f"unknown index type {kind!r}", hint="use auto, flat or hnsw")
-    if n:
-        index.add(check_vectors(vectors, dim))
+        raise EmbedsearchError(f"unknown index type {kind!r}",
+                               hint=f"use one of {', '.join(INDEX_TYPES)}")
+    for start in range(0, n, 65_536):  # blocks: a memmap is never read whole
+        index.add(check_vectors(vectors[start:start + 65_536], dim))
     info.update({"metric": "inner_product", "dim": dim, "ntotal": int(index.ntotal)})
     return index, info
 
@@ -85,8 +112,12 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, limit: int | None = 
     params = None
     if n_rows < index.ntotal:
         selector = faiss.IDSelectorRange(0, n_rows)
-        params = (faiss.SearchParametersHNSW(sel=selector) if isinstance(index, faiss.IndexHNSW)
-                  else faiss.SearchParameters(sel=selector))
+        if isinstance(index, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+        elif isinstance(index, faiss.IndexIVF):  # IVF refuses base SearchParameters
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
     sims, ids = index.search(q, kk, params=params)
     valid = ids >= 0
     return Neighbours([ids[i][valid[i]] for i in range(len(q))],
