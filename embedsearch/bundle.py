@@ -64,6 +64,7 @@ def encoder_key(identity: dict[str, Any]) -> str:
     w = identity.get("weights", {})
     return "|".join(str(x) for x in (
         identity.get("spec"), identity.get("dim"), w.get("sha256"), identity.get("impl_version"),
+        identity.get("precision", "fp32"),
         sorted(identity.get("preprocess", {}).items()),
     ))
 
@@ -73,7 +74,7 @@ def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: st
     """Refuse ``what`` when it was made with another encoder than ``expected``."""
     if encoder_key(expected) == encoder_key(found):
         return
-    diffs = [k for k in ("spec", "dim", "weights", "preprocess", "impl_version")
+    diffs = [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version")
              if expected.get(k) != found.get(k)]
     raise BundleMismatchError(
         f"{what} was made with encoder {found.get('spec')} ({found.get('dim')}-d), "
@@ -216,7 +217,7 @@ class Bundle:
                     raise BundleError(
                         f"the bundle's encoder weights {weights} are gone",
                         hint="pass the same weights file again with --weights FILE")
-            enc = load_encoder(ident["spec"], weights)
+            enc = load_encoder(ident["spec"], weights, precision=ident.get("precision", "fp32"))
             check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
                                "use the encoder the bundle was built with, or rebuild the bundle")
             cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])

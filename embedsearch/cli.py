@@ -109,6 +109,9 @@ def models_cmd(as_json: bool) -> None:
               "Default: efficientnet-lite0, or the bundle's encoder when it exists.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local weights file for the encoder (.safetensors or a tensor-only .pt).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="Encoder arithmetic: fp32, or bf16 autocast (faster on CPUs with AVX-512 "
+              "BF16; vectors differ slightly). Default: fp32, or the bundle's.")
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
@@ -142,7 +145,8 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path | None,
-                    model: str | None, weights: Path | None, path_col: str | None,
+                    model: str | None, weights: Path | None, precision: str | None,
+                    path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
                     skip_missing: bool, overwrite: bool, index_type: str, batch_size: int,
                     workers: int | None, engine: str, address: str | None,
@@ -161,7 +165,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     ray_options = RayOptions(address=address, num_workers=num_workers, batch_size=batch_size,
                              num_cpus=worker_cpus, num_gpus=worker_gpus)
     result = build_index(
-        data, name=name, out=out, model=model, weights=weights, path_col=path_col,
+        data, name=name, out=out, model=model, weights=weights, precision=precision,
+        path_col=path_col,
         label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
         skip_missing=skip_missing, overwrite=overwrite, index_type=index_type,
         batch_size=batch_size, num_workers=workers,
@@ -188,6 +193,10 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     click.echo(f"index    {m['index']['type']} ({exact})"
                f", {m['index']['ntotal']:,} vectors, {m['index']['reference_rows']:,} used "
                "for classification")
+    if "recall_at_10" in m["index"]:
+        click.echo(f"recall   {m['index']['recall_at_10']:.3f} recall@10 vs exact search "
+                   f"({m['index']['recall_queries']:,} held-out queries, "
+                   f"nprobe {m['index']['nprobe']})")
     if "dedupe" in m:
         d = m["dedupe"]
         click.echo(f"dedupe   {d['removed']:,} duplicates left out ({d['groups']:,} groups, "
