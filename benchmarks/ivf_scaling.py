@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--pq-size", type=int, default=0, help="also build IVF-PQ at this size")
     ap.add_argument("--seed-bundle", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/ivf_scaling")
+    ap.add_argument("--append", action="store_true",
+                    help="keep rows of OUT.json for other (n, index) pairs")
     args = ap.parse_args()
     import faiss
 
@@ -100,8 +102,17 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 del index
             del x
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    if args.append and args.out.with_suffix(".json").exists():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        done = {(r["n"], r["type"]) for r in rows}
+        kept = [{**r, "command": old["command"], "time": old["time"]} for r in old["rows"]
+                if (r["n"], r["type"]) not in done and "command" not in r] + \
+            [r for r in old["rows"] if (r["n"], r["type"]) not in done and "command" in r]
+        rows = sorted(kept + rows, key=lambda r: (r["n"], ["flat", "ivf", "ivfpq"].index(
+            r["type"])))
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command,
         "seed_bundle": {"encoder": seed_b.manifest["encoder"]["spec"],
                         "rows": len(seeds), "source": seed_b.manifest["source"]["path"]},
         "versions": {"python": platform.python_version(), "faiss": faiss.__version__},
@@ -116,11 +127,15 @@ def main() -> None:
     lines = [f"# Flat vs IVF as n grows ({report['seed_bundle']['encoder']}-shaped synthetic "
              f"vectors, {rows[0]['dim'] if rows else '?'}-d)", "",
              f"`{report['command']}` — {report['time']}, {report['machine']['platform']}, "
+             + ("(rows marked † are from the earlier run "
+                f"`{next(r['command'] for r in rows if 'command' in r)}`) "
+                if any("command" in r for r in rows) else "") +
              f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", "",
              "| n | index | build s | 1 query ms | batch q/s | nlist | nprobe | recall@10 "
              "| index MB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['n']:,} | {r['type']} | {r['build_s']} | "
+        lines.append(f"| {r['n']:,} | {r['type']}{' †' if 'command' in r else ''} | "
+                     f"{r['build_s']} | "
                      f"{r['single_query_ms_median']} | {r['batch_queries_per_s']} | "
                      f"{r.get('nlist', '')} | {r.get('nprobe', '')} | "
                      f"{r.get('recall_at_10', 1.0)} | {r['index_bytes'] / 2**20:.0f} |")

@@ -84,6 +84,8 @@ def _summary(runs: list[dict[str, float]], cores: float) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=CLOTHING / "train",
+                    help="image folder to sample (default: clothing-small/train)")
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="efficientnet-lite0")
@@ -91,7 +93,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64, help="shard size (commit unit)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/scaling_throughput")
     args = ap.parse_args()
-    train = CLOTHING / "train"
+    train = args.data
     if not train.exists():
         sys.exit(f"{train} is absent")
     from embedsearch.data.scan import scan
@@ -137,7 +139,9 @@ def main() -> None:
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "encoder": args.model, "precision": enc.precision, "images": len(paths),
-        "dataset": str(train.relative_to(REPO.parent)), "batch_size": args.batch_size,
+        "dataset": str(train.resolve().relative_to(REPO.parent.resolve())
+                       if train.resolve().is_relative_to(REPO.parent.resolve()) else train),
+        "batch_size": args.batch_size,
         "chunk": args.chunk, "torch_threads_local": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "ray": ray_version},
