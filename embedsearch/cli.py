@@ -163,7 +163,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     from embedsearch.pipeline import build_index
 
     ray_options = RayOptions(address=address, num_workers=num_workers, batch_size=batch_size,
-                             num_cpus=worker_cpus, num_gpus=worker_gpus)
+                             num_cpus=worker_cpus, num_gpus=worker_gpus,
+                             quiet=not ctx.obj.get("debug"))
     result = build_index(
         data, name=name, out=out, model=model, weights=weights, precision=precision,
         path_col=path_col,

@@ -67,6 +67,9 @@ class RayOptions:
     runtime_env: dict[str, Any] | None = None
     #: Extra ``ray.init`` keyword arguments for a runtime started here (tests, notebooks).
     init_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Silence Ray Data's per-execution INFO/WARNING logs (the CLI sets this unless --debug:
+    #: its own progress bar and summary say the same).
+    quiet: bool = False
 
 
 def require_ray() -> Any:
@@ -237,6 +240,8 @@ def encode_chunks(encoder: Encoder, paths: Sequence[Path], chunk_size: int,
     weights = (str(Path(encoder.weights.path).absolute())
                if encoder.weights.source == "file" and encoder.weights.path else None)
     with ray_runtime(options) as ray:
+        if options.quiet:
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # chunks complete in order: commit early
         ctx.enable_progress_bars = False  # the CLI draws its own
