@@ -123,7 +123,7 @@ def models_cmd(as_json: bool) -> None:
               help="faiss index: exact flat; IVF (recall@10 measured and recorded); IVF-PQ "
               "(compressed); HNSW. auto: flat up to 200,000 images, then IVF, then IVF-PQ.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="Image decoding processes (default: spare cores).")
+@click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="Where images are encoded: this process, or a Ray "
               "cluster (needs the `ray` extra; same bundle).")
@@ -249,7 +249,7 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="The encoder's weights file, if it moved since the build.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="Image decoding processes.")
+@click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
 @click.option("--method", type=click.Choice(["auto", "knn", "head", "zeroshot", "all"]),
               default="auto", show_default=True,
               help="auto: the best available (a trained head that beat kNN on validation, "
@@ -538,7 +538,7 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")
 @click.option("--title", help="Report title.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="Image decoding processes.")
+@click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
