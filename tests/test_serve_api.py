@@ -210,34 +210,25 @@ def test_unlabelled_bundle_is_a_similar_image_search(tmp_path: Path) -> None:
         assert {n["id"] for n in r["neighbours"][:2]} == {"img_2.jpg", "img_3.jpg"}
 
 
-def test_every_method_the_bundle_offers_is_returned(bundle_dir: Path) -> None:
-    # Stands in for a bundle whose predict_vectors takes method="all" and fills
-    # Prediction.methods (kNN, trained heads, zero-shot): the server must pass it through.
-    bundle = load_bundle(bundle_dir)
-    knn_only = bundle.predict_vectors
-    asked: list[str] = []
+def test_every_method_the_bundle_offers_is_returned(bundle_dir: Path, tmp_path: Path
+                                                     ) -> None:
+    # A real trained head beside kNN: /info lists both, /predict answers with both.
+    import shutil
 
-    def predict_vectors(vectors, ids, k=10, n_neighbours=5, weighting="similarity",
-                        method="auto"):
-        asked.append(method)
-        preds = knn_only(vectors, ids, k, n_neighbours, weighting)
-        for p in preds:
-            p.methods = {
-                "knn": {"label": p.label, "confidence": p.confidence,
-                        "probabilities": p.probabilities},
-                "linear": {"label": "blue", "confidence": 0.7, "method": "linear(C=1)",
-                           "probabilities": {"red": 0.2, "blue": 0.7, "green": 0.1}},
-            }
-        return preds
+    from embedsearch.training import fit_head
 
-    bundle.predict_vectors = predict_vectors  # type: ignore[method-assign]
-    with TestClient(create_app(bundle)) as c:
-        assert c.get("/info").json()["methods"] == ["knn", "linear"]
+    copy = tmp_path / "with-head"
+    shutil.copytree(bundle_dir, copy)
+    fit_head(copy, "linear", name="lin")
+    with TestClient(create_app(load_bundle(copy))) as c:
+        methods = c.get("/info").json()["methods"]
         r = upload(c, jpeg("red", 4242)).json()
-    assert set(asked) == {"all"}
+    assert "knn" in methods and len(methods) == 2, methods
+    head = next(m for m in methods if m != "knn")
     assert r["methods"]["knn"]["label"] == "red"
-    assert r["methods"]["linear"] == {"label": "blue", "confidence": 0.7, "detail": "linear(C=1)",
-                                      "probabilities": {"blue": 0.7, "red": 0.2, "green": 0.1}}
+    assert r["methods"][head]["label"] == "red"
+    probs = r["methods"][head]["probabilities"]
+    assert max(probs, key=probs.get) == "red" and abs(sum(probs.values()) - 1) < 0.01
 
 
 # -- thumbnails -----------------------------------------------------------------------

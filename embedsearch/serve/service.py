@@ -13,7 +13,6 @@ forward passes at once and heads may keep state; thumbnails are made outside the
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import os
@@ -109,7 +108,6 @@ class IndexService:
         self._decode_slots = threading.BoundedSemaphore(decode_slots)
         self._ready = False
         self._ids: dict[str, int] = {}
-        self._all_methods = False
         self._methods: list[str] = []
         # lru_cache is thread-safe; failures raise and so are never cached.
         self.thumbnail: Callable[[str], Thumbnail] = lru_cache(maxsize=thumbnail_cache)(
@@ -131,9 +129,6 @@ class IndexService:
             items = b.items
             self._ids = {str(i): row for row, i in enumerate(items["id"].tolist())}
             _ = b.embeddings, b.index
-            # Bundles that can run every method at once (kNN, trained heads, zero-shot)
-            # take method="all"; older ones give kNN only.
-            self._all_methods = "method" in inspect.signature(b.predict_vectors).parameters
             if len(items):
                 # Warms lazily built parts (kNN labels, heads, zero-shot prompts) now rather
                 # than inside the first user's request, and learns which methods answer.
@@ -324,10 +319,9 @@ class IndexService:
 
     def _predict(self, vectors: np.ndarray, ids: list[str], n: int,
                  k: int | None = None) -> list[Prediction]:
-        kwargs: dict[str, Any] = {"method": "all"} if self._all_methods else {}
         with self._model_lock:
             return self.bundle.predict_vectors(vectors, ids, k=k or self.k, n_neighbours=n,
-                                               **kwargs)
+                                               method="all")
 
     def _answer(self, vector: np.ndarray, qid: str, k: int | None,
                 n_neighbours: int | None) -> dict[str, Any]:
