@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
-from embedsearch.store.io import file_digest, read_json, read_npy, read_parquet
+from embedsearch.store.io import file_digest, read_npy, read_parquet, read_versioned_json
 
 if TYPE_CHECKING:
     import faiss
@@ -391,12 +391,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise BundleError(f"{path} has no manifest.json: not a bundle, or its first build did "
                           "not finish", hint="run embedsearch build-index again to resume")
-    manifest = read_json(mpath)
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{mpath} is not an embedsearch bundle manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{mpath} has schema {manifest.get('schema_version')}, this version "
-                          f"reads {SCHEMA_VERSION}", hint="rebuild the bundle")
+    manifest = read_versioned_json(mpath, BUNDLE_FORMAT, SCHEMA_VERSION, "bundle manifest",
+                                   "rebuild the bundle")
     problem = _manifest_problem(manifest)
     if problem:
         raise BundleError(f"{mpath} is damaged or was edited: {problem}",

@@ -78,6 +78,11 @@ def _progress_factory(ctx: click.Context, desc: str
     return start
 
 
+def _echo_encoder(identity: dict[str, Any]) -> None:
+    click.echo(f"encoder  {identity['spec']} ({identity['dim']}-d, "
+               f"{identity.get('precision', 'fp32')}, weights: {identity['weights']['source']})")
+
+
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
@@ -179,8 +184,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         _echo_json(m)
         return
     click.echo(f"bundle   {result.path}")
-    click.echo(f"encoder  {m['encoder']['spec']} ({m['encoder']['dim']}-d, "
-               f"weights: {m['encoder']['weights']['source']})")
+    _echo_encoder(m["encoder"])
     click.echo(f"images   {result.summary()}")
     click.echo(f"encoded  {result.encoded:,} new, {result.reused:,} reused from cache"
                + (f", {result.images_per_second:.1f} images/s" if result.encoded else ""))
@@ -443,8 +447,7 @@ def info_cmd(index_name: str, as_json: bool) -> None:
         _echo_json(m)
         return
     click.echo(f"bundle   {bundle.path} (generation {m['generation']}, {m['created']})")
-    click.echo(f"encoder  {m['encoder']['spec']} {m['encoder']['dim']}-d, weights "
-               f"{m['encoder']['weights']['source']}")
+    _echo_encoder(m["encoder"])
     click.echo(f"source   {m['source']['path']}")
     click.echo(f"counts   {json.dumps(m['counts'])}")
     click.echo(f"index    {json.dumps(m['index'])}")

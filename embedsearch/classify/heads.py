@@ -34,7 +34,7 @@ from embedsearch.classify.metrics import (
     softmax,
 )
 from embedsearch.errors import BundleError, EmbedsearchError
-from embedsearch.store.io import file_digest, read_json, write_json
+from embedsearch.store.io import file_digest, read_versioned_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -610,12 +610,8 @@ def read_head_meta(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{folder} holds no {HEAD_FILE}: not a trained head",
                           hint="train one: embedsearch train --index NAME --head linear")
-    meta = read_json(path)
-    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
-        raise BundleError(f"{path} is not an embedsearch head description")
-    if meta.get("schema_version") != HEAD_SCHEMA:
-        raise BundleError(f"{path} has schema {meta.get('schema_version')}, this version reads "
-                          f"{HEAD_SCHEMA}", hint="retrain the head with embedsearch train")
+    meta = read_versioned_json(path, HEAD_FORMAT, HEAD_SCHEMA, "head description",
+                               "retrain the head with embedsearch train")
     if meta.get("kind") not in HEAD_CLASSES:
         raise BundleError(f"{path}: unknown head kind {meta.get('kind')!r}")
     return meta

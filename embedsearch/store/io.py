@@ -84,6 +84,18 @@ def read_json(path: Path) -> Any:
                           hint="the file is damaged; rebuild the bundle") from exc
 
 
+def read_versioned_json(path: Path, fmt: str, schema: int, what: str, fix: str
+                        ) -> dict[str, Any]:
+    """Read a self-describing JSON artifact, refusing another format or schema version."""
+    obj = read_json(path)
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise BundleError(f"{path} is not an embedsearch {what}")
+    if obj.get("schema_version") != schema:
+        raise BundleError(f"{path} has schema {obj.get('schema_version')}, this version reads "
+                          f"{schema}", hint=fix)
+    return obj
+
+
 def write_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
 
