@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shutil
 import statistics
@@ -211,34 +210,6 @@ def accuracy_bf16(spec: str) -> dict:
     return out
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("embedsearch", "torch", "torchvision", "timm", "open_clip_torch", "faiss-cpu",
-                "numpy", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["efficientnet-lite0"])
@@ -256,8 +227,11 @@ def main() -> None:
         sys.exit(f"{CLOTHING} is absent: this benchmark needs ../shared/datasets/clothing-small")
     files = sorted((CLOTHING / "train").glob("*/*.jpg"))
     query = sorted((CLOTHING / "test").glob("*/*.jpg"))[0]
+    from embedsearch.report.provenance import git_revision, machine, package_versions
+
     results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                               "versions": versions(), "machine": machine(), "encoders": {}}
+                               "versions": package_versions(), "machine": machine(),
+                               "git": git_revision(str(REPO)), "encoders": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = subset(files, args.images, Path(tmp) / "subset")
         for spec in args.models:
