@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -143,6 +144,19 @@ def _move_file(src: Path, dst: Path, sha256: str) -> None:
     src.unlink()
 
 
+def _apply_each(entries: list[dict[str, Any]], report: ActionReport, done: str,
+                action: Callable[[dict[str, Any]], object]) -> None:
+    """Run ``action`` per entry; a file that fails is recorded as skipped, the rest go on."""
+    for e in entries:
+        try:
+            action(e)
+            e["status"] = done
+            report.done.append(e["id"])
+        except OSError as exc:
+            e["status"] = f"skipped: {exc.strerror or exc}"
+            report.skipped.append((e["id"], e["status"]))
+
+
 def move_to(result: DedupeResult, dest: str | os.PathLike[str],
             root: str | os.PathLike[str] | None = None) -> ActionReport:
     """Move every removed duplicate to ``dest/<its id>``; returns the report whose ``log``
@@ -166,14 +180,8 @@ def move_to(result: DedupeResult, dest: str | os.PathLike[str],
                 "threshold": result.threshold, "keep": result.keep, "moves": entries}
     write_json(report.log, manifest)  # the undo record exists before anything moves
     try:
-        for e in ready:
-            try:
-                _move_file(Path(e["from"]), Path(e["to"]), e["sha256"])
-                e["status"] = "moved"
-                report.done.append(e["id"])
-            except OSError as exc:
-                e["status"] = f"skipped: {exc.strerror or exc}"
-                report.skipped.append((e["id"], e["status"]))
+        _apply_each(ready, report, "moved",
+                    lambda e: _move_file(Path(e["from"]), Path(e["to"]), e["sha256"]))
     finally:
         manifest["state"] = "done"
         manifest["finished"] = _now()
@@ -284,14 +292,7 @@ def delete_in_place(result: DedupeResult, log_dir: str | os.PathLike[str],
               "deletions": entries}
     write_json(report.log, record)
     try:
-        for e in ready:
-            try:
-                Path(e["path"]).unlink()
-                e["status"] = "deleted"
-                report.done.append(e["id"])
-            except OSError as exc:
-                e["status"] = f"skipped: {exc.strerror or exc}"
-                report.skipped.append((e["id"], e["status"]))
+        _apply_each(ready, report, "deleted", lambda e: Path(e["path"]).unlink())
     finally:
         write_json(report.log, record)
     if not entries and not report.done:
