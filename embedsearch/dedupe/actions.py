@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -103,8 +104,24 @@ def _plan(result: DedupeResult, root: Path) -> list[dict[str, Any]]:
              "reason": r.reason} for r in removed.itertuples()]
 
 
-def _safe_to_remove(root: Path, entry: dict[str, Any]) -> str | None:
-    """None when ``entry`` may leave its place, else the reason it may not."""
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the regular file ``path`` reaches (through symlinks), else None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _safe_to_remove(root: Path, entry: dict[str, Any],
+                    removed: set[tuple[int, int]]) -> str | None:
+    """None when ``entry`` may leave its place, else the reason it may not.
+
+    Files are compared by what they are (device and inode), not by name: a symlink, an
+    aliased folder or a CSV row can reach one file under two ids, and removing the
+    "duplicate" would then remove the kept image too. ``removed`` holds the files earlier
+    entries of the same run will remove; the accepted entry's file is added to it.
+    """
     src = _resolve(root, entry["id"])
     if not src.is_file() or src.is_symlink():
         return "missing (or not a regular file)"
@@ -113,8 +130,14 @@ def _safe_to_remove(root: Path, entry: dict[str, Any]) -> str | None:
         return "changed since it was indexed (sha256 differs); rebuild the index"
     entry["sha256"] = digest
     entry["bytes"] = src.stat().st_size
-    if not _resolve(root, entry["kept_id"]).is_file():
+    kept, mine = _file_identity(_resolve(root, entry["kept_id"])), _file_identity(src)
+    if kept is None or kept in removed:
         return f"its kept image {entry['kept_id']} is gone; not removing the last copy"
+    if kept == mine:
+        return (f"it is the same file as its kept image {entry['kept_id']} (a symlink, hard "
+                "link or aliased folder); not removing the last copy")
+    if mine is not None:
+        removed.add(mine)
     return None
 
 
@@ -166,9 +189,10 @@ def move_to(result: DedupeResult, dest: str | os.PathLike[str],
     _check_outside(base, dest, "--move-to")
     entries = _plan(result, base)
     report = ActionReport("move", dest / f"embedsearch-undo-{_stamp()}.json")
-    ready = []
+    ready: list[dict[str, Any]] = []
+    removed: set[tuple[int, int]] = set()
     for e in entries:
-        why = _safe_to_remove(base, e)
+        why = _safe_to_remove(base, e, removed)
         e["from"] = str(_resolve(base, e["id"]))
         e["to"] = str(dest / _relative(e["id"]))
         if why is None and (Path(e["to"]).exists() or Path(e["to"]).is_symlink()):
@@ -281,9 +305,10 @@ def delete_in_place(result: DedupeResult, log_dir: str | os.PathLike[str],
     base = _root_of(result, root)
     entries = _plan(result, base)
     report = ActionReport("delete", Path(log_dir) / f"embedsearch-deleted-{_stamp()}.json")
-    ready = []
+    ready: list[dict[str, Any]] = []
+    removed: set[tuple[int, int]] = set()
     for e in entries:
-        why = _safe_to_remove(base, e)
+        why = _safe_to_remove(base, e, removed)
         e["path"] = str(_resolve(base, e["id"]))
         e["status"] = "planned" if why is None else f"skipped: {why}"
         (ready.append(e) if why is None else report.skipped.append((e["id"], why)))
