@@ -244,7 +244,7 @@ class Bundle:
                 f"{len(self.items)} are held-out test images",
                 hint="build it from train/ (or unsplit) class folders; test/ images are "
                 "only scored, never voted with")
-        if not self.labelled or len(labels) == 0 or any(lbl is None for lbl in labels):
+        if not self.labelled or all(_none(lbl) is None for lbl in labels):
             raise EmbedsearchError(f"bundle {self.name} has no labels, so it cannot classify",
                                    hint="it still supports similar-image search")
         return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)

@@ -26,6 +26,7 @@ from embedsearch.bundle import (
     encoder_key,
     fingerprint_cosine,
     read_manifest,
+    verify_files,
 )
 from embedsearch.data.scan import Collection, Record, scan
 from embedsearch.engines import ENGINES
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 512
+#: Failures that depend on more than the file's size and mtime (a chmod changes neither):
+#: tried again by every build, which costs one open() each.
+_RETRIED = frozenset({"unreadable", "not_a_regular_file"})
 
 
 @dataclass
@@ -116,6 +120,11 @@ class _Cache:
         if hit is None or (int(hit[2]["size"]), int(hit[2]["mtime_ns"])) != key:
             return None
         return hit[2]
+
+    def reusable(self, rec: Record, key: tuple[int, int]) -> bool:
+        """Whether ``rec`` needs no encoding: a cached vector, or a failure worth keeping."""
+        meta = self.get(rec, key)
+        return meta is not None and meta["status"] not in _RETRIED
 
     def vector(self, rec_id: str) -> np.ndarray:
         source, row, _ = self.lookup[rec_id]
@@ -185,7 +194,7 @@ def build_index(
         if old is not None and not overwrite:
             _check_compatible(path, old, identity, fingerprint)
         cache = _Cache()
-        if old is not None and not overwrite:
+        if old is not None and not overwrite and _reusable(path, old):
             cache.add(read_npy(path / old["roles"]["embeddings"]),
                       read_parquet(path / old["roles"]["items"]))
             failed_before = read_parquet(path / old["roles"]["failures"])
@@ -201,7 +210,8 @@ def build_index(
             cache.add(vectors, meta)
 
         keys = [_stat_key(r.path) for r in collection.records]
-        todo = [i for i, r in enumerate(collection.records) if cache.get(r, keys[i]) is None]
+        todo = [i for i, r in enumerate(collection.records)
+                if not cache.reusable(r, keys[i])]
         reused = len(collection.records) - len(todo)
         t_enc = time.perf_counter()
         _encode_missing(encoder, collection, keys, todo, shards, cache, batch_size, num_workers,
@@ -220,6 +230,21 @@ def _previous_manifest(path: Path) -> dict[str, Any] | None:
     if not (path / "manifest.json").exists():
         return None
     return read_manifest(path)
+
+
+def _reusable(path: Path, old: dict[str, Any]) -> bool:
+    """Whether the previous generation's files still hold what its manifest recorded.
+
+    A damaged generation is never reused: its vectors would be copied into the new one, whose
+    fresh hashes would then vouch for them. Its images are re-encoded instead.
+    """
+    try:
+        verify_files(path, old)
+    except BundleError as exc:
+        log.warning("not reusing the previous generation of %s (%s); re-encoding its images",
+                    path, exc.message)
+        return False
+    return True
 
 
 def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
-from embedsearch import build_index
+from embedsearch import build_index, load_bundle
 from embedsearch.cli import main
+from embedsearch.errors import BundleError
 from tests.conftest import draw_image, make_collection
+from tests.proc import cli, require_permission_bits
 
 TINY = "test:tiny"
 
@@ -50,3 +54,69 @@ def test_delete_from_a_csv_listing_one_file_under_two_names(tmp_path: Path) -> N
         run_cli("dedupe", "--index", str(tmp_path / "b"), "-t", "0.999", "--out",
                 str(tmp_path / "rep"), *action)
         assert (imgs / "u.jpg").is_file(), f"{action}: the only copy left its place"
+
+
+# -- 3. a rebuild never launders a damaged generation ----------------------------------------
+def test_rebuild_does_not_reuse_a_corrupt_generation(tmp_path: Path) -> None:
+    images = make_collection(tmp_path / "images", per_class=3)
+    b = build_index(images, out=tmp_path / "b", model=TINY)
+    emb = b.path / b.manifest["roles"]["embeddings"]
+    arr = np.load(emb)
+    arr[:3] = np.float32(0.5)
+    np.save(emb, arr)
+    with pytest.raises(BundleError):
+        load_bundle(b.path)
+    again = build_index(images, out=tmp_path / "b", model=TINY)
+    assert again.reused == 0 and again.encoded == 9
+    fresh = load_bundle(b.path)
+    np.testing.assert_allclose(np.linalg.norm(fresh.embeddings, axis=1), 1.0, atol=1e-5)
+
+
+# -- 4. missing labels are unlabelled rows; literal strings stay labels ----------------------
+def test_loose_files_and_empty_cells_are_unlabelled_never_a_class(tmp_path: Path) -> None:
+    images = make_collection(tmp_path / "images", per_class=4)
+    draw_image("red", 500).save(images / "loose.jpg")
+    bundle = load_bundle(build_index(images, out=tmp_path / "b", model=TINY).path)
+    assert bundle.classes == ["blue", "green", "red"]
+    for pred in bundle.predict([images / "loose.jpg", images / "red" / "red_000.jpg"],
+                               method="all"):
+        assert "nan" not in pred.probabilities and pred.label in bundle.classes
+        for res in pred.methods.values():
+            assert "nan" not in res.get("probabilities", {})
+    out = run_cli("predict", str(images / "loose.jpg"), "--index", str(tmp_path / "b"),
+                  "--json")
+    assert '"nan"' not in out
+
+
+def test_csv_labels_na_none_null_stay_labels_and_empty_cells_are_unlabelled(
+        tmp_path: Path) -> None:
+    images = make_collection(tmp_path / "images", per_class=2)
+    rows = ["path,label", "images/red/red_000.jpg,NA", "images/red/red_001.jpg,None",
+            "images/green/green_000.jpg,null", "images/green/green_001.jpg,",
+            "images/blue/blue_000.jpg,blue", 'images/blue/blue_001.jpg,""']
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    bundle = load_bundle(build_index(tmp_path / "list.csv", out=tmp_path / "b",
+                                     model=TINY).path)
+    assert bundle.classes == ["NA", "None", "blue", "null"]
+    labels = dict(zip(bundle.items["id"], bundle.items["label"], strict=True))
+    assert labels["images/red/red_000.jpg"] == "NA"
+    assert not isinstance(labels["images/green/green_001.jpg"], str)
+    assert not isinstance(labels["images/blue/blue_001.jpg"], str)
+    pred = bundle.predict([images / "green" / "green_001.jpg"])[0]
+    assert pred.label in bundle.classes and "nan" not in pred.probabilities
+
+
+def test_a_cached_unreadable_failure_is_retried_once_readable(tmp_path: Path) -> None:
+    prefix = require_permission_bits()
+    images = make_collection(tmp_path / "images", per_class=3)
+    locked = images / "red" / "red_000.jpg"
+    locked.chmod(0)
+    try:
+        res = cli("build-index", str(images), "--out", str(tmp_path / "b"), "--model", TINY,
+                  prefix=prefix)
+        assert res.returncode == 0, res.stderr
+        assert load_bundle(tmp_path / "b").manifest["counts"]["embedded"] == 8
+    finally:
+        locked.chmod(0o644)
+    again = build_index(images, out=tmp_path / "b", model=TINY)
+    assert again.encoded == 1 and again.manifest["counts"]["embedded"] == 9

@@ -28,7 +28,9 @@ def vote(neigh: Neighbours, y_idx: np.ndarray, n_classes: int, weighting: str = 
     proba = np.zeros((len(neigh.ids), n_classes), np.float64)
     for i, (ids, sims) in enumerate(zip(neigh.ids, neigh.similarities, strict=True)):
         w = np.ones(len(ids)) if weighting == "uniform" else np.clip(sims, 0.0, None) + 1e-6
-        np.add.at(proba[i], y_idx[ids], w)
+        y = y_idx[ids]
+        voters = y >= 0  # unlabelled neighbours (class -1) are shown, but do not vote
+        np.add.at(proba[i], y[voters], w[voters])
     totals = proba.sum(axis=1, keepdims=True)
     empty = totals[:, 0] == 0
     proba[empty] = 1.0 / max(n_classes, 1)
@@ -55,12 +57,18 @@ class KNNClassifier:
 
     def fit_index(self, index: faiss.Index, y: Sequence[str] | np.ndarray,
                   limit: int | None = None) -> KNNClassifier:
-        """Use an existing index whose first ``limit`` rows carry the labels ``y``."""
-        labels = np.asarray(y).astype(str)
-        if len(labels) == 0:
+        """Use an existing index whose first ``limit`` rows carry the labels ``y``.
+
+        Missing labels (None or NaN) mark unlabelled rows: never a class, never a vote.
+        """
+        labels = np.array([None if _missing(v) else str(v) for v in y], dtype=object)
+        known = labels != None  # noqa: E711 (element-wise on an object array)
+        if not known.any():
             raise EmbedsearchError("cannot fit a kNN classifier on zero labelled vectors",
                                    hint="the index has no labelled reference images")
-        self.classes_, self._y_idx = np.unique(labels, return_inverse=True)
+        self.classes_, idx = np.unique(labels[known].astype(str), return_inverse=True)
+        self._y_idx = np.full(len(labels), -1, np.int64)
+        self._y_idx[known] = idx
         self._index, self._limit = index, (limit if limit is not None else len(labels))
         return self
 
@@ -74,3 +82,7 @@ class KNNClassifier:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))

@@ -309,8 +309,9 @@ def scan_table(
         if table.suffix.lower() in {".parquet", ".pq"}:
             df = pd.read_parquet(table)
         else:
+            # Only empty cells are missing: "NA", "None", "null" are literal labels here.
             df = pd.read_csv(table, sep="\t" if table.suffix.lower() == ".tsv" else ",",
-                             keep_default_na=True)
+                             keep_default_na=False, na_values=[""])
     except Exception as exc:  # pandas raises many types for malformed tables
         raise InputError(f"{table}: cannot read the table: {exc}") from exc
     columns = [str(c) for c in df.columns]
