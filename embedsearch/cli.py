@@ -500,9 +500,10 @@ def serve_cmd(ctx: click.Context, index_name: str, host: str, port: int, k: int,
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.secho(f"warning: listening on {host}: anyone who can reach this port can query "
                     "the index and view its images", fg="yellow", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="debug" if ctx.obj.get("debug")
-                else "info", access_log=not ctx.obj.get("quiet"), limit_concurrency=64,
-                timeout_graceful_shutdown=5)
+    from embedsearch.serve.guard import server_config
+
+    uvicorn.Server(server_config(app, host, port, log_level="debug" if ctx.obj.get("debug")
+                                 else "info", access_log=not ctx.obj.get("quiet"))).run()
 
 
 # -- benchmark ------------------------------------------------------------------------

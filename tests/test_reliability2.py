@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,27 @@ def test_a_cached_unreadable_failure_is_retried_once_readable(tmp_path: Path) ->
         locked.chmod(0o644)
     again = build_index(images, out=tmp_path / "b", model=TINY)
     assert again.encoded == 1 and again.manifest["counts"]["embedded"] == 9
+
+
+# -- 2b. decode work is bounded before decoding ----------------------------------------------
+def test_jpeg_with_thousands_of_scans_is_refused_fast_also_by_build_index(
+        tmp_path: Path) -> None:
+    import time
+
+    from embedsearch.data.images import load_image
+    from tests.test_serve_guard import hostile_jpeg
+
+    bad = hostile_jpeg(side=2000, scans=3000)
+    t0 = time.perf_counter()
+    res = load_image(bad, target_size=224)
+    assert getattr(res, "reason", None) == "too_many_scans"
+    assert time.perf_counter() - t0 < 0.5
+    images = make_collection(tmp_path / "images", per_class=2)
+    (images / "red" / "hostile.jpg").write_bytes(bad)
+    buf = io.BytesIO()
+    draw_image("red", 3, size=640).save(buf, "JPEG", progressive=True)
+    (images / "red" / "progressive.jpg").write_bytes(buf.getvalue())
+    built = build_index(images, out=tmp_path / "b", model=TINY)
+    assert dict(zip(built.failures["id"], built.failures["reason"], strict=True)) == {
+        "red/hostile.jpg": "too_many_scans"}
+    assert built.manifest["counts"]["embedded"] == 7

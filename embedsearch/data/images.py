@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from embedsearch.data.jpeg_guard import scan_work_problem
+
 #: Formats Pillow may open. Everything else (EPS via Ghostscript, PSD, ...) is refused.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Above this many pixels (width × height, from the header) an image is refused undecoded.
@@ -42,6 +44,7 @@ TRUNCATED = "truncated"
 DECODE_ERROR = "decode_error"
 NOT_A_FILE = "not_a_regular_file"
 TOO_LARGE = "file_too_large"
+TOO_MANY_SCANS = "too_many_scans"
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,10 @@ def _decode_unchecked(
                 TOO_MANY_PIXELS, f"{width}x{height} is over the limit of {max_pixels:,} pixels"
             )
         fmt = img.format or "?"
+        if fmt == "JPEG":
+            costly = scan_work_problem(data, width * height)
+            if costly is not None:
+                return LoadFailure(TOO_MANY_SCANS, costly)
         if fmt == "JPEG" and target_size and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
             img.draft("RGB" if img.mode != "CMYK" else "CMYK", (target_size, target_size))
         # Force the whole decode inside the try: truncated files only fail here.

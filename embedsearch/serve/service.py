@@ -54,6 +54,7 @@ _FAILURE_STATUS = {
     img_mod.UNSUPPORTED_FORMAT: 415,
     img_mod.NOT_AN_IMAGE: 422,
     img_mod.TOO_MANY_PIXELS: 413,
+    img_mod.TOO_MANY_SCANS: 413,
     img_mod.TRUNCATED: 422,
     img_mod.DECODE_ERROR: 422,
     img_mod.UNREADABLE: 404,
