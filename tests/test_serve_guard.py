@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -129,3 +130,38 @@ def test_slow_head_and_slow_body_are_cut_off(server: tuple[str, int]) -> None:
         time.sleep(0.2)
     assert closed_head and closed_body, "a trickling client kept its connection"
     assert request(server, "GET", "/health")[0] == 200
+
+
+def test_thumbnails_share_the_decode_slots_and_are_cached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedsearch.serve import service as service_mod
+
+    out = build_index(make_collection(tmp_path / "images", per_class=2), out=tmp_path / "b",
+                      model="test:tiny").path
+    svc = create_app(out).state.service
+    svc.load()
+    real, active, peak, calls = service_mod.load_image, [0], [0], []
+    lock = threading.Lock()
+
+    def counting(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            calls.append(args[0])
+        time.sleep(0.2)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(service_mod, "load_image", counting)
+    ids = list(svc._ids)[:5]
+    threads = [threading.Thread(target=svc.thumbnail, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] <= 2 and len(calls) == 5
+    svc.thumbnail(ids[0])
+    assert len(calls) == 5, "a thumbnail was decoded twice"

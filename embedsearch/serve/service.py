@@ -281,13 +281,16 @@ class IndexService:
             raise QueryError(404, "unknown_id", "not an image of this index")
         p = Path(item_id)
         path = p if p.is_absolute() else self.image_root / p
-        loaded = load_image(path, target_size=self.thumbnail_size,
-                            max_pixels=img_mod.DEFAULT_MAX_PIXELS)
-        if isinstance(loaded, LoadFailure):
-            raise QueryError(404, "image_unavailable",
-                             f"the indexed image can no longer be read ({loaded.reason})")
-        im = loaded.image.copy()
-        im.thumbnail((self.thumbnail_size, self.thumbnail_size))
+        # Same decode slots as uploads: three thumbnails of 9000² PNGs at once would
+        # otherwise hold three full-size decodes (~0.6 GB each) in memory together.
+        with self._decode_slots:
+            loaded = load_image(path, target_size=self.thumbnail_size,
+                                max_pixels=img_mod.DEFAULT_MAX_PIXELS)
+            if isinstance(loaded, LoadFailure):
+                raise QueryError(404, "image_unavailable",
+                                 f"the indexed image can no longer be read ({loaded.reason})")
+            im = loaded.image  # decoded for us alone: shrink it in place, no copy
+            im.thumbnail((self.thumbnail_size, self.thumbnail_size))
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)
         sha = self.bundle.items.iloc[row].get("sha256") or loaded.sha256
