@@ -43,11 +43,15 @@ def hostile_jpeg(side: int = 6000, scans: int = 2000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("guard")
-    out = build_index(make_collection(base / "images", per_class=4), out=base / "b",
-                      model="test:tiny").path
-    app = create_app(out)
+    return build_index(make_collection(base / "images", per_class=4), out=base / "b",
+                       model="test:tiny").path
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir: Path) -> Iterator[tuple[str, int]]:
+    app = create_app(bundle_dir)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     host, port = sock.getsockname()
@@ -165,3 +169,25 @@ def test_thumbnails_share_the_decode_slots_and_are_cached(
     assert peak[0] <= 2 and len(calls) == 5
     svc.thumbnail(ids[0])
     assert len(calls) == 5, "a thumbnail was decoded twice"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"json": {"path": "x" * 100_000}},
+    {"json": {"id": "x" * 100_000}},
+    {"json": {"path": "a/" * 3000}},
+    {"json": {"id": 5}},
+    {"json": {"path": {"nested": ["x"]}}},
+    {"data": {"path": "x" * 100_000}},
+    {"content": b"[" * 100_000 + b"]" * 100_000,
+     "headers": {"content-type": "application/json"}},
+    {"content": b'{"id": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+     "headers": {"content-type": "application/json"}},
+])
+def test_huge_or_deeply_nested_requests_are_4xx_not_500(bundle_dir: Path, kwargs: dict
+                                                        ) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(bundle_dir), raise_server_exceptions=False) as client:
+        resp = client.post("/predict", **kwargs)
+    assert 400 <= resp.status_code < 500, resp.text[:300]
+    assert set(resp.json()) == {"error", "detail"} and len(resp.text) < 2000

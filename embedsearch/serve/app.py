@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,6 +48,8 @@ FORM_OVERHEAD = 64 * 1024
 #: beyond it the connection is simply closed.
 DRAIN_LIMIT = 64 * 1024 * 1024
 MAX_K = 100
+#: Longest ``id`` or ``path`` accepted (Linux's PATH_MAX).
+MAX_REFERENCE_CHARS = 4096
 
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -168,8 +171,10 @@ def create_app(bundle_or_path: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOA
         if ctype == "application/json":
             try:
                 payload = json.loads(body or b"null")
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise QueryError(400, "bad_json", f"the body is not valid JSON: {exc}") from exc
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                # RecursionError: thousands of nested brackets, refused like any bad JSON.
+                raise QueryError(400, "bad_json", "the body is not valid JSON: "
+                                 f"{str(exc)[:200] or type(exc).__name__}") from exc
             if not isinstance(payload, dict):
                 raise QueryError(400, "bad_json", 'send a JSON object: {"id": "..."} or '
                                  '{"path": "..."}')
@@ -297,9 +302,23 @@ async def _parse_form(request: Request, body: bytes) -> Any:
                          ) from exc
 
 
+class _Reference(BaseModel):
+    """A search from an indexed image (``id``) or a file inside the indexed folder."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: StrictStr | None = Field(None, max_length=MAX_REFERENCE_CHARS)
+    path: StrictStr | None = Field(None, max_length=MAX_REFERENCE_CHARS)
+
+
 async def _by_reference(service: IndexService, fields: dict[str, Any],
                         opts: dict[str, Any]) -> dict[str, Any]:
-    item_id, path = fields.get("id"), fields.get("path")
+    try:
+        ref = _Reference.model_validate(fields)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise QueryError(422, "invalid_request", "; ".join(parts)) from None
+    item_id, path = ref.id, ref.path
     if isinstance(item_id, str) and item_id:
         return await run_in_threadpool(lambda: service.predict_id(item_id, **opts))
     if isinstance(path, str) and path:

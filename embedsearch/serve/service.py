@@ -241,6 +241,14 @@ class IndexService:
         """
         if not raw or "\x00" in raw:
             raise QueryError(400, "bad_path", "the path is empty or contains a NUL byte")
+        try:
+            return self._resolve_path(raw)
+        except OSError as exc:  # a name too long for the file system, a loop of links…
+            raise QueryError(404, "not_found",
+                             f"{raw[:200]}: no such image in the indexed folder "
+                             f"({exc.strerror or exc})") from None
+
+    def _resolve_path(self, raw: str) -> str | Path:
         if raw in self._ids and self._inside_or_indexed(raw):
             return raw
         p = Path(raw)
