@@ -16,7 +16,10 @@ kNN classification searches the first ``reference_rows`` rows only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
-from embedsearch.store.io import file_digest, read_npy, read_parquet, read_versioned_json
+from embedsearch.store.io import (
+    file_digest,
+    read_npy,
+    read_parquet,
+    read_versioned_json,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import faiss
@@ -43,6 +52,9 @@ DEFAULT_ROOT = Path("indexes")
 #: Cosine similarity two fingerprints of the same encoder must reach (CPU kernels differ).
 FINGERPRINT_MIN_COSINE = 0.999
 HELD_OUT_SPLITS = frozenset({"test"})
+#: faiss class of each index type the manifest may name.
+_INDEX_CLASSES = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "ivfpq": "IndexIVFPQ",
+                  "hnsw": "IndexHNSW"}
 
 
 def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
@@ -151,6 +163,19 @@ class Bundle:
         if len(df) != self.manifest["index"]["ntotal"]:
             raise BundleError(f"{self.file('items')} has {len(df)} rows, the manifest says "
                               f"{self.manifest['index']['ntotal']}", hint=self.rebuild_hint)
+        lacking = {"id", "label", "split"} - set(df.columns)
+        if lacking:
+            raise BundleError(f"{self.file('items')} has no column {', '.join(sorted(lacking))}",
+                              hint=self.rebuild_hint)
+        # The manifest's facts must be the items table's: an edited manifest is refused.
+        labels = sorted({str(v) for v in df["label"] if _none(v) is not None})
+        n_ref = int((~df["split"].isin(HELD_OUT_SPLITS)).sum())
+        if labels != self.classes or n_ref != self.reference_rows:
+            raise BundleError(
+                f"manifest.json of {self.path} says {len(self.classes)} classes and "
+                f"{self.reference_rows} reference rows; its items table has {len(labels)} "
+                f"classes and {n_ref} reference rows (the manifest was edited?)",
+                hint=self.rebuild_hint)
         return df
 
     @cached_property
@@ -169,9 +194,15 @@ class Bundle:
 
     @cached_property
     def index(self) -> faiss.Index:
+        import faiss
+
         from embedsearch.index import read_faiss
 
         index = read_faiss(self.file("index"))
+        kind = self.manifest["index"].get("type")
+        if kind in _INDEX_CLASSES and not isinstance(index, getattr(faiss, _INDEX_CLASSES[kind])):
+            raise BundleError(f"{self.file('index')} is a {type(index).__name__}, but the "
+                              f"manifest says {kind!r}", hint=self.rebuild_hint)
         if index.d != self.dim or index.ntotal != len(self.items):
             raise BundleError(
                 f"{self.file('index')} holds {index.ntotal} vectors of dim {index.d}; the "
@@ -393,7 +424,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
                           "not finish", hint="run embedsearch build-index again to resume")
     manifest = read_versioned_json(mpath, BUNDLE_FORMAT, SCHEMA_VERSION, "bundle manifest",
                                    "rebuild the bundle")
-    problem = _manifest_problem(manifest)
+    problem = _manifest_problem(manifest) or _content_problem(manifest)
     if problem:
         raise BundleError(f"{mpath} is damaged or was edited: {problem}",
                           hint=f"rebuild it: embedsearch build-index DATA --out {path} "
@@ -402,27 +433,92 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 _ROLES = ("embeddings", "items", "failures", "index")
+#: The manifest key holding the sha256 of the rest of the manifest (see content_digest).
+CONTENT_KEY = "content_sha256"
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON, without its own ``content_sha256`` entry.
+
+    The file hashes vouch for the data files; this one vouches for the manifest itself, so
+    an edited class list, row count or index type is refused instead of believed. It is a
+    checksum, not a secret: it catches edits and damage, not a forger who recomputes it.
+    """
+    body = {k: v for k, v in manifest.items() if k != CONTENT_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``path/manifest.json`` (the commit point) with its content checksum."""
+    manifest[CONTENT_KEY] = content_digest(manifest)
+    write_json(path / "manifest.json", manifest)
+
+
+def _content_problem(m: dict[str, Any]) -> str | None:
+    # Bundles written before the checksum existed have none; their structure is still
+    # checked, and their files are verified by hash.
+    if CONTENT_KEY in m and m[CONTENT_KEY] != content_digest(m):
+        return "its content does not match its content_sha256 (edited by hand?)"
+    return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _inside(rel: Any) -> bool:
+    return isinstance(rel, str) and bool(rel) and not Path(rel).is_absolute() \
+        and ".." not in Path(rel).parts
 
 
 def _manifest_problem(m: dict[str, Any]) -> str | None:
     """What is structurally wrong with a manifest (so loaders never hit a KeyError)."""
     enc, roles, files, index = (m.get(k) for k in ("encoder", "roles", "files", "index"))
     if not isinstance(enc, dict) or not isinstance(enc.get("spec"), str) \
-            or not isinstance(enc.get("dim"), int):
+            or not isinstance(enc.get("dim"), int) or enc["dim"] < 1:
         return "no encoder spec and dimension"
-    if not isinstance(m.get("fingerprint"), list) or len(m["fingerprint"]) != enc["dim"]:
+    if not all(isinstance(enc.get(k, {}), dict) for k in ("weights", "preprocess")):
+        return "the encoder's weights or preprocessing are not objects"
+    fp = m.get("fingerprint")
+    if not isinstance(fp, list) or len(fp) != enc["dim"] or not all(map(_is_number, fp)):
         return "no encoder fingerprint of the encoder's dimension"
     if not isinstance(index, dict) or not all(isinstance(index.get(k), int)
                                               for k in ("ntotal", "reference_rows")):
         return "no index row counts"
+    if not 0 <= index["reference_rows"] <= index["ntotal"]:
+        return (f"reference_rows {index['reference_rows']} is not between 0 and the "
+                f"{index['ntotal']} rows of the index")
+    if not isinstance(index.get("type", ""), str):
+        return "the index type is not a string"
+    if not isinstance(m.get("generation", 1), int) or isinstance(m.get("generation"), bool):
+        return "the generation is not a number"
+    classes, counts, source = m.get("classes", []), m.get("counts"), m.get("source", {})
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "classes is not a list of names"
+    if not isinstance(counts, dict) or not all(
+            isinstance(counts.get(k, {}), dict) for k in ("by_class", "by_split", "by_reason")):
+        return "no image counts"
+    if not isinstance(source, dict) or not all(isinstance(source.get(k, ""), str)
+                                               for k in ("path", "kind")):
+        return "the source is not an object with a path"
+    for key in ("heads", "dedupe"):
+        if not isinstance(m.get(key, {}), dict):
+            return f"{key} is not an object"
+    for name, head in m.get("heads", {}).items():
+        if not isinstance(head, dict) or not _inside(head.get("path")) \
+                or not isinstance(head.get("files", {}), dict):
+            return f"head {name!r} has no folder inside the bundle"
     if not isinstance(roles, dict) or not isinstance(files, dict) \
             or not all(isinstance(roles.get(r), str) for r in _ROLES):
         return f"the files of roles {', '.join(_ROLES)} are not all listed"
     for rel in roles.values():
         # Every role's file must be covered by a hash, and stay inside the bundle.
-        if rel not in files or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        if rel not in files or not _inside(rel):
             return f"role file {rel!r} is outside the bundle or has no recorded hash"
     for rel, meta in files.items():
+        if not _inside(rel):
+            return f"file {rel!r} is outside the bundle"
         if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
                 or not isinstance(meta.get("sha256"), str):
             return f"no size and sha256 for {rel!r}"

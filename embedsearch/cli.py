@@ -127,7 +127,7 @@ def models_cmd(as_json: bool) -> None:
               default="auto", show_default=True,
               help="faiss index: exact flat; IVF (recall@10 measured and recorded); IVF-PQ "
               "(compressed); HNSW. auto: flat up to 200,000 images, then IVF, then IVF-PQ.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="Where images are encoded: this process, or a Ray "
@@ -245,14 +245,15 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
 @main.command("predict")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--index", "index_name", required=True, help="Bundle name or path.")
-@click.option("-k", default=10, show_default=True, help="Neighbours that vote.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Neighbours that vote.")
 @click.option("--neighbours", "-n", "n_neighbours", default=5, show_default=True,
               help="Neighbours to show per image.")
 @click.option("--weighting", type=click.Choice(["similarity", "uniform"]),
               default="similarity", show_default=True, help="kNN vote weighting.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="The encoder's weights file, if it moved since the build.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
 @click.option("--method", type=click.Choice(["auto", "knn", "head", "zeroshot", "all"]),
               default="auto", show_default=True,
@@ -363,13 +364,16 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
               default="auto", show_default=True,
               help="auto = balanced when the largest class is over 3x the smallest.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("-C", "C", type=float, help="linear: fixed inverse regularisation strength "
+@click.option("-C", "C", type=click.FloatRange(min=0, min_open=True),
+              help="linear: fixed inverse regularisation strength "
               "(default: chosen on validation).")
-@click.option("--hidden", type=int, help="mlp: hidden units (default 512).")
-@click.option("--max-epochs", type=int, help="mlp: epoch limit for early stopping (default 100).")
+@click.option("--hidden", type=click.IntRange(min=1), help="mlp: hidden units (default 512).")
+@click.option("--max-epochs", type=click.IntRange(min=1),
+              help="mlp: epoch limit for early stopping (default 100).")
 @click.option("--no-refit", is_flag=True, help="Keep the train-only model instead of refitting "
               "on train + validation with the chosen setting.")
-@click.option("-k", default=10, show_default=True, help="k of the kNN baseline shown beside it.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1),
+              help="k of the kNN baseline shown beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: str, seed: int,
               C: float | None, hidden: int | None, max_epochs: int | None, no_refit: bool,
@@ -541,7 +545,7 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--no-heads", is_flag=True, help="Skip the trained heads.")
 @click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")
 @click.option("--title", help="Report title.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")

@@ -27,6 +27,7 @@ from embedsearch.bundle import (
     fingerprint_cosine,
     read_manifest,
     verify_files,
+    write_manifest,
 )
 from embedsearch.data.scan import Collection, Record, scan
 from embedsearch.engines import ENGINES
@@ -38,7 +39,6 @@ from embedsearch.store.io import (
     read_npy,
     read_parquet,
     remove_temp_files,
-    write_json,
     write_npy,
     write_parquet,
 )
@@ -422,7 +422,7 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     manifest.pop("dedupe", None)
     if dedupe_record is not None:
         manifest["dedupe"] = {**dedupe_record, "removed_file": roles["dedupe_removed"]}
-    write_json(path / "manifest.json", manifest)
+    write_manifest(path, manifest)
     return manifest, failures
 
 

@@ -168,8 +168,8 @@ def fit_head(bundle: Bundle | str | os.PathLike[str], kind: str = "linear", *,
 def save_head(bundle: Bundle, head: Head, name: str, extra: dict[str, Any] | None = None
               ) -> Path:
     """Write ``heads/NAME/`` and register it in the manifest (the commit point)."""
-    from embedsearch.bundle import read_manifest
-    from embedsearch.store.io import exclusive_lock, write_json
+    from embedsearch.bundle import read_manifest, write_manifest
+    from embedsearch.store.io import exclusive_lock
 
     rel = f"{HEADS_DIR}/{name}"
     folder = bundle.path / rel
@@ -191,7 +191,7 @@ def save_head(bundle: Bundle, head: Head, name: str, extra: dict[str, Any] | Non
             "files": {f"{rel}/{fname}": meta for fname, meta in files.items()},
         }
         manifest.setdefault("heads", {})[name] = entry
-        write_json(bundle.path / "manifest.json", manifest)
+        write_manifest(bundle.path, manifest)
     bundle.manifest = manifest
     return folder
 

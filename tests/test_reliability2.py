@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,146 @@ def test_jpeg_with_thousands_of_scans_is_refused_fast_also_by_build_index(
     assert dict(zip(built.failures["id"], built.failures["reason"], strict=True)) == {
         "red/hostile.jpg": "too_many_scans"}
     assert built.manifest["counts"]["embedded"] == 7
+
+
+# -- 5. manifests: edits refused, damage is an error (never a traceback or a hang) -------------
+@pytest.fixture
+def tiny_bundle(tmp_path: Path) -> Path:
+    return build_index(make_collection(tmp_path / "images", per_class=3), out=tmp_path / "b",
+                       model=TINY).path
+
+
+def _edit(bundle: Path, change, keep_checksum: bool = False) -> None:
+    from embedsearch.bundle import write_manifest
+
+    mpath = bundle / "manifest.json"
+    m = json.loads(mpath.read_text())
+    change(m)
+    if keep_checksum:
+        write_manifest(bundle, m)
+    else:
+        m.pop("content_sha256", None)  # a hand edit that also drops the checksum
+        mpath.write_text(json.dumps(m))
+
+
+EDITS = {
+    "classes": lambda m: m.__setitem__("classes", ["blue", "green", "zzz"]),
+    "reference_rows": lambda m: m["index"].__setitem__("reference_rows", 2),
+    "index_type": lambda m: m["index"].__setitem__("type", "hnsw"),
+}
+
+
+@pytest.mark.parametrize("field", list(EDITS))
+def test_edited_manifest_facts_are_refused(tiny_bundle: Path, field: str) -> None:
+    mpath = tiny_bundle / "manifest.json"
+    m = json.loads(mpath.read_text())
+    EDITS[field](m)
+    mpath.write_text(json.dumps(m, indent=2))  # checksum kept as it was: now stale
+    out = run_cli("info", str(tiny_bundle), code=4)
+    assert "content_sha256" in out
+    # Even without the checksum, the facts are checked against the data files.
+    _edit(tiny_bundle, lambda m: None)
+    image = next((tiny_bundle.parent / "images" / "red").iterdir())
+    with pytest.raises(BundleError, match=r"edited|manifest says"):
+        b = load_bundle(tiny_bundle)
+        b.predict([image])
+
+
+MALFORMED = {
+    "negative reference_rows": lambda m: m["index"].__setitem__("reference_rows", -3),
+    "string fingerprint": lambda m: m.__setitem__("fingerprint", ["a"] * len(m["fingerprint"])),
+    "heads not an object": lambda m: m.__setitem__("heads", "x"),
+    "bad head entry": lambda m: m.__setitem__("heads", {"h": 5}),
+    "no counts": lambda m: m.pop("counts"),
+    "source not an object": lambda m: m.__setitem__("source", 5),
+    "weights not an object": lambda m: m["encoder"].__setitem__("weights", "x"),
+    "generation a string": lambda m: m.__setitem__("generation", "x"),
+    "dedupe not an object": lambda m: m.__setitem__("dedupe", 5),
+    "file outside": lambda m: m["files"].__setitem__("/dev/zero", {"bytes": 0, "sha256": "0"}),
+}
+
+
+@pytest.mark.parametrize("damage", list(MALFORMED))
+def test_malformed_manifests_are_clear_errors(tiny_bundle: Path, damage: str) -> None:
+    _edit(tiny_bundle, MALFORMED[damage])
+    image = str(next((tiny_bundle.parent / "images" / "red").iterdir()))
+    for args in (["info", str(tiny_bundle)], ["predict", image, "--index", str(tiny_bundle)],
+                 ["dedupe", "--index", str(tiny_bundle), "--out", str(tiny_bundle.parent / "r")],
+                 ["build-index", str(tiny_bundle.parent / "images"), "--out", str(tiny_bundle),
+                  "--model", TINY]):
+        run_cli(*args, code=4)
+
+
+def test_items_table_without_id_column_is_refused(tiny_bundle: Path) -> None:
+    import pandas as pd
+
+    from embedsearch.store.io import file_digest
+
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    items = tiny_bundle / m["roles"]["items"]
+    pd.read_parquet(items).drop(columns=["id"]).to_parquet(items)
+
+    def rehash(m: dict) -> None:
+        m["files"][m["roles"]["items"]] = {"bytes": items.stat().st_size,
+                                           "sha256": file_digest(items)}
+
+    _edit(tiny_bundle, rehash, keep_checksum=True)
+    with pytest.raises(BundleError, match="no column id"):
+        _ = load_bundle(tiny_bundle).items
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero_link"])
+def test_manifest_naming_a_fifo_or_device_does_not_hang(tiny_bundle: Path, kind: str) -> None:
+    special = tiny_bundle / "data" / "special"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        special.symlink_to("/dev/zero")
+    _edit(tiny_bundle, lambda m: m["files"].__setitem__("data/special",
+                                                        {"bytes": 0, "sha256": "0" * 64}),
+          keep_checksum=True)
+    res = cli("info", str(tiny_bundle), timeout=60)
+    assert res.returncode == 4 and "Traceback" not in res.stderr
+    assert "not a regular file" in res.stderr
+
+
+# -- 5. inputs are validated at the boundary ------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["build-index", "IMAGES", "--out", "B2", "--batch-size", "0"],
+    ["build-index", "IMAGES", "--out", "B2", "--batch-size", "-5"],
+    ["predict", "IMAGES", "--index", "B", "--batch-size", "-1"],
+    ["predict", "IMAGES", "--index", "B", "-k", "0"],
+    ["train", "--index", "B", "--head", "linear", "-C", "-1"],
+    ["train", "--index", "B", "--head", "mlp", "--hidden", "0"],
+    ["train", "--index", "B", "--head", "mlp", "--max-epochs", "0"],
+])
+def test_nonsense_numbers_are_usage_errors(tiny_bundle: Path, args: list[str]) -> None:
+    images = str(tiny_bundle.parent / "images")
+    args = [{"IMAGES": images, "B": str(tiny_bundle),
+             "B2": str(tiny_bundle.parent / "b2")}.get(a, a) for a in args]
+    out = run_cli(*args, "--model", TINY, code=2) if args[0] == "build-index" \
+        else run_cli(*args, code=2)
+    assert "Invalid value" in out
+    assert not (tiny_bundle / "heads").exists()
+
+
+def test_ivfpq_on_one_image_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "one" / "a").mkdir(parents=True)
+    draw_image("red", 1).save(tmp_path / "one" / "a" / "x.jpg")
+    out = run_cli("build-index", str(tmp_path / "one"), "--out", str(tmp_path / "b"),
+                  "--model", TINY, "--index-type", "ivfpq", code=1)
+    assert "needs at least" in out and "--index-type flat" in out
+
+
+@pytest.mark.parametrize("content", [
+    {"format": "embedsearch-dedupe-moves"},
+    {"format": "embedsearch-dedupe-moves", "dest": "/tmp", "moves": [{"id": 1}]},
+    {"format": "embedsearch-dedupe-moves", "dest": "/tmp", "moves": "x"},
+    [1, 2],
+])
+def test_dedupe_undo_on_a_damaged_manifest_is_a_clear_error(tmp_path: Path,
+                                                           content: object) -> None:
+    path = tmp_path / "undo.json"
+    path.write_text(json.dumps(content))
+    out = run_cli("dedupe-undo", str(path), code=2)
+    assert "undo manifest" in out or "move manifest" in out

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from embedsearch import build_index, load_bundle
+from embedsearch.bundle import write_manifest
 from embedsearch.cli import main
 from embedsearch.errors import BundleError, BundleMismatchError, EncoderError
 from embedsearch.store.io import file_digest
@@ -51,7 +52,7 @@ def rehash(bundle: Path) -> None:
     for rel in m["files"]:
         m["files"][rel] = {"bytes": (bundle / rel).stat().st_size,
                            "sha256": file_digest(bundle / rel)}
-    mpath.write_text(json.dumps(m))
+    write_manifest(bundle, m)  # the manifest's own checksum recomputed too
 
 
 def open_everything(bundle: Path) -> None:

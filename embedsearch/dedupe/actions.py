@@ -39,6 +39,8 @@ CLEAN_FORMAT = "embedsearch-dedupe-clean-copy"
 DELETE_FORMAT = "embedsearch-dedupe-deletions"
 SCHEMA_VERSION = 1
 LINK_MODES = ("copy", "hardlink", "symlink")
+#: What every entry of an undo manifest must hold (as strings).
+_MOVE_KEYS = ("id", "from", "to", "status")
 
 
 @dataclass
@@ -221,6 +223,14 @@ def undo(manifest_path: str | os.PathLike[str]) -> ActionReport:
     manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != MOVES_FORMAT:
         raise InputError(f"{path} is not an embedsearch move manifest")
+    moves = manifest.get("moves")
+    if not isinstance(manifest.get("dest"), str) or not isinstance(moves, list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in _MOVE_KEYS)
+            for e in moves):
+        raise InputError(f"{path} is damaged: an undo manifest needs 'dest' and a list of "
+                         f"'moves', each with {', '.join(_MOVE_KEYS)}",
+                         hint="use the embedsearch-undo-*.json file that dedupe --move-to "
+                         "wrote, unedited")
     report = ActionReport("undo", path)
     for e in manifest["moves"]:
         if e["status"].startswith("skipped") or e["status"] == "restored":

@@ -135,6 +135,12 @@ def build_ivf(vectors: np.ndarray, kind: str = "ivf", *, nlist: int | None = Non
     if kind == "ivfpq":
         # PQ codebooks need 256 points per centroid per sub-quantiser to train well.
         train_ids = pool[:min(len(pool), max(len(train_ids), 256 * 39))]
+    need = nlist if kind == "ivf" else max(nlist, 16)  # 4-bit PQ codebooks: 16 centroids
+    if len(train_ids) < need:
+        raise EmbedsearchError(
+            f"--index-type {kind} needs at least {need + n_q} images to train its {nlist} "
+            f"lists on; this collection has {n}",
+            hint="use --index-type flat (exact, and the auto choice below 200,000 images)")
     train = check_vectors(_rows(vectors, train_ids), dim, "training vectors")
 
     quantizer = faiss.IndexFlatIP(dim)

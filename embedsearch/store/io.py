@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -126,8 +127,13 @@ def read_parquet(path: Path) -> pd.DataFrame:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a regular file; anything else (a FIFO, /dev/zero) raises OSError at once."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; a device never ends.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)",
+                          str(path))
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
