@@ -131,9 +131,9 @@ def test_jpeg_with_thousands_of_scans_is_refused_fast_also_by_build_index(
     import time
 
     from embedsearch.data.images import load_image
-    from tests.test_serve_guard import hostile_jpeg
+    from tests.badfiles import many_scan_jpeg
 
-    bad = hostile_jpeg(side=2000, scans=3000)
+    bad = many_scan_jpeg(side=2000, scans=3000)
     t0 = time.perf_counter()
     res = load_image(bad, target_size=224)
     assert getattr(res, "reason", None) == "too_many_scans"

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from tests.badfiles import many_scan_jpeg
 from tests.conftest import draw_image, make_collection
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
@@ -30,16 +30,6 @@ def jpeg(cls: str = "red", seed: int = 1) -> bytes:
     buf = io.BytesIO()
     draw_image(cls, seed).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def hostile_jpeg(side: int = 6000, scans: int = 2000) -> bytes:
-    """A small progressive JPEG whose last scan is repeated: minutes of libjpeg work."""
-    buf = io.BytesIO()
-    Image.new("RGB", (side, side), (120, 60, 200)).save(buf, "JPEG", progressive=True,
-                                                        quality=50)
-    data = buf.getvalue()
-    last_scan = data[data.rfind(b"\xff\xda"):-2]
-    return data[:-2] + last_scan * scans + b"\xff\xd9"
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +82,7 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
 def test_a_normal_request_is_answered_while_idle_and_hostile_clients_wait(
         server: tuple[str, int]) -> None:
     idle = [socket.create_connection(server) for _ in range(64)]
-    bad = hostile_jpeg()
+    bad = many_scan_jpeg()
     hostile: list[tuple[int, dict]] = []
     threads = [threading.Thread(target=lambda: hostile.append(
         request(server, "POST", "/predict", bad, "image/jpeg"))) for _ in range(2)]
