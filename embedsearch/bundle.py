@@ -360,10 +360,37 @@ class Bundle:
         """Embed image files and predict them; unreadable files come back with a status."""
         vectors, statuses = self.embed_paths(paths, batch_size, num_workers)
         ok_ids = [p for p, status, _ in statuses if status == "ok"]
-        preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting, method,
-                                          head_name, classes, templates))
+        args = (vectors, ok_ids, k, n_neighbours, weighting, method, head_name, classes,
+                templates)
+        try:
+            answers = self.predict_vectors(*args)
+        except BundleError:
+            # A rebuild may have committed (and removed this generation's files) since the
+            # bundle was opened: answer from the new generation rather than call it damaged.
+            if not self._follow_new_generation():
+                raise
+            answers = self.predict_vectors(*args)
+        preds = iter(answers)
         return [next(preds) if status == "ok" else Prediction(p, status=status, detail=detail)
                 for p, status, detail in statuses]
+
+    def _follow_new_generation(self) -> bool:
+        """Switch to the generation committed since this bundle was opened, if any."""
+        try:
+            latest = read_manifest(self.path)
+        except (BundleError, OSError):
+            return False
+        if latest.get("generation") == self.manifest.get("generation"):
+            return False
+        verify_files(self.path, latest)
+        log.info("%s: a rebuild committed generation %s; reading it", self.path,
+                 latest.get("generation"))
+        if encoder_key(latest["encoder"]) != encoder_key(self.encoder_identity):
+            self._encoder = None
+        self.manifest = latest
+        for cached in ("items", "failures", "embeddings", "index", "_loaded_classifiers"):
+            self.__dict__.pop(cached, None)
+        return True
 
     # -- trained heads & zero-shot (see embedsearch.training) ------------------------------
     def heads(self) -> list[dict[str, Any]]:

@@ -290,3 +290,16 @@ def test_dedupe_undo_on_a_damaged_manifest_is_a_clear_error(tmp_path: Path,
     path.write_text(json.dumps(content))
     out = run_cli("dedupe-undo", str(path), code=2)
     assert "undo manifest" in out or "move manifest" in out
+
+
+# -- 6. smaller ones ---------------------------------------------------------------------------
+def test_predict_follows_a_rebuild_that_committed_after_the_bundle_was_opened(
+        tmp_path: Path) -> None:
+    images = make_collection(tmp_path / "images", per_class=3)
+    build_index(images, out=tmp_path / "b", model=TINY)
+    opened = load_bundle(tmp_path / "b")
+    draw_image("green", 321).save(images / "green" / "new.jpg")
+    build_index(images, out=tmp_path / "b", model=TINY)  # generation 2; gen-1 files removed
+    pred = opened.predict([images / "red" / "red_000.jpg"])[0]
+    assert pred.label == "red" and opened.manifest["generation"] == 2
+    assert len(opened.items) == 10
