@@ -303,3 +303,19 @@ def test_predict_follows_a_rebuild_that_committed_after_the_bundle_was_opened(
     pred = opened.predict([images / "red" / "red_000.jpg"])[0]
     assert pred.label == "red" and opened.manifest["generation"] == 2
     assert len(opened.items) == 10
+
+
+def test_a_short_write_says_which_device_is_full_and_how_much_was_needed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedsearch.store import io as store_io
+
+    def short_write(fh, array, allow_pickle=False):  # what numpy says on a full disk
+        fh.write(b"x" * 333_792)
+        raise OSError("436480 requested and 333792 written")
+
+    monkeypatch.setattr(store_io.np, "save", short_write)
+    with pytest.raises(BundleError) as err:
+        store_io.write_npy(tmp_path / "e.npy", np.zeros(4, np.float32))
+    text = str(err.value)
+    assert "no space left on " in text and "0.4 MB" in text and "MB free" in text
+    assert "requested and" not in text and list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from embedsearch.errors import BundleError, BundleLockedError
+from embedsearch.store.space import is_out_of_space, no_space_message
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,12 +42,12 @@ def _fsync_dir(folder: Path) -> None:
 _NO_WRITE = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG)
 
 
+_WRITE_HINT = ("free disk space or choose a writable folder with --out; the previous bundle, "
+               "if any, is untouched and still loads")
+
+
 def _write_error(path: Path, exc: OSError) -> BundleError:
-    return BundleError(
-        f"cannot write {path}: {exc.strerror or exc}",
-        hint="free disk space or choose a writable folder with --out; "
-        "the previous bundle, if any, is untouched and still loads",
-    )
+    return BundleError(f"cannot write {path}: {exc.strerror or exc}", hint=_WRITE_HINT)
 
 
 def atomic_write(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
@@ -61,9 +62,14 @@ def atomic_write(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
+        written = 0
         if tmp is not None:
             with contextlib.suppress(OSError):
+                written = os.stat(tmp).st_size
                 os.unlink(tmp)
+        if isinstance(exc, OSError) and is_out_of_space(exc):
+            raise BundleError(f"cannot write {path}: {no_space_message(path, exc, written)}",
+                              hint=_WRITE_HINT) from exc
         if isinstance(exc, OSError) and exc.errno in _NO_WRITE:
             raise _write_error(path, exc) from exc
         raise
