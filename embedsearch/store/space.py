@@ -50,5 +50,6 @@ def no_space_message(path: Path, exc: OSError, written: int) -> str:
     except OSError:
         free = ""
     at_least = "" if m else "at least "
+    size = f"{needed / 1e6:.1f} MB" if needed >= 100_000 else f"{needed / 1e3:.1f} kB"
     return (f"no space left on {device} (mounted at {mount}): {path.name} needs "
-            f"{at_least}{needed / 1e6:.1f} MB{free}")
+            f"{at_least}{size}{free}")
