@@ -319,3 +319,16 @@ def test_a_short_write_says_which_device_is_full_and_how_much_was_needed(
     text = str(err.value)
     assert "no space left on " in text and "0.4 MB" in text and "MB free" in text
     assert "requested and" not in text and list(tmp_path.iterdir()) == []
+
+
+def test_a_non_utf8_name_and_its_escaped_spelling_are_two_images(tmp_path: Path) -> None:
+    images = make_collection(tmp_path / "images", per_class=2)
+    raw = os.fsencode(images / "red") + b"/\xff.jpg"
+    draw_image("red", 50).save(os.fsdecode(raw))
+    draw_image("red", 51).save(images / "red" / "\\xff.jpg")  # a literal backslash name
+    built = build_index(images, out=tmp_path / "b", model=TINY)
+    ids = load_bundle(built.path).items["id"].tolist()
+    assert built.manifest["counts"]["embedded"] == 8 and len(set(ids)) == 8
+    assert "red/\\xff.jpg" in ids
+    again = build_index(images, out=tmp_path / "b", model=TINY)
+    assert again.encoded == 0, "ids must be stable from one scan to the next"

@@ -6,6 +6,8 @@ that holds the CSV). Scan order is sorted by id, so two scans of the same tree a
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import os
 import stat
@@ -153,7 +155,7 @@ def scan_folder(root: Path, *, follow_symlinks: bool = False) -> Collection:
             rel_to_base = path.relative_to(base).parts
             label = rel_to_base[0] if len(rel_to_base) > 1 else None
             records.append(Record(rid, path, _nfc(label) if label else None, split))
-    records.sort(key=lambda r: r.id)
+    records = _disambiguate(records)
     _check_unique_ids(records)
     if not records:
         raise InputError(
@@ -244,6 +246,36 @@ def _printable(name: str) -> str:
 def _nfc(text: str) -> str:
     """Class names typed on different systems compare equal once NFC-normalised."""
     return unicodedata.normalize("NFC", _printable(text))
+
+
+def _disambiguate(records: list[Record]) -> list[Record]:
+    """Sorted records with unique ids, even where two names print alike.
+
+    A folder cannot hold one name twice, but a non-UTF-8 name spelled with ``\\xff``
+    escapes (see _printable) can equal a real name typed with backslashes. The name that
+    is real text keeps its id; the escaped one gets ``~`` and a short hash of its raw bytes
+    before the extension, which is the same in every scan of the same tree.
+    """
+    records.sort(key=lambda r: r.id)
+    taken = {r.id for r in records}
+    out: list[Record] = []
+    for group_id, group in itertools.groupby(records, key=lambda r: r.id):
+        group = list(group)
+        for rec in group:
+            raw = os.fsencode(rec.path)
+            if len(group) == 1 or _printable(os.fsdecode(raw)) == os.fsdecode(raw):
+                out.append(rec)
+                continue
+            tag = hashlib.sha256(raw).hexdigest()[:8]
+            stem, dot, ext = group_id.rpartition(".")
+            new_id = f"{stem}~{tag}.{ext}" if dot and "/" not in ext else f"{group_id}~{tag}"
+            if new_id in taken:
+                out.append(rec)  # left for _check_unique_ids to report
+                continue
+            taken.add(new_id)
+            out.append(dataclasses.replace(rec, id=new_id))
+    out.sort(key=lambda r: r.id)
+    return out
 
 
 def _check_unique_ids(records: list[Record]) -> None:
