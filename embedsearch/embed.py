@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedsearch.data.images import DEFAULT_MAX_PIXELS, LoadFailure, load_image
+from embedsearch.errors import EmbedsearchError
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +86,9 @@ def embed_sources(
     """
     import torch
 
+    if batch_size < 1 or (num_workers is not None and num_workers < 0):
+        raise EmbedsearchError(f"batch_size must be at least 1 and num_workers at least 0, "
+                               f"got {batch_size} and {num_workers}")
     workers = default_workers() if num_workers is None else num_workers
     prep = encoder.preprocess
     decode = _Decoder(prep.worker_transform, prep.resize, max_pixels)

@@ -332,3 +332,11 @@ def test_a_non_utf8_name_and_its_escaped_spelling_are_two_images(tmp_path: Path)
     assert "red/\\xff.jpg" in ids
     again = build_index(images, out=tmp_path / "b", model=TINY)
     assert again.encoded == 0, "ids must be stable from one scan to the next"
+
+
+def test_library_refuses_a_zero_batch_size(tmp_path: Path) -> None:
+    from embedsearch.errors import EmbedsearchError
+
+    images = make_collection(tmp_path / "images", per_class=1)
+    with pytest.raises(EmbedsearchError, match="batch_size"):
+        build_index(images, out=tmp_path / "b", model=TINY, batch_size=0)
