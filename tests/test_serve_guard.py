@@ -181,3 +181,17 @@ def test_huge_or_deeply_nested_requests_are_4xx_not_500(bundle_dir: Path, kwargs
         resp = client.post("/predict", **kwargs)
     assert 400 <= resp.status_code < 500, resp.text[:300]
     assert set(resp.json()) == {"error", "detail"} and len(resp.text) < 2000
+
+
+def test_bodies_held_at_once_are_bounded(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    from fastapi.testclient import TestClient
+
+    from embedsearch.serve import app as app_mod
+
+    monkeypatch.setattr(app_mod, "BODY_BUDGET_BYTES", 1000)
+    with TestClient(create_app(bundle_dir), raise_server_exceptions=False) as client:
+        resp = client.post("/predict", content=jpeg(), headers={"content-type": "image/jpeg"})
+        assert resp.status_code == 503 and resp.json()["error"] == "busy"
+        ok = client.post("/predict", json={"id": "red/red_000.jpg"})
+        assert ok.status_code == 200, ok.text

@@ -48,6 +48,8 @@ FORM_OVERHEAD = 64 * 1024
 #: beyond it the connection is simply closed.
 DRAIN_LIMIT = 64 * 1024 * 1024
 MAX_K = 100
+#: Request bodies held in memory at once, all requests together (see _BodyBudget).
+BODY_BUDGET_BYTES = 256 * 1024 * 1024
 #: Longest ``id`` or ``path`` accepted (Linux's PATH_MAX).
 MAX_REFERENCE_CHARS = 4096
 
@@ -126,6 +128,7 @@ def create_app(bundle_or_path: Any, *, max_upload_bytes: int = DEFAULT_MAX_UPLOA
     _install_error_handlers(app)
 
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_BodyBudget, limit=BODY_BUDGET_BYTES)
 
     @app.get("/health", tags=["service"])
     def health() -> JSONResponse:
@@ -239,6 +242,40 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class _BodyBudget:
+    """Pure ASGI middleware: request bodies held in memory at once stay under ``limit``.
+
+    Each upload is capped by ``--max-upload-mb``, but a thousand of them arriving together
+    would still exhaust memory; past the budget a request is answered 503 (retry shortly)
+    instead of buffered. A body's bytes count until its response is sent.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit, self.used = app, limit, 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held = 0
+
+        async def counted() -> Any:
+            nonlocal held
+            message = await receive()
+            n = len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if n and self.used + n > self.limit:
+                raise QueryError(503, "busy", "the server is holding too many uploads; "
+                                 "retry in a few seconds")
+            self.used += n
+            held += n
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            self.used -= held
 
 
 async def _read_limited(request: Request, limit: int, service: IndexService) -> bytes:
