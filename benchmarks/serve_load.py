@@ -117,6 +117,42 @@ def lockout_check(port: int, upload: bytes) -> dict[str, Any]:
             "idle_connections_closed_after_s": round(idle_closed_after, 1)}
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the Markdown page committed beside the JSON."""
+    m, lock = results["machine"], results["lockout"]
+    lines = [
+        "# serve under load (loopback)", "",
+        f"`{results['command']}` — {results['requests_per_round']} requests per round, "
+        f"{results['concurrency']} in flight, {len(next(iter(results['rounds'].values())))} "
+        f"rounds; bundle {results['bundle']['images']} images, "
+        f"encoder {results['bundle']['encoder']}; git {str(results['git'].get('revision'))[:10]}"
+        f"; {m.get('cpu', '?')}, {m.get('usable_cores', '?')} usable cores, shared with other "
+        "jobs.", "",
+        "| scenario | requests/s (median of rounds) | p99 s | target | holds |",
+        "|---|---:|---:|---|---|",
+    ]
+    for name, r in results["summary"].items():
+        lines.append(f"| {name} | {r['requests_per_s']} | {r['p99_s']} | ≥ "
+                     f"{r['target_requests_per_s']} req/s, p99 ≤ {r['target_p99_s']} s | "
+                     f"{'yes' if r['holds'] else 'no'} |")
+    lines += ["", "Per round (requests/s, p50, p99, statuses, server RSS after):", ""]
+    for name, rs in results["rounds"].items():
+        for i, r in enumerate(rs, 1):
+            lines.append(f"- {name} #{i}: {r['requests_per_s']} req/s, p50 {r['p50_s']} s, "
+                         f"p99 {r['p99_s']} s, {r['statuses']}, RSS {r['rss_mib_after']} MiB")
+    lines += ["", f"Server RSS (MiB) at start and after each round, then after the lock-out "
+              f"check: {results['server_rss_mib']}.", "",
+              "Lock-out check: a normal upload while 64 idle connections and 2 hostile "
+              "progressive JPEGs (6000×6000, 2000 scans) are in flight: "
+              f"HTTP {lock['normal_status']} in {lock['normal_seconds']} s "
+              f"(answered within 2 s: {'yes' if lock['answered_within_2s'] else 'no'}); "
+              f"hostile uploads answered {[h['status'] for h in lock['hostile']]} in "
+              f"{[h['seconds'] for h in lock['hostile']]} s; the idle connections were closed "
+              f"by the server {lock['idle_connections_closed_after_s']} s later.", "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, default=Path("/work/cache/clothing-full"),
@@ -195,6 +231,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(results))
     print(json.dumps({"summary": summary, "rss": rss, "lockout": lockout}, indent=2))
 
 
