@@ -299,6 +299,8 @@ class IndexService:
                                  f"the indexed image can no longer be read ({loaded.reason})")
             im = loaded.image  # decoded for us alone: shrink it in place, no copy
             im.thumbnail((self.thumbnail_size, self.thumbnail_size))
+        if loaded.width * loaded.height > _TRIM_PIXELS:
+            _return_freed_memory()
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)
         sha = self.bundle.items.iloc[row].get("sha256") or loaded.sha256
@@ -323,6 +325,8 @@ class IndexService:
             except Exception as exc:
                 raise QueryError(422, img_mod.DECODE_ERROR,
                                  f"{what} cannot be preprocessed: {exc}") from exc
+        if loaded.width * loaded.height > _TRIM_PIXELS:
+            _return_freed_memory()
         with self._model_lock:
             vector = enc.encode_tensors(tensor[None])
         facts = {"width": loaded.width, "height": loaded.height, "format": loaded.format,
@@ -352,6 +356,31 @@ class IndexService:
             "methods": methods_of(pred, self.bundle.classes),
             "neighbours": neighbours,
         }
+
+
+#: After decoding an image this large, freed memory is handed back to the system.
+_TRIM_PIXELS = 4_000_000
+
+
+@lru_cache(maxsize=1)
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps the 16 MB blocks of a large decoded image in its heap after they are
+    freed (measured: RSS 0.8 → 1.2 GB after three 7000² PNG thumbnails, for good);
+    ``malloc_trim`` gives them back (0.8 GB after). A no-op without glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def methods_of(pred: Prediction, classes: list[str] | None = None
