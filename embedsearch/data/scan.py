@@ -261,9 +261,12 @@ def _disambiguate(records: list[Record]) -> list[Record]:
     out: list[Record] = []
     for group_id, group in itertools.groupby(records, key=lambda r: r.id):
         group = list(group)
+        if len(group) == 1:
+            out.extend(group)
+            continue
         for rec in group:
             raw = os.fsencode(rec.path)
-            if len(group) == 1 or _printable(os.fsdecode(raw)) == os.fsdecode(raw):
+            if _printable(os.fsdecode(raw)) == os.fsdecode(raw):
                 out.append(rec)
                 continue
             tag = hashlib.sha256(raw).hexdigest()[:8]
