@@ -340,3 +340,13 @@ def test_library_refuses_a_zero_batch_size(tmp_path: Path) -> None:
     images = make_collection(tmp_path / "images", per_class=1)
     with pytest.raises(EmbedsearchError, match="batch_size"):
         build_index(images, out=tmp_path / "b", model=TINY, batch_size=0)
+
+
+def test_a_fifo_or_device_given_as_the_table_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "list.csv"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.csv").symlink_to("/dev/zero")
+    for table in (fifo, tmp_path / "zero.csv"):
+        res = cli("build-index", str(table), "--out", str(tmp_path / "b"), "--model", TINY,
+                  timeout=60)
+        assert res.returncode == 2 and "not a regular file" in res.stderr, res.stderr

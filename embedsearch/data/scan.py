@@ -87,6 +87,9 @@ def scan(
     if src.is_dir():
         return scan_folder(src, follow_symlinks=follow_symlinks)
     if src.suffix.lower() in {".csv", ".tsv", ".parquet", ".pq"}:
+        if not src.is_file():  # a FIFO would block the reader, /dev/zero never end
+            raise InputError(f"{src}: not a regular file (a FIFO, socket or device)",
+                             hint="give a CSV, TSV or parquet file")
         return scan_table(
             src,
             path_col=path_col,
