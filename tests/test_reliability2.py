@@ -350,3 +350,11 @@ def test_a_fifo_or_device_given_as_the_table_is_refused_at_once(tmp_path: Path) 
         res = cli("build-index", str(table), "--out", str(tmp_path / "b"), "--model", TINY,
                   timeout=60)
         assert res.returncode == 2 and "not a regular file" in res.stderr, res.stderr
+
+
+def test_scan_guard_counts_jpeg_streams_inside_a_tiff_too() -> None:
+    from embedsearch.data.jpeg_guard import scan_work_problem
+
+    tiff_like = b"II*\x00" + b"\x00\xff\xda" * 500  # no SOI: only the upper bound applies
+    assert "over 100 scans" in (scan_work_problem(tiff_like, 4_000_000) or "")
+    assert scan_work_problem(b"II*\x00" + b"\xff\xda" * 10, 4_000_000) is None

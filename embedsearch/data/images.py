@@ -149,7 +149,7 @@ def _decode_unchecked(
                 TOO_MANY_PIXELS, f"{width}x{height} is over the limit of {max_pixels:,} pixels"
             )
         fmt = img.format or "?"
-        if fmt == "JPEG":
+        if fmt == "JPEG" or (fmt == "TIFF" and "jpeg" in str(img.info.get("compression"))):
             costly = scan_work_problem(data, width * height)
             if costly is not None:
                 return LoadFailure(TOO_MANY_SCANS, costly)

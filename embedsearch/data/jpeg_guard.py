@@ -4,7 +4,8 @@ A progressive JPEG may hold any number of scans, and libjpeg decodes every one o
 the image's blocks: a 0.3 MB file of 6000×6000 pixels with thousands of scans costs minutes
 of CPU although its header looks harmless. Ordinary encoders write 1 scan (baseline) or
 about 10 (progressive; mozjpeg up to ~20), so a file with many more is refused before it is
-decoded, as is one whose scans × pixels would cost more than about a second.
+decoded, as is one whose scans × pixels would cost more than about a second. TIFFs with
+JPEG compression embed the same streams and get the same check.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def scan_work_problem(data: bytes, pixels: int) -> str | None:
     rough = data.count(b"\xff\xda")
     if rough <= MAX_SCANS and rough * pixels <= MAX_SCAN_WORK:
         return None
-    scans = count_scans(data)
+    # Inside a TIFF the JPEG streams sit among other data: the upper bound has to do.
+    scans = count_scans(data) if data.startswith(b"\xff\xd8") else rough
     if scans > MAX_SCANS:
         return (f"over {MAX_SCANS} scans (ordinary JPEGs have 1 to about 20); refused "
                 "before decoding")
