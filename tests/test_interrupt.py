@@ -30,7 +30,7 @@ import os, sys, time
 from pathlib import Path
 import embedsearch.encoders.families as fam
 import embedsearch.index as index_mod
-import embedsearch.pipeline as pipeline
+import embedsearch.bundle as bundle_mod  # writes manifest.json (write_manifest)
 from embedsearch.store.cache import ShardCache
 from embedsearch.store.io import atomic_write
 
@@ -48,7 +48,7 @@ def die_writing_index(path, index):  # killed halfway through writing the index 
         os._exit(137)
     atomic_write(path, writer)
 
-write_json = pipeline.write_json
+write_json = bundle_mod.write_json
 
 def die_before_manifest(path, obj):
     if Path(path).name == "manifest.json":
@@ -62,7 +62,7 @@ fam.TinyEncoder._forward = slow_forward
 if crash == "index":
     index_mod.write_faiss = die_writing_index
 elif crash == "manifest":
-    pipeline.write_json = die_before_manifest
+    bundle_mod.write_json = die_before_manifest
 elif crash == "cleanup":
     ShardCache.clear = die_after_manifest
 
