@@ -215,8 +215,8 @@ def main() -> None:
     summary = {}
     for name, rs in rounds.items():
         rate, p99 = TARGETS[name]
-        best = {"requests_per_s": statistics.median(x["requests_per_s"] for x in rs),
-                "p99_s": statistics.median(x["p99_s"] for x in rs)}
+        best = {"requests_per_s": round(statistics.median(x["requests_per_s"] for x in rs), 1),
+                "p99_s": round(statistics.median(x["p99_s"] for x in rs), 4)}
         summary[name] = {**best, "target_requests_per_s": rate, "target_p99_s": p99,
                          "holds": best["requests_per_s"] >= rate and best["p99_s"] <= p99}
     results = {
