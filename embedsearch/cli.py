@@ -187,6 +187,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     _echo_encoder(m["encoder"])
     click.echo(f"images   {result.summary()}")
     click.echo(f"encoded  {result.encoded:,} new, {result.reused:,} reused from cache"
+               + (f" ({result.from_shared:,} from the shared embedding cache)"
+                  if result.from_shared else "")
                + (f", {result.images_per_second:.1f} images/s" if result.encoded else ""))
     if m["classes"]:
         counts = ", ".join(f"{c} {n}" for c, n in m["counts"]["by_class"].items())

@@ -41,6 +41,7 @@ from embedsearch.store.io import (
     write_npy,
     write_parquet,
 )
+from embedsearch.store.shared import SharedCache, hash_files, open_shared
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,6 +67,8 @@ class BuildResult:
     seconds: float
     encode_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: Of ``reused``: vectors taken from the shared embedding cache (by content hash).
+    from_shared: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -202,18 +205,81 @@ def build_index(
 
         keys = [_stat_key(r.path) for r in collection.records]
         todo = [i for i, r in enumerate(collection.records) if cache.get(r, keys[i]) is None]
+        shared = open_shared(identity, fingerprint)
+        from_shared = _reuse_shared(shared, collection, keys, todo, shards, cache) \
+            if shared is not None and todo else 0
+        todo = [i for i in todo if cache.get(collection.records[i], keys[i]) is None]
         reused = len(collection.records) - len(todo)
         t_enc = time.perf_counter()
         _encode_missing(encoder, collection, keys, todo, shards, cache, batch_size, num_workers,
                         shard_size, progress(len(collection.records), reused) if progress else None,
-                        engine, ray_options)
+                        engine, ray_options, shared)
         encode_seconds = time.perf_counter() - t_enc
+        encoding = _encoding_record(old, shared, len(todo), encode_seconds)
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
-                                          fingerprint, index_type, dedupe_settings)
+                                          fingerprint, index_type, dedupe_settings, encoding)
         shards.clear()
         _remove_stale_generations(path, manifest)
+        if shared is not None:
+            _seed_shared(shared, path, manifest)
     return BuildResult(path, manifest, len(todo), reused, failures,
-                       time.perf_counter() - t0, encode_seconds)
+                       time.perf_counter() - t0, encode_seconds, from_shared=from_shared)
+
+
+def _reuse_shared(shared: SharedCache, collection: Collection, keys: list[tuple[int, int]],
+                  todo: list[int], shards: ShardCache, cache: _Cache) -> int:
+    """Take the vectors of ``todo`` images that any earlier command stored (by content
+    hash) into this build, committed as a shard like freshly encoded ones."""
+    records = collection.records
+    shas = hash_files([records[i].path for i in todo])
+    hits = shared.get_many([s for s in shas if s])
+    rows: list[dict[str, Any]] = []
+    vectors = []
+    for i, sha in zip(todo, shas, strict=True):
+        hit = hits.get(sha) if sha else None
+        if hit is None:
+            continue
+        size, mtime = keys[i]
+        rows.append({"id": records[i].id, "size": size, "mtime_ns": mtime, "sha256": sha,
+                     "status": "ok", "detail": "", "width": hit.width, "height": hit.height,
+                     "row": len(vectors)})
+        vectors.append(hit.vector)
+    if rows:
+        meta = _meta_frame(rows)
+        shards.append(np.stack(vectors), meta)
+        cache.add(np.stack(vectors), meta)
+    return len(rows)
+
+
+def _seed_shared(shared: SharedCache, path: Path, manifest: dict[str, Any]) -> None:
+    """Offer this bundle's vectors to the shared store (those it lacks, e.g. from a bundle
+    built before the store existed), so the next command on these images encodes none."""
+    items = read_parquet(path / manifest["roles"]["items"])
+    absent = shared.missing(items["sha256"].dropna().tolist())
+    if not absent:
+        return
+    rows = np.flatnonzero(items["sha256"].isin(absent).to_numpy())
+    vectors = read_npy(path / manifest["roles"]["embeddings"])
+    for start in range(0, len(rows), 4096):
+        part = rows[start:start + 4096]
+        sub = items.iloc[part]
+        shared.put_many(sub["sha256"].tolist(), np.asarray(vectors[part]),
+                        zip(sub["width"].tolist(), sub["height"].tolist(), strict=True))
+
+
+def _encoding_record(old: dict[str, Any] | None, shared: SharedCache | None, encoded: int,
+                     seconds: float) -> dict[str, Any] | None:
+    """The manifest's encoding throughput: measured now, else as recorded before (by this
+    bundle, or by the shared store when the vectors came from there)."""
+    if encoded > 0 and seconds > 0:
+        if shared is not None:
+            shared.record_throughput(encoded, seconds)
+        return {"images": encoded, "seconds": round(seconds, 3),
+                "images_per_second": round(encoded / seconds, 2)}
+    previous = (old or {}).get("encoding")
+    if previous:
+        return previous
+    return shared.throughput() if shared is not None else None
 
 
 def _previous_manifest(path: Path) -> dict[str, Any] | None:
@@ -269,7 +335,8 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
                     todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int,
                     num_workers: int | None, shard_size: int,
                     tick: Callable[[int], None] | None, engine: str = "local",
-                    ray_options: RayOptions | None = None) -> None:
+                    ray_options: RayOptions | None = None,
+                    shared: SharedCache | None = None) -> None:
     records = collection.records
     paths = [records[i].path for i in todo]
     if engine == "ray":
@@ -301,12 +368,17 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
             meta = _meta_frame(rows)
             shards.append(vectors, meta)
             cache.add(vectors, meta)
+            if shared is not None:
+                ok = meta[meta["status"] == "ok"]
+                shared.put_many(ok["sha256"].tolist(), vectors,
+                                zip(ok["width"].tolist(), ok["height"].tolist(), strict=True))
 
 
 def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
                  keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
                  fingerprint: np.ndarray, index_type: str,
-                 dedupe: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+                 dedupe: dict[str, Any] | None = None,
+                 encoding: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """Write a new generation of the bundle's files, then the manifest (the commit)."""
     import pandas as pd
 
@@ -395,6 +467,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
             if key in old:
                 manifest[key] = old[key]
     manifest.pop("dedupe", None)
+    if encoding:
+        manifest["encoding"] = encoding
     if dedupe_record is not None:
         manifest["dedupe"] = {**dedupe_record, "removed_file": roles["dedupe_removed"]}
     write_json(path / "manifest.json", manifest)
