@@ -50,11 +50,28 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="embedsearch")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--cache-dir", help="Shared embedding cache folder, used by every command so "
+              "that no image is encoded twice (default: $EMBEDSEARCH_CACHE_DIR, else the user "
+              "cache folder, ~/.cache/embedsearch on Linux; 'off' turns it off).")
+@click.option("--cache-size", help="Size limit of the shared embedding cache, e.g. 2GB "
+              "(default: $EMBEDSEARCH_CACHE_SIZE, else 4GB); least recently used vectors go.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool, cache_dir: str | None,
+         cache_size: str | None) -> None:
     """Classify, search and de-duplicate image collections with a frozen pretrained encoder
     and a FAISS index."""
     ctx.obj = {"debug": debug, "quiet": quiet}
+    if cache_dir is not None or cache_size is not None:
+        import os
+
+        from embedsearch.store.shared import ENV_DIR, ENV_SIZE, parse_size
+
+        # Through the environment, so that worker processes (Ray) see the same store.
+        if cache_dir is not None:
+            os.environ[ENV_DIR] = cache_dir
+        if cache_size is not None:
+            parse_size(cache_size)  # a clear error now rather than at the first write
+            os.environ[ENV_SIZE] = cache_size
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not debug:
