@@ -82,3 +82,33 @@ def test_cache_evicts_least_recently_used_and_survives_concurrent_writers(tmp_pa
     small.put_many(["new"], np.ones((1, dim), np.float32))
     assert len(small) <= 50
     assert set(small.get_many(["3-4-0", "3-4-1", "new", "0-0-0"])) == {"3-4-0", "3-4-1", "new"}
+
+
+# -- no self-matches ---------------------------------------------------------------------------
+def test_indexed_images_do_not_vote_for_themselves(collection: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedsearch.embed as embed_mod
+    from embedsearch import build_index, load_bundle
+
+    build_index(collection, out=tmp_path / "b", model="test:tiny")
+    bundle = load_bundle(tmp_path / "b")
+    paths = sorted(collection.rglob("*.jpg"))
+    # Same picture, other bytes (padding after the JPEG's end): caught by the embedding.
+    padded = tmp_path / "red_000_padded.jpg"
+    padded.write_bytes((collection / "red" / "red_000.jpg").read_bytes() + b"\0" * 16)
+    encoded: list[int] = []
+    real = embed_mod.embed_sources
+    monkeypatch.setattr(embed_mod, "embed_sources",
+                        lambda enc, src, **kw: (encoded.append(len(src)), real(enc, src, **kw))[1])
+    preds = bundle.predict([*paths, padded], k=3)
+    assert sum(encoded) == 1  # the indexed files reuse the bundle's vectors
+    for p, path in zip(preds, paths, strict=False):
+        own = path.relative_to(collection).as_posix()
+        assert p.in_index["id"] == own and p.in_index["excluded"] >= 1
+        assert own not in [n["id"] for n in p.neighbours]
+        assert all(n["similarity"] < 0.9999 for n in p.neighbours)
+    assert preds[-1].in_index["id"] == "red/red_000.jpg"
+    # For search, the image itself may come first.
+    searched = bundle.predict(paths[:1], k=3, allow_self=True)[0]
+    assert searched.neighbours[0]["id"] == paths[0].relative_to(collection).as_posix()
+    assert searched.in_index == {}
