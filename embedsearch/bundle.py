@@ -319,18 +319,18 @@ class Bundle:
         of an unlabelled one) of each query, leaving out the query's own copies: rows with
         its sha256 and rows at cosine >= SELF_COSINE (leave-one-out), unless ``allow_self``.
 
-        Returns (neighbours, per query {"id", "split", "excluded"} or {} when not indexed).
+        Returns (neighbours, per query {"id", "split", "excluded"} of its indexed copy, or
+        {} when it has none among the searched rows). With ``allow_self`` a copy found
+        among the neighbours is reported with ``excluded`` 0: it votes for itself.
         """
         from embedsearch.index import Neighbours, search
 
         limit = self.reference_rows if self.labelled else None
         n_rows = self.index.ntotal if limit is None else min(limit, self.index.ntotal)
-        if allow_self:
-            return search(self.index, vectors, k, limit), [{} for _ in range(len(vectors))]
         rows = self._rows_by_sha()
         own = [np.array([r for r in rows.get(s or "", []) if r < n_rows], np.int64)
                for s in (sha256 or [None] * len(vectors))]
-        pad = max((len(o) for o in own), default=0) + 4
+        pad = 0 if allow_self else max((len(o) for o in own), default=0) + 4
         while True:
             want = min(k + pad, n_rows)
             raw = search(self.index, vectors, max(want, 1), limit)
@@ -338,19 +338,20 @@ class Bundle:
             short = False
             for q in range(len(vectors)):
                 qi, qs = raw.ids[q], raw.similarities[q]
-                drop = (qs >= SELF_COSINE) | np.isin(qi, own[q])
-                ids.append(qi[~drop][:k])
-                sims.append(qs[~drop][:k])
-                first = int(qi[drop][0]) if drop.any() else (int(own[q][0]) if len(own[q])
+                copy = (qs >= SELF_COSINE) | np.isin(qi, own[q])
+                keep = np.ones_like(copy) if allow_self else ~copy
+                ids.append(qi[keep][:k])
+                sims.append(qs[keep][:k])
+                first = int(qi[copy][0]) if copy.any() else (int(own[q][0]) if len(own[q])
                                                               else None)
                 found.append({} if first is None else {
                     "id": str(self.items["id"].iat[first]),
                     "split": _none(self.items["split"].iat[first]),
-                    "excluded": int(drop.sum())})
+                    "excluded": 0 if allow_self else int(copy.sum())})
                 short |= len(ids[-1]) < k and want < n_rows
             if not short:
                 return Neighbours(ids, sims), found
-            pad *= 4
+            pad = max(pad, 4) * 4
 
     def predict_vectors(self, vectors: np.ndarray, ids: list[str], k: int = 10,
                         n_neighbours: int = 5, weighting: str = "similarity",

@@ -137,7 +137,12 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
-@click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that stay inside DATA.")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symlinks: to folders wherever "
+              "they point (loops are refused), to files inside DATA.")
+@click.option("--split-map", help="Name splits that are not recognised, e.g. "
+              "holdout=test,extra=train (folder names or split-column values). Recognised "
+              "without it: names with the words train, val/valid/dev, test (sample_train, "
+              "val2017, …).")
 @click.option("--skip-missing", is_flag=True, help="Build even if a CSV lists missing files.")
 @click.option("--overwrite", is_flag=True, help="Re-encode everything, even with another encoder.")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]),
@@ -170,6 +175,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                     model: str | None, weights: Path | None, precision: str | None,
                     path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
+                    split_map: str | None,
                     skip_missing: bool, overwrite: bool, index_type: str, batch_size: int,
                     workers: int | None, engine: str, address: str | None,
                     num_workers: int, worker_cpus: float, worker_gpus: float,
@@ -191,7 +197,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         data, name=name, out=out, model=model, weights=weights, precision=precision,
         path_col=path_col,
         label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
-        skip_missing=skip_missing, overwrite=overwrite, index_type=index_type,
+        skip_missing=skip_missing, split_map=split_map, overwrite=overwrite,
+        index_type=index_type,
         batch_size=batch_size, num_workers=workers,
         progress=_progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
         dedupe=dedupe, dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
@@ -213,6 +220,9 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         click.echo(f"splits   {', '.join(f'{s} {n}' for s, n in m['counts']['by_split'].items())}")
     else:
         click.echo("classes  none (unlabelled: similar-image search only)")
+    if "held_out" in m["index"]:
+        click.echo(f"held out {', '.join(m['index']['held_out']['splits'])}: "
+                   f"{m['index']['held_out']['why']}")
     exact = "exact" if m["index"]["exact"] else "approximate"
     click.echo(f"index    {m['index']['type']} ({exact})"
                f", {m['index']['ntotal']:,} vectors, {m['index']['reference_rows']:,} used "
@@ -284,18 +294,32 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
               help="Zero-shot prompt set (default photo).")
 @click.option("--template", "templates", multiple=True,
               help="Custom zero-shot prompt with {} for the class name; repeatable.")
+@click.option("--allow-self", is_flag=True, help="Let an indexed image be its own neighbour "
+              "(similar-image search). By default a query that is an indexed image (same "
+              "bytes, or cosine >= 0.9999) is left out of its own neighbours and votes.")
+@click.option("--per-class", is_flag=True, help="With true labels: precision, recall, F1 and "
+              "support per class.")
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write one row per image (id, true, predicted, confidence, method, per-method "
+              "columns) to a .csv or .parquet file.")
+@click.option("--confusion", type=click.Path(path_type=Path, dir_okay=False),
+              help="With true labels: draw the confusion matrix of the chosen method (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
                 n_neighbours: int, weighting: str, weights: Path | None, batch_size: int,
                 workers: int | None, method: str, head_name: str | None, classes: str | None,
-                template_set: str | None, templates: tuple[str, ...], as_json: bool) -> None:
+                template_set: str | None, templates: tuple[str, ...], allow_self: bool,
+                per_class: bool, output: Path | None, confusion: Path | None,
+                as_json: bool) -> None:
     """Classify IMAGES (files, folders, or - for paths on stdin) with kNN, a trained head or
     CLIP zero-shot over an index.
 
     On an unlabelled index this is a similar-image search (or zero-shot with --classes on
     a CLIP index). When a folder has class sub-folders, their names are taken as true
-    labels and the accuracy is printed (per method with --method all).
+    labels and accuracy, balanced accuracy and macro-F1 are printed (per method with
+    --method all). A query that is an indexed image never votes for itself (--allow-self
+    for search), and a head is not scored on images it was trained on.
     """
     from embedsearch.bundle import load_bundle
 
@@ -307,16 +331,18 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
                         or None)
     preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
                            batch_size=batch_size, num_workers=workers, method=method,
-                           head_name=head_name, classes=class_list, templates=prompt_templates)
+                           head_name=head_name, classes=class_list, templates=prompt_templates,
+                           allow_self=allow_self)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
-        return
-    correct = labelled = 0
+    else:
+        _print_predictions(preds, truth, as_json)
+    _print_evaluation(bundle, preds, truth, allow_self, per_class, output, confusion)
+
+
+def _print_predictions(preds: list[Any], truth: dict[str, str], as_json: bool) -> None:
     for p in preds:
         true = truth.get(p.id)
-        if true is not None and p.label is not None:
-            labelled += 1
-            correct += p.label == true
         if as_json:
             _echo_json({**p.as_dict(), **({"true_label": true} if true is not None else {})})
         elif p.status != "ok":
@@ -329,11 +355,61 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
             click.echo(f"{p.id}\t{head}{mark}\t[{neigh}]")
     bad = sum(p.status != "ok" for p in preds)
     summary = f"{len(preds)} images, {len(preds) - bad} predicted, {bad} unreadable"
-    if preds and preds[0].method:
-        summary += f"; method {preds[0].method}"
-    if labelled:
-        summary += f"; accuracy {correct / labelled:.3f} on {labelled} images with folder labels"
+    chosen = next((p.method for p in preds if p.method), None)
+    if chosen:
+        summary += f"; method {chosen}"
     click.echo(summary, err=True)
+
+
+def _print_evaluation(bundle: Any, preds: list[Any], truth: dict[str, str], allow_self: bool,
+                      per_class: bool, output: Path | None, confusion: Path | None) -> None:
+    """Self-match counts, figures per method, and the requested files (on stderr, so
+    stdout stays one line or JSON object per image)."""
+    from embedsearch.report.predictions import (
+        confusion_png,
+        evaluate_predictions,
+        predictions_frame,
+        write_predictions,
+    )
+
+    ev = evaluate_predictions(preds, truth, bundle)
+    if ev.in_index and not allow_self:
+        click.echo(f"{ev.in_index} queries were in the index: excluded from their own votes",
+                   err=True)
+    elif ev.self_votes:
+        click.echo(f"{ev.self_votes} queries are in the index and voted for themselves "
+                   "(--allow-self): left out of the figures", err=True)
+    for key, sc in ev.scores.items():
+        f = sc.figures
+        left = f" ({sc.left_out} {sc.why} left out)" if sc.left_out else ""
+        if not f.get("n"):
+            click.echo(f"{key:16s} no images to score{left}", err=True)
+            continue
+        click.echo(f"{key:16s} accuracy {f['accuracy']:.3f}  balanced accuracy "
+                   f"{f['balanced_accuracy']:.3f}  macro-F1 {f['macro_f1']:.3f}  on {f['n']} "
+                   f"images with true labels{left}  {sc.description}", err=True)
+    # The chosen method's table and matrix, else the first method with images to score.
+    scored = [sc for sc in ev.scores.values() if sc.figures.get("n")]
+    shown = next((sc for sc in scored if sc.key == ev.chosen), scored[0] if scored else None)
+    if per_class and shown is not None:
+        width = max(len(c) for c in [*shown.labels, "class"])
+        click.echo(f"per class ({shown.key}):", err=True)
+        click.echo(f"  {'class':{width}s} {'precision':>9s} {'recall':>7s} {'F1':>6s} "
+                   f"{'support':>8s} {'predicted':>9s}", err=True)
+        for c, r in shown.figures["per_class"].items():
+            click.echo(f"  {c:{width}s} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:6.3f} "
+                       f"{r['support']:8d} {r['predicted']:9d}", err=True)
+    elif per_class:
+        click.echo("per class: no images with true labels to score", err=True)
+    if output is not None:
+        path = write_predictions(predictions_frame(preds, truth), output)
+        click.echo(f"predictions written to {path}", err=True)
+    if confusion is not None:
+        if shown is None:
+            raise EmbedsearchError("--confusion needs images with true labels (class folders) "
+                                   "that did not vote for themselves")
+        png = confusion_png(shown, confusion, f"{bundle.name}: {shown.description}")
+        click.echo(f"confusion matrix written to {png}", err=True)
 
 
 def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
@@ -343,7 +419,6 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
         keys.extend(k for k in p.methods if k not in keys)
     has_truth = any(p.id in truth for p in preds)
     rows = [["image", *(["true"] if has_truth else []), *keys]]
-    right = {k: 0 for k in keys}
     for p in preds:
         cells = [p.id, *([truth.get(p.id, "")] if has_truth else [])]
         for k in keys:
@@ -354,7 +429,6 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
                 cells.append("error" if r.get("error") else "-")
             else:
                 cells.append(f"{r['label']} {r['confidence']:.2f}")
-                right[k] += truth.get(p.id) == r["label"]
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -364,11 +438,9 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
     click.echo(f"{len(preds)} images, {n_ok} predicted, {len(preds) - n_ok} unreadable"
                + (f"; best available: {chosen}" if chosen else ""), err=True)
     for k in keys:
-        descr = next((p.methods[k].get("method") or p.methods[k].get("error")
-                      for p in preds if k in p.methods), "")
-        n_true = sum(p.id in truth and p.status == "ok" for p in preds)
-        acc = f"accuracy {right[k] / n_true:.3f} on {n_true} images" if n_true else ""
-        click.echo(f"  {k:16s} {acc}  {descr}".rstrip(), err=True)
+        errors = [p.methods[k]["error"] for p in preds if p.methods.get(k, {}).get("error")]
+        if errors:
+            click.echo(f"  {k:16s} {errors[0]}", err=True)
 
 
 # -- train ------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def build_index(
     split_col: str | None = None,
     follow_symlinks: bool = False,
     skip_missing: bool = False,
+    split_map: str | dict[str, str] | None = None,
     overwrite: bool = False,
     index_type: str = "auto",
     batch_size: int = 32,
@@ -157,14 +158,17 @@ def build_index(
     encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
     cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
     ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
-    the choice sticks to the bundle until ``dedupe=False``.
+    the choice sticks to the bundle until ``dedupe=False``. ``split_map``
+    ("sample_train=train,holdout=test") names split folders or values that are not
+    recognised from their words.
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
                                hint=f"use one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
-                      follow_symlinks=follow_symlinks, skip_missing=skip_missing)
+                      follow_symlinks=follow_symlinks, skip_missing=skip_missing,
+                      split_map=split_map)
     path = Path(out) if out else bundle_path(name or Path(source).stem)
     with exclusive_lock(path):
         remove_temp_files(path)
@@ -282,6 +286,22 @@ def _encoding_record(old: dict[str, Any] | None, shared: SharedCache | None, enc
     return shared.throughput() if shared is not None else None
 
 
+def held_out_splits(splits: list[str]) -> tuple[frozenset[str], str]:
+    """The splits kept out of the kNN reference (and of head training), and why.
+
+    ``test`` when there is one. A collection published as ``train`` + ``val`` only (e.g.
+    Imagenette) has its ``val`` as the evaluation split: it is held out instead, so that
+    predicting it measures images the reference has never seen.
+    """
+    if HELD_OUT_SPLITS & set(splits):
+        return frozenset(HELD_OUT_SPLITS & set(splits)), "the test split is only scored"
+    if "val" in splits and "train" in splits:
+        return frozenset({"val"}), ("there is no test split, so val is the held-out "
+                                    "evaluation split: kNN votes with train only and heads "
+                                    "are trained on train only")
+    return frozenset(), ""
+
+
 def _previous_manifest(path: Path) -> dict[str, Any] | None:
     if not (path / "manifest.json").exists():
         return None
@@ -391,7 +411,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
         row = {**meta, "label": rec.label, "split": rec.split}
         (ok_rows if meta["status"] == "ok" else failed_rows).append(row)
     # Reference rows first, held-out rows last: kNN searches a prefix of the index.
-    ok_rows.sort(key=lambda r: r["split"] in HELD_OUT_SPLITS)
+    held_out, held_out_reason = held_out_splits(collection.splits)
+    ok_rows.sort(key=lambda r: r["split"] in held_out)
     vectors = np.stack([cache.vector(r["id"]) for r in ok_rows]) if ok_rows \
         else np.zeros((0, encoder.dim), np.float32)
     columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height"]
@@ -431,8 +452,10 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     del vectors  # the index is filled from the written file, block by block
     index, index_info = make_index(read_npy(path / roles["embeddings"]), index_type)
     write_faiss(path / roles["index"], index)
-    n_ref = int((~items["split"].isin(HELD_OUT_SPLITS)).sum())
+    n_ref = int((~items["split"].isin(held_out)).sum())
     index_info["reference_rows"] = n_ref
+    if held_out:
+        index_info["held_out"] = {"splits": sorted(held_out), "why": held_out_reason}
     labels = items["label"].dropna()
     manifest = {
         "format": BUNDLE_FORMAT,

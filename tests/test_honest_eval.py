@@ -111,4 +111,109 @@ def test_indexed_images_do_not_vote_for_themselves(collection: Path, tmp_path: P
     # For search, the image itself may come first.
     searched = bundle.predict(paths[:1], k=3, allow_self=True)[0]
     assert searched.neighbours[0]["id"] == paths[0].relative_to(collection).as_posix()
-    assert searched.in_index == {}
+    assert searched.in_index["excluded"] == 0  # known, so no accuracy counts it
+
+
+# -- evaluation output -------------------------------------------------------------------------
+def test_predict_scores_honestly_and_writes_one_row_per_image(split_collection: Path,
+                                                               tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedsearch.cli import main
+
+    def run(*args: str) -> str:
+        r = CliRunner().invoke(main, ["-q", *args])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        return r.output
+
+    run("build-index", str(split_collection), "--name", "s", "--model", "test:tiny")
+    run("train", "--index", "s", "--head", "linear")
+    out = run("predict", str(split_collection / "val"), "--index", "s", "-k", "3",
+              "--method", "all", "--per-class", "-o", str(tmp_path / "p.csv"),
+              "--confusion", str(tmp_path / "c.png"))
+    assert "6 queries were in the index: excluded from their own votes" in out
+    knn_line = next(line for line in out.splitlines() if line.startswith("knn "))
+    assert "balanced accuracy" in knn_line and "macro-F1" in knn_line and "on 6 images" in knn_line
+    # The head was refit on train + val: it has no honest figure on val.
+    assert "6 images it was trained on left out" in out
+    assert "precision" in out and (tmp_path / "c.png").stat().st_size > 0
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert len(df) == 6 and df["id"].is_unique
+    assert {"id", "true", "predicted", "confidence", "knn_predicted", "knn_confidence",
+            "head:linear_predicted"} <= set(df.columns)
+    assert df["in_index"].str.startswith("val/").all()
+    # Test images are not in the kNN reference: nothing excluded, the head is scored.
+    out = run("predict", str(split_collection / "test"), "--index", "s", "--method", "all",
+              "-o", str(tmp_path / "t.parquet"))
+    assert "were in the index" not in out and "left out" not in out
+    assert len(pd.read_parquet(tmp_path / "t.parquet")) == 9
+
+
+# -- splits without traps -----------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "split"), [
+    ("train", "train"), ("sample_train", "train"), ("train2017", "train"), ("training", "train"),
+    ("val", "val"), ("validation", "val"), ("imagenet-val", "val"), ("dev", "val"),
+    ("sample_test", "test"), ("Test", "test"), ("devices", None), ("contest", None),
+    ("train_test", None), ("dogs", None)])
+def test_split_names_are_recognised_by_their_words(name: str, split: str | None) -> None:
+    from embedsearch.data.scan import split_of
+
+    assert split_of(name) == split
+    assert split_of(name, {name: "test"}) == "test"
+
+
+def test_published_folder_layouts_are_accepted(tmp_path: Path) -> None:
+    from embedsearch import build_index, load_bundle
+    from tests.conftest import make_collection
+
+    posters = make_collection(tmp_path / "posters", splits={"sample_train": 4,
+                                                            "sample_test": 2})
+    res = build_index(posters, out=tmp_path / "p", model="test:tiny")
+    assert res.manifest["counts"]["by_split"] == {"test": 6, "train": 12}
+    assert res.manifest["index"]["reference_rows"] == 12
+    # train + val only (Imagenette): val is held out, and the manifest says why.
+    nette = make_collection(tmp_path / "nette", splits={"train": 4, "val": 2})
+    res = build_index(nette, out=tmp_path / "n", model="test:tiny")
+    assert res.manifest["index"]["reference_rows"] == 12
+    assert res.manifest["index"]["held_out"]["splits"] == ["val"]
+    assert "no test split" in res.manifest["index"]["held_out"]["why"]
+    preds = load_bundle(tmp_path / "n").predict(sorted((nette / "val").rglob("*.jpg")), k=3)
+    assert not any(p.in_index for p in preds)  # val never voted, so nothing to exclude
+    # Anything else: one option.
+    other = make_collection(tmp_path / "other", splits={"fit": 4, "holdout": 2})
+    res = build_index(other, out=tmp_path / "o", model="test:tiny",
+                      split_map="fit=train,holdout=test")
+    assert res.manifest["counts"]["by_split"] == {"test": 6, "train": 12}
+
+
+def test_symlinked_split_folders_are_followed_when_asked(tmp_path: Path) -> None:
+    from embedsearch.data.scan import scan
+    from tests.conftest import make_collection
+
+    store = make_collection(tmp_path / "store", splits={"train": 2, "test": 1})
+    root = tmp_path / "data"
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / split).symlink_to(store / split)
+    (root / "train" / "red" / "again").symlink_to(root)  # a loop is still refused
+    coll = scan(root, follow_symlinks=True)
+    assert coll.splits == ["test", "train"] and len(coll.records) == 9
+    assert {s.reason for s in coll.skipped} == {"symlink_loop"}
+    with pytest.raises(Exception, match="no images found"):
+        scan(root)  # not followed unless asked
+
+
+def test_table_split_values(tmp_path: Path) -> None:
+    from embedsearch.data.scan import scan
+    from embedsearch.errors import InputError
+    from tests.conftest import make_collection
+
+    images = make_collection(tmp_path / "images", per_class=2)
+    paths = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))
+    splits = ["sample_train", "sample_test", "holdout", "extra", "sample_train", None]
+    pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths],
+                  "split": splits}).to_csv(images / "list.csv", index=False)
+    with pytest.raises(InputError, match=r"'extra' \(1 rows\), 'holdout' \(1 rows\)"):
+        scan(images / "list.csv")
+    coll = scan(images / "list.csv", split_map="holdout=test,extra=train")
+    assert [r.split for r in coll.records] == ["train", "test", "test", "train", "train", None]
