@@ -636,6 +636,7 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--split-map", help="Name splits that are not recognised, e.g. holdout=test.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
 @click.pass_context
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
@@ -644,7 +645,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
                   title: str | None, batch_size: int, workers: int | None,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  as_json: bool) -> None:
+                  split_map: str | None, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
     Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
@@ -664,7 +665,8 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
-        command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage)
+        split_map=split_map, command=sys.argv, progress=_progress_factory(ctx, "encoding"),
+        on_stage=stage)
     rows = result.rows()
     if as_json:
         for row in rows:
@@ -695,6 +697,7 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
     from embedsearch.pipeline import build_index
 
     result = build_index(data, model=model, progress=_progress_factory(ctx, "encoding"))
+    _echo_reuse(result)
     return load_bundle(result.path)
 
 
@@ -745,7 +748,7 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     bundle = _dedupe_bundle_arg(ctx, data, index_name, model)
     t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
     if leakage:
-        ctx.invoke(leakage_cmd, folders=(), index_name=str(bundle.path), between=None,
+        ctx.invoke(leakage_cmd, folders=(), index_names=(str(bundle.path),), between=None,
                    threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
                    as_json=as_json)
         return
@@ -819,10 +822,26 @@ def dedupe_undo_cmd(manifest: Path, as_json: bool) -> None:
         click.echo(f"  skipped {item_id}: {why}", err=True)
 
 
+def _folder_bundle(ctx: click.Context, folder: Path, model: str | None) -> Any:
+    """A folder's own bundle, saying how many images had to be encoded."""
+    from embedsearch.dedupe import folder_bundle
+
+    bundle, res = folder_bundle(folder, model=model, progress=_progress_factory(ctx, "encoding"))
+    _echo_reuse(res)
+    return bundle
+
+
+def _echo_reuse(res: Any) -> None:
+    click.echo(f"{res.path}: encoded {res.encoded:,} images, reused {res.reused:,}"
+               + (f" ({res.from_shared:,} from the shared embedding cache)"
+                  if res.from_shared else ""), err=True)
+
+
 @main.command("leakage")
 @click.argument("folders", nargs=-1, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--index", "index_name",
-              help="A bundle with splits (train/ val/ test/ folders or a split column).")
+@click.option("--index", "index_names", multiple=True,
+              help="A bundle with splits (train/ val/ test/ folders or a split column); with "
+              "one folder, or given twice, one side each (its vectors are reused).")
 @click.option("--between", help="Two splits to compare, e.g. train,test "
               "(default: every two splits).")
 @click.option("--threshold", "-t", type=float, help="Default: the dedupe default (0.90).")
@@ -833,30 +852,36 @@ def dedupe_undo_cmd(manifest: Path, as_json: bool) -> None:
 @click.option("--fail-on-leak", is_flag=True, help="Exit with status 1 when a pair is found.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per pair.")
 @click.pass_context
-def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_name: str | None,
+def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tuple[str, ...],
                 between: str | None, threshold: float | None, out: Path | None,
                 no_html: bool, model: str | None, fail_on_leak: bool, as_json: bool) -> None:
     """Duplicates that sit on both sides of a train/test split.
 
-    Either two folders (TRAIN_DIR TEST_DIR), each embedded into a bundle of its own, or
-    --index NAME for a bundle built with splits.
+    Two sides: two folders (TRAIN_DIR TEST_DIR), a folder and --index NAME, or --index A
+    --index B; a folder is embedded into a bundle of its own (images any command already
+    encoded are not encoded again). Or one --index NAME built with splits.
     """
     from embedsearch import dedupe as dd
     from embedsearch.bundle import load_bundle
 
     t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
-    if index_name is not None and not folders:
-        bundle = load_bundle(index_name)
+    if len(index_names) == 1 and not folders:
+        bundle = load_bundle(index_names[0])
         pairs = dd.leakage_bundle(bundle, threshold=t, between=between)
         roots: tuple[Path, Path] = (dd.items_root(bundle), dd.items_root(bundle))
         name = bundle.name
-    elif len(folders) == 2 and index_name is None:
-        pairs = dd.leakage_folders(folders[0], folders[1], threshold=t, model=model,
-                                   progress=_progress_factory(ctx, "encoding"))
-        roots = (folders[0], folders[1])
-        name = f"{folders[0].name}-{folders[1].name}"
+    elif len(folders) + len(index_names) == 2:
+        sides = [load_bundle(n) for n in index_names]
+        spec = model or (sides[0].encoder_identity["spec"] if sides else None)
+        sides += [_folder_bundle(ctx, f, spec) for f in folders]
+        pairs = dd.leakage_bundles(sides[0], sides[1], threshold=t,
+                                   names=(sides[0].name, sides[1].name) if index_names
+                                   else (folders[0].name, folders[1].name))
+        roots = (dd.items_root(sides[0]), dd.items_root(sides[1]))
+        name = "-".join(Path(str(s.manifest["source"]["path"])).name for s in sides)
     else:
-        raise EmbedsearchError("give two folders (TRAIN_DIR TEST_DIR) or --index NAME",
+        raise EmbedsearchError("give two sides (TRAIN_DIR TEST_DIR, a folder and --index "
+                               "NAME, or --index A --index B) or one --index NAME with splits",
                                hint="embedsearch leakage data/train data/test")
     files = dd.write_leakage(pairs, out or Path("reports") / f"leakage-{name}", *roots,
                              html_page=not no_html)

@@ -217,3 +217,28 @@ def test_table_split_values(tmp_path: Path) -> None:
         scan(images / "list.csv")
     coll = scan(images / "list.csv", split_map="holdout=test,extra=train")
     assert [r.split for r in coll.records] == ["train", "test", "test", "train", "train", None]
+
+
+def test_every_command_reuses_vectors_encoded_by_another(split_collection: Path,
+                                                         tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedsearch.cli import main
+
+    def run(*args: str) -> str:
+        r = CliRunner().invoke(main, ["-q", *args])
+        assert r.exit_code in (0, 1), r.output + repr(r.exception)
+        return r.output
+
+    train, test = split_collection / "train", split_collection / "test"
+    out = run("build-index", str(split_collection), "--name", "all", "--model", "test:tiny")
+    assert "encoded  33 new" in out
+    # Each side of leakage gets a bundle of its own: nothing is encoded again.
+    out = run("leakage", str(train), str(test), "--model", "test:tiny")
+    assert "encoded 0 images, reused 18 (18 from the shared embedding cache)" in out
+    assert "encoded 0 images, reused 9 (9 from the shared embedding cache)" in out
+    # A folder against an index: the index's vectors, the folder's from the cache.
+    out = run("leakage", str(test), "--index", "all", "--no-html")
+    assert "(9 byte-identical)" in out and "all:test/red/red_000.jpg" in out
+    out = run("dedupe", str(train), "--model", "test:tiny", "--no-html")
+    assert "encoded 0 images, reused 18" in out
