@@ -127,6 +127,9 @@ class Bundle:
         self.path = path
         self.manifest = manifest
         self._encoder: Encoder | None = None
+        #: Of the last :meth:`embed_files` call: files encoded, files whose vectors were
+        #: reused (from this bundle or the shared embedding cache).
+        self.embed_counts: dict[str, int] = {"encoded": 0, "reused": 0}
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -286,6 +289,7 @@ class Bundle:
             found.update({i: hits[s].vector for i, s in enumerate(shas)
                           if s in hits and i not in found})
         todo = [i for i in range(len(paths)) if i not in found]
+        self.embed_counts = {"encoded": len(todo), "reused": len(found)}
         results: dict[int, tuple[str, str, np.ndarray | None]] = {
             i: ("ok", "", v) for i, v in found.items()}
         for idx, v, infos in embed_sources(enc, [paths[i] for i in todo],

@@ -333,6 +333,10 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
                            batch_size=batch_size, num_workers=workers, method=method,
                            head_name=head_name, classes=class_list, templates=prompt_templates,
                            allow_self=allow_self)
+    if not ctx.obj.get("quiet"):
+        c = bundle.embed_counts
+        click.echo(f"queries  {c['encoded']:,} encoded, {c['reused']:,} reused (same bytes in "
+                   "the index or the shared embedding cache)", err=True)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
     else:
@@ -832,6 +836,8 @@ def _folder_bundle(ctx: click.Context, folder: Path, model: str | None) -> Any:
 
 
 def _echo_reuse(res: Any) -> None:
+    if click.get_current_context().obj.get("quiet"):
+        return
     click.echo(f"{res.path}: encoded {res.encoded:,} images, reused {res.reused:,}"
                + (f" ({res.from_shared:,} from the shared embedding cache)"
                   if res.from_shared else ""), err=True)
