@@ -278,7 +278,7 @@ class Bundle:
 
         shas = hash_files(paths, num_workers)
         found: dict[int, np.ndarray] = {}
-        rows = self._rows_by_sha()
+        rows = self.rows_by_sha256
         for i, sha in enumerate(shas):
             if sha in rows:
                 found[i] = np.asarray(self.embeddings[rows[sha][0]])
@@ -307,15 +307,14 @@ class Bundle:
                    else np.zeros((0, self.dim), np.float32))
         return vectors, statuses, [shas[i] for i in good]
 
-    def _rows_by_sha(self) -> dict[str, list[int]]:
+    @cached_property
+    def rows_by_sha256(self) -> dict[str, list[int]]:
         """sha256 → rows of the bundle's images with those bytes."""
-        if "_sha_rows" not in self.__dict__:
-            rows: dict[str, list[int]] = {}
-            for row, sha in enumerate(self.items["sha256"].tolist()):
-                if isinstance(sha, str) and sha:
-                    rows.setdefault(sha, []).append(row)
-            self.__dict__["_sha_rows"] = rows
-        return self.__dict__["_sha_rows"]
+        rows: dict[str, list[int]] = {}
+        for row, sha in enumerate(self.items["sha256"].tolist()):
+            if isinstance(sha, str) and sha:
+                rows.setdefault(sha, []).append(row)
+        return rows
 
     def neighbours(self, vectors: np.ndarray, k: int, sha256: list[str | None] | None = None,
                    allow_self: bool = False) -> tuple[Neighbours, list[dict[str, Any]]]:
@@ -331,7 +330,7 @@ class Bundle:
 
         limit = self.reference_rows if self.labelled else None
         n_rows = self.index.ntotal if limit is None else min(limit, self.index.ntotal)
-        rows = self._rows_by_sha()
+        rows = self.rows_by_sha256
         own = [np.array([r for r in rows.get(s or "", []) if r < n_rows], np.int64)
                for s in (sha256 or [None] * len(vectors))]
         pad = 0 if allow_self else max((len(o) for o in own), default=0) + 4
