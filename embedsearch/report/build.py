@@ -371,12 +371,12 @@ def _encoder_blocks(results: dict[str, Any], e: dict[str, Any], out: Path) -> li
     if enc.get("images_per_second"):
         txt = (f"Encoding: {enc['images']:,} images in {enc['seconds']:.0f} s, "
                f"{enc['images_per_second']:.1f} images/s")
-        txt += "" if enc.get("measured_now") else " (recorded when the bundle was built; this "\
-            "run reused every embedding)"
+        txt += "" if enc.get("measured_now") else " (recorded in the bundle's manifest when "\
+            "these embeddings were encoded; this run reused every one)"
         txt += " — one pass, shared by every method."
     else:
-        txt = "Encoding: every embedding was reused from an existing bundle (no throughput "\
-              "recorded)."
+        txt = "Encoding: every embedding was reused (a bundle or the shared embedding cache; "\
+              "no throughput recorded)."
     blocks.append(Para(txt))
     if e.get("notes"):
         blocks.append(Bullets(list(e["notes"])))
