@@ -59,21 +59,15 @@ def test_cache_can_be_turned_off(collection: Path, tmp_path: Path,
 
 def test_cache_evicts_least_recently_used_and_survives_concurrent_writers(tmp_path: Path
                                                                           ) -> None:
-    from concurrent.futures import ThreadPoolExecutor
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from embedsearch.store.shared import SharedCache
 
     dim = 16
-    rng = np.random.default_rng(0)
-
-    def writer(w: int) -> None:
-        cache = SharedCache(tmp_path / "c", "enc", dim, limit=10**9)
-        for b in range(5):
-            shas = [f"{w}-{b}-{i}" for i in range(20)]
-            cache.put_many(shas, rng.random((20, dim), dtype=np.float32))
-
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(writer, range(4)))
+    # Four processes writing at once (fork: cheap, the modules are already imported).
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+        list(pool.map(_write_vectors, [(tmp_path / "c", w, dim) for w in range(4)]))
     cache = SharedCache(tmp_path / "c", "enc", dim, limit=10**9)
     assert len(cache) == 4 * 5 * 20
     # A limit of 50 vectors: the oldest go, the ones just read stay.
@@ -82,6 +76,16 @@ def test_cache_evicts_least_recently_used_and_survives_concurrent_writers(tmp_pa
     small.put_many(["new"], np.ones((1, dim), np.float32))
     assert len(small) <= 50
     assert set(small.get_many(["3-4-0", "3-4-1", "new", "0-0-0"])) == {"3-4-0", "3-4-1", "new"}
+
+
+def _write_vectors(args: tuple[Path, int, int]) -> None:
+    from embedsearch.store.shared import SharedCache
+
+    root, w, dim = args
+    cache = SharedCache(root, "enc", dim, limit=10**9)
+    rng = np.random.default_rng(w)
+    for b in range(5):
+        cache.put_many([f"{w}-{b}-{i}" for i in range(20)], rng.random((20, dim), np.float32))
 
 
 # -- no self-matches ---------------------------------------------------------------------------
