@@ -112,7 +112,8 @@ class Prediction:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: When the query is itself an indexed reference image (same sha256, or cosine >=
     #: SELF_COSINE): {"id": its indexed id, "split": its split, "excluded": how many of its
-    #: copies were left out of the neighbours}. Empty when it is not (or with allow_self).
+    #: copies were left out of the neighbours, 0 with allow_self: it voted for itself}.
+    #: Empty when it is not an indexed reference image.
     in_index: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
