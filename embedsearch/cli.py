@@ -689,25 +689,32 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
 # -- dedupe ---------------------------------------------------------------------------
 def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | None,
                        model: str | None) -> Any:
-    """The bundle to deduplicate: --index NAME, or DATA embedded (or refreshed) first."""
+    """The bundle to deduplicate: --index NAME, or DATA embedded (or refreshed) first; with
+    both, DATA reuses the vectors NAME holds for the same images."""
     from embedsearch.bundle import load_bundle
 
-    if (data is None) == (index_name is None):
-        raise EmbedsearchError("give an image folder (or CSV) DATA, or --index NAME, not both",
+    if data is None and index_name is None:
+        raise EmbedsearchError("give an image folder (or CSV) DATA, or --index NAME",
                                hint="embedsearch dedupe ./images   or   embedsearch dedupe "
                                "--index covers")
-    if index_name is not None:
+    if data is None:
         return load_bundle(index_name)
-    from embedsearch.pipeline import build_index
+    from embedsearch.pipeline import build_index, share_bundle_vectors
 
-    result = build_index(data, model=model, progress=_progress_factory(ctx, "encoding"))
+    encoder: dict[str, Any] = {"model": model}
+    if index_name is not None:
+        source = load_bundle(index_name)
+        share_bundle_vectors(source)
+        encoder = _same_encoder(source, model)
+    result = build_index(data, progress=_progress_factory(ctx, "encoding"), **encoder)
     _echo_reuse(result)
     return load_bundle(result.path)
 
 
 @main.command("dedupe")
 @click.argument("data", required=False, type=click.Path(path_type=Path))
-@click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA.")
+@click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA; "
+              "with DATA, DATA's images that it holds reuse its vectors.")
 @click.option("--threshold", "-t", type=float,
               help="Cosine similarity at which two images are near-duplicates. Default: 0.90 "
               "(chosen from planted copies of real photos with the default encoder: "
@@ -826,11 +833,22 @@ def dedupe_undo_cmd(manifest: Path, as_json: bool) -> None:
         click.echo(f"  skipped {item_id}: {why}", err=True)
 
 
-def _folder_bundle(ctx: click.Context, folder: Path, model: str | None) -> Any:
+def _same_encoder(bundle: Any, model: str | None) -> dict[str, Any]:
+    """build_index arguments for the bundle's encoder (spec, weights file, precision), so
+    that a folder compared with it is embedded alike (and reuses its vectors)."""
+    if model:
+        return {"model": model}
+    ident = bundle.encoder_identity
+    w = ident.get("weights", {})
+    return {"model": ident["spec"], "precision": ident.get("precision", "fp32"),
+            "weights": w.get("path") if w.get("source") == "file" else None}
+
+
+def _folder_bundle(ctx: click.Context, folder: Path, encoder: dict[str, Any]) -> Any:
     """A folder's own bundle, saying how many images had to be encoded."""
     from embedsearch.dedupe import folder_bundle
 
-    bundle, res = folder_bundle(folder, model=model, progress=_progress_factory(ctx, "encoding"))
+    bundle, res = folder_bundle(folder, progress=_progress_factory(ctx, "encoding"), **encoder)
     _echo_reuse(res)
     return bundle
 
@@ -877,9 +895,13 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
         roots: tuple[Path, Path] = (dd.items_root(bundle), dd.items_root(bundle))
         name = bundle.name
     elif len(folders) + len(index_names) == 2:
+        from embedsearch.pipeline import share_bundle_vectors
+
         sides = [load_bundle(n) for n in index_names]
-        spec = model or (sides[0].encoder_identity["spec"] if sides else None)
-        sides += [_folder_bundle(ctx, f, spec) for f in folders]
+        for side in sides:  # a folder's images that the index holds are not encoded again
+            share_bundle_vectors(side)
+        encoder = _same_encoder(sides[0], model) if sides else {"model": model}
+        sides += [_folder_bundle(ctx, f, encoder) for f in folders]
         pairs = dd.leakage_bundles(sides[0], sides[1], threshold=t,
                                    names=(sides[0].name, sides[1].name) if index_names
                                    else (folders[0].name, folders[1].name))

@@ -46,6 +46,7 @@ from embedsearch.store.shared import SharedCache, hash_files, open_shared
 if TYPE_CHECKING:
     import pandas as pd
 
+    from embedsearch.bundle import Bundle
     from embedsearch.embed import ItemInfo
     from embedsearch.encoders.base import Encoder
     from embedsearch.engines.ray_engine import RayOptions
@@ -253,6 +254,16 @@ def _reuse_shared(shared: SharedCache, collection: Collection, keys: list[tuple[
         shards.append(np.stack(vectors), meta)
         cache.add(np.stack(vectors), meta)
     return len(rows)
+
+
+def share_bundle_vectors(bundle: Bundle) -> None:
+    """Offer a bundle's vectors to the shared embedding cache, so that building another
+    bundle from (some of) the same images encodes none of them, even when this bundle was
+    built before the cache existed or on another machine."""
+    shared = open_shared(bundle.encoder_identity, np.asarray(bundle.manifest["fingerprint"],
+                                                             np.float32))
+    if shared is not None:
+        _seed_shared(shared, bundle.path, bundle.manifest)
 
 
 def _seed_shared(shared: SharedCache, path: Path, manifest: dict[str, Any]) -> None:

@@ -246,3 +246,25 @@ def test_every_command_reuses_vectors_encoded_by_another(split_collection: Path,
     assert "(9 byte-identical)" in out and "all:test/red/red_000.jpg" in out
     out = run("dedupe", str(train), "--model", "test:tiny", "--no-html")
     assert "encoded 0 images, reused 18" in out
+
+
+def test_a_bundle_built_before_the_cache_lends_its_vectors(split_collection: Path,
+                                                           tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from click.testing import CliRunner
+
+    from embedsearch import build_index
+    from embedsearch.cli import main
+
+    monkeypatch.setenv("EMBEDSEARCH_CACHE_DIR", "off")
+    build_index(split_collection, out=tmp_path / "old", model="test:tiny")
+    monkeypatch.setenv("EMBEDSEARCH_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    r = CliRunner().invoke(main, ["dedupe", str(split_collection / "train"), "--index",
+                                  str(tmp_path / "old"), "--no-html"])
+    assert r.exit_code == 0, r.output
+    assert "encoded 0 images, reused 18 (18 from the shared embedding cache)" in r.output
+    r = CliRunner().invoke(main, ["leakage", str(split_collection / "test"), "--index",
+                                  str(tmp_path / "old"), "--no-html"])
+    assert r.exit_code == 0, r.output
+    assert "encoded 0 images, reused 9 (9 from the shared embedding cache)" in r.output
