@@ -333,14 +333,14 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
                            batch_size=batch_size, num_workers=workers, method=method,
                            head_name=head_name, classes=class_list, templates=prompt_templates,
                            allow_self=allow_self)
-    if not ctx.obj.get("quiet"):
-        c = bundle.embed_counts
-        click.echo(f"queries  {c['encoded']:,} encoded, {c['reused']:,} reused (same bytes in "
-                   "the index or the shared embedding cache)", err=True)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
     else:
         _print_predictions(preds, truth, as_json)
+    if not ctx.obj.get("quiet"):
+        c = bundle.embed_counts
+        click.echo(f"queries  {c['encoded']:,} encoded, {c['reused']:,} reused (same bytes in "
+                   "the index or the shared embedding cache)", err=True)
     _print_evaluation(bundle, preds, truth, allow_self, per_class, output, confusion)
 
 
