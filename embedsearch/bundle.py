@@ -461,21 +461,24 @@ class Bundle:
         Files that are indexed reference images do not vote for themselves (see
         :meth:`predict_vectors`); their vectors are reused, not re-encoded.
         """
-        vectors, statuses, shas = self.embed_files(paths, batch_size, num_workers)
-        ok_ids = [p for p, status, _ in statuses if status == "ok"]
-        args = (vectors, ok_ids, k, n_neighbours, weighting, method, head_name, classes,
-                templates, shas, allow_self)
+        def run() -> list[Prediction]:
+            vectors, statuses, shas = self.embed_files(paths, batch_size, num_workers)
+            ok_ids = [p for p, status, _ in statuses if status == "ok"]
+            preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting,
+                                              method, head_name, classes, templates, shas,
+                                              allow_self))
+            return [next(preds) if status == "ok"
+                    else Prediction(p, status=status, detail=detail)
+                    for p, status, detail in statuses]
+
         try:
-            answers = self.predict_vectors(*args)
+            return run()
         except BundleError:
             # A rebuild may have committed (and removed this generation's files) since the
             # bundle was opened: answer from the new generation rather than call it damaged.
             if not self._follow_new_generation():
                 raise
-            answers = self.predict_vectors(*args)
-        preds = iter(answers)
-        return [next(preds) if status == "ok" else Prediction(p, status=status, detail=detail)
-                for p, status, detail in statuses]
+            return run()
 
     def _follow_new_generation(self) -> bool:
         """Switch to the generation committed since this bundle was opened, if any."""
@@ -491,7 +494,8 @@ class Bundle:
         if encoder_key(latest["encoder"]) != encoder_key(self.encoder_identity):
             self._encoder = None
         self.manifest = latest
-        for cached in ("items", "failures", "embeddings", "index", "_loaded_classifiers"):
+        for cached in ("items", "failures", "embeddings", "index", "rows_by_sha256",
+                       "_loaded_classifiers"):
             self.__dict__.pop(cached, None)
         return True
 
