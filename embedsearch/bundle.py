@@ -181,7 +181,9 @@ class Bundle:
                               hint=self.rebuild_hint)
         # The manifest's facts must be the items table's: an edited manifest is refused.
         labels = sorted({str(v) for v in df["label"] if _none(v) is not None})
-        n_ref = int((~df["split"].isin(HELD_OUT_SPLITS)).sum())
+        held = self.manifest["index"].get("held_out", {})
+        held = held.get("splits", HELD_OUT_SPLITS) if isinstance(held, dict) else ()
+        n_ref = int((~df["split"].isin(list(held))).sum())
         if labels != self.classes or n_ref != self.reference_rows:
             raise BundleError(
                 f"manifest.json of {self.path} says {len(self.classes)} classes and "
