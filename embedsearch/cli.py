@@ -50,11 +50,20 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="embedsearch")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]),
+              envvar="EMBEDSEARCH_BACKEND", default="auto", show_default=True,
+              help="Runtime of the encoder's forward pass for every command; auto: the "
+              "fastest installed (OpenVINO, then ONNX Runtime, else torch), checked against "
+              "torch on a reference image.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool, backend: str) -> None:
     """Classify, search and de-duplicate image collections with a frozen pretrained encoder
     and a FAISS index."""
     ctx.obj = {"debug": debug, "quiet": quiet}
+    if backend != "auto":
+        from embedsearch.encoders.backends import set_default_backend
+
+        set_default_backend(backend)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not debug:

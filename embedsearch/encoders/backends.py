@@ -1,0 +1,327 @@
+"""Inference backends beside torch: OpenVINO and ONNX Runtime run an exported image tower.
+
+An encoder is always built in torch (its weights, preprocessing and identity come from
+there). :func:`use_backend` then exports the image tower once, caches the export in the
+user cache dir under a key made of everything that decides the graph (encoder identity,
+weights digest, torch and runtime versions, input size), and runs batches through the
+runtime instead of torch.
+
+Every time a runtime is attached, it embeds the fingerprint image and must agree with
+torch's own embedding of it to cosine >= :data:`MIN_COSINE`; otherwise the encoder stays
+on torch with a warning. That tolerance is ten times tighter than the one bundles already
+accept between CPU kernels (``bundle.FINGERPRINT_MIN_COSINE`` = 0.999), and on
+clothing-small the 10-NN predictions were identical to torch's
+(benchmarks/results/throughput.md), so the backend is *not* part of the encoder identity:
+a bundle built with one backend is queried and extended with another.
+
+``auto`` picks the fastest installed runtime in the measured order :data:`AUTO_ORDER`
+(OpenVINO, then ONNX Runtime; benchmarks/results/throughput.md) for fp32 encoders on CPU;
+bf16, a model on an accelerator, or an encoder that declares ``prefers_torch`` stay on torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedsearch.errors import EncoderError
+
+if TYPE_CHECKING:
+    from embedsearch.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+#: Fastest first, as measured on CPU (benchmarks/results/throughput.md).
+AUTO_ORDER = ("openvino", "onnxruntime")
+#: Cosine a runtime's fingerprint embedding must reach against torch's.
+MIN_COSINE = 0.9999
+#: The Python module each runtime needs.
+_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+#: Set by the CLI's ``--backend``; else the environment, else "auto".
+_default: str | None = None
+
+Runtime = Callable[[np.ndarray], np.ndarray]
+
+
+def set_default_backend(name: str | None) -> None:
+    """The backend :func:`load_encoder` uses when none is passed (None: env or auto)."""
+    global _default
+    _default = _check_name(name) if name is not None else None
+
+
+def default_backend() -> str:
+    return _default or _check_name(os.environ.get("EMBEDSEARCH_BACKEND", "auto"))
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise EncoderError(f"unknown backend {name!r}", hint=f"use one of {', '.join(BACKENDS)}")
+    return name
+
+
+def installed(name: str) -> bool:
+    """Whether the runtime's package can be imported (torch always can)."""
+    return name == "torch" or importlib.util.find_spec(_MODULES[name]) is not None
+
+
+def cache_root() -> Path:
+    """Where exports live: $EMBEDSEARCH_CACHE_DIR, else $XDG_CACHE_HOME/embedsearch, else
+    ~/.cache/embedsearch (a package's weights folder may be read-only, a cache dir is not)."""
+    env = os.environ.get("EMBEDSEARCH_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "embedsearch"
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (affinity/cgroup-aware where the OS says so)."""
+    with contextlib.suppress(AttributeError):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def use_backend(encoder: Encoder, backend: str | None = None) -> str:
+    """Run ``encoder`` through ``backend`` (None: the default). Returns the backend in use.
+
+    Falls back to torch, with a warning, when the runtime is missing, the export fails or
+    the exported graph disagrees with torch on the fingerprint image.
+    """
+    name = _check_name(backend or default_backend())
+    encoder.runtime, encoder.backend = None, "torch"
+    if name == "torch":
+        return "torch"
+    why_torch = _torch_only_reason(encoder)
+    if name == "auto":
+        if why_torch or encoder.prefers_torch:
+            return "torch"
+        candidates = [b for b in AUTO_ORDER if installed(b)]
+        if not candidates:
+            log.debug("auto backend: neither openvino nor onnxruntime is installed: torch")
+            return "torch"
+    else:
+        if why_torch:
+            log.warning("backend %s not used for %s (%s): running torch", name, encoder.spec,
+                        why_torch)
+            return "torch"
+        if not installed(name):
+            log.warning("backend %s is not installed: running %s with torch (pip install "
+                        "'embedsearch[%s]')", name, encoder.spec, name)
+            return "torch"
+        candidates = [name]
+    for cand in candidates:
+        try:
+            runtime = _attach(encoder, cand)
+        except Exception as exc:  # any runtime/export failure must leave a working encoder
+            log.warning("backend %s failed for %s (%s: %s): trying the next, then torch",
+                        cand, encoder.spec, type(exc).__name__, str(exc)[:300])
+            continue
+        cos = _agreement(encoder, runtime)
+        if cos < MIN_COSINE:
+            log.warning("backend %s embeds the fingerprint image of %s at cosine %.6f to "
+                        "torch (< %s): not used", cand, encoder.spec, cos, MIN_COSINE)
+            continue
+        encoder.runtime, encoder.backend = runtime, cand
+        encoder._fingerprint = None
+        return cand
+    return "torch"
+
+
+def _torch_only_reason(encoder: Encoder) -> str | None:
+    if encoder.precision != "fp32":
+        return f"precision {encoder.precision} runs in torch autocast"
+    device = next((p.device.type for p in encoder.model.parameters()), "cpu")
+    if device != "cpu" or str(getattr(encoder, "device", "cpu")) not in ("cpu", "None"):
+        return "the model is on an accelerator"
+    return None
+
+
+def _fingerprint_input(encoder: Encoder) -> Any:
+    from embedsearch.encoders.base import fingerprint_image
+
+    return encoder.transform(fingerprint_image()).unsqueeze(0)
+
+
+def _agreement(encoder: Encoder, runtime: Runtime) -> float:
+    """Cosine between torch's and the runtime's features of the fingerprint image."""
+    import torch
+
+    x = _fingerprint_input(encoder)
+    with torch.inference_mode():
+        ref = encoder._forward(x).float().numpy()[0].astype(np.float64)
+    got = np.asarray(runtime(x.numpy()), np.float64)[0]
+    den = np.linalg.norm(ref) * np.linalg.norm(got)
+    return float(ref @ got / den) if den > 0 and np.isfinite(got).all() else -1.0
+
+
+# -- export cache ------------------------------------------------------------------------
+def export_key(encoder: Encoder, backend: str) -> str:
+    """Hash of everything that decides the exported graph and its numbers."""
+    import torch
+
+    ident = encoder.identity()
+    weights = ident["weights"].get("sha256") or _state_digest(encoder)
+    version = importlib.import_module(_MODULES[backend]).__version__
+    blob = json.dumps({"identity": ident, "weights": weights, "torch": torch.__version__,
+                       "backend": backend, "version": str(version),
+                       "input": [3, encoder.preprocess.crop, encoder.preprocess.crop],
+                       "class": type(encoder).__qualname__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _state_digest(encoder: Encoder) -> str:
+    """Digest of the parameters themselves, for weights with no file hash (random/hub)."""
+    h = hashlib.sha256()
+    for key, tensor in encoder.model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _export_dir(encoder: Encoder, backend: str) -> Path:
+    """The cached export's folder, exporting into it first when it does not exist yet.
+
+    The export is written into a temp folder beside it and renamed into place, so a
+    reader sees a whole export or none; two processes exporting at once both succeed and
+    one rename wins.
+    """
+    root = cache_root() / "exports"
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in encoder.spec)[:60]
+    final = root / f"{slug}-{backend}-{export_key(encoder, backend)}"
+    if (final / "done.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=root))
+    try:
+        _EXPORTERS[backend](encoder, tmp)
+        (tmp / "done.json").write_text(json.dumps({"spec": encoder.spec, "backend": backend,
+                                                   "identity": encoder.identity()}))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process got there first (the folder exists, not empty)
+            if not (final / "done.json").is_file():
+                raise
+        log.info("exported %s for %s to %s", encoder.spec, backend, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class _Tower:
+    """The encoder's ``_forward`` as a torch module, for tracing exporters."""
+
+    @staticmethod
+    def build(encoder: Encoder) -> Any:
+        import torch
+
+        class Tower(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = encoder.model  # registers the parameters
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return encoder._forward(x).float()
+
+        return Tower().eval()
+
+
+def _export_openvino(encoder: Encoder, folder: Path) -> None:
+    import openvino as ov
+    import torch
+
+    crop = encoder.preprocess.crop
+    with torch.no_grad():
+        model = ov.convert_model(_Tower.build(encoder),
+                                 example_input=torch.zeros(1, 3, crop, crop),
+                                 input=[(-1, 3, crop, crop)])
+    # fp16 weight compression is the default of save_model: it would change the vectors.
+    ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
+
+
+def _export_onnx(encoder: Encoder, folder: Path) -> None:
+    import torch
+
+    crop = encoder.preprocess.crop
+    # The TorchScript exporter needs only the onnx package (the dynamo one also onnxscript);
+    # it warns that it is legacy, which is not the user's business.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Tower.build(encoder), (torch.zeros(1, 3, crop, crop),),
+                          str(folder / "model.onnx"), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+
+
+_EXPORTERS = {"openvino": _export_openvino, "onnxruntime": _export_onnx}
+
+
+# -- runtimes ------------------------------------------------------------------------------
+def _attach(encoder: Encoder, backend: str) -> Runtime:
+    folder = _export_dir(encoder, backend)
+    if backend == "openvino":
+        return OpenVINORuntime(folder / "model.xml")
+    return OnnxRuntime(folder / "model.onnx")
+
+
+class OpenVINORuntime:
+    """An OpenVINO CPU model run as several independent single-threaded streams.
+
+    Why streams, not one multi-threaded request: threads of one request meet at a barrier
+    after every layer, so when another process takes a core, the thread on it stalls the
+    others; independent streams keep going on whatever cores are free (the contention
+    benchmark in benchmarks/throughput.py). A batch is split across the streams. fp32
+    inference precision is forced: on CPUs with bf16 units OpenVINO otherwise defaults to
+    bf16, which moves the vectors (fingerprint cosine 0.9997 here).
+    """
+
+    def __init__(self, xml: Path, threads: int | None = None) -> None:
+        import openvino as ov
+
+        threads = threads or cpu_threads()
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads,
+                  "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
+        self.compiled = core.compile_model(core.read_model(xml), "CPU", config)
+        self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        parts = np.array_split(np.ascontiguousarray(batch, np.float32),
+                               min(self.streams, len(batch)))
+        used = self.requests[:len(parts)]
+        for req, part in zip(used, parts, strict=True):
+            req.start_async({0: part}, share_inputs=True)
+        outs = []
+        for req in used:
+            req.wait()
+            outs.append(req.get_output_tensor(0).data.copy())
+        return np.concatenate(outs)
+
+
+class OnnxRuntime:
+    """ONNX Runtime CPU session; its intra-op threads sleep instead of spinning when idle,
+    which costs little alone and keeps a contended core free for whoever holds it."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_threads()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": np.ascontiguousarray(batch, np.float32)})[0]
