@@ -290,7 +290,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
     from embedsearch.bundle import load_bundle
 
     bundle = load_bundle(index_name)
-    bundle.encoder(weights)
+    bundle.image_encoder(weights)
     paths, truth = _collect_queries(images)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     prompt_templates = ([*([template_set] if template_set else []), *templates]

@@ -108,3 +108,50 @@ def test_auto_keeps_torch_where_a_runtime_cannot_help(monkeypatch: pytest.Monkey
     monkeypatch.setenv("EMBEDSEARCH_BACKEND", "nonsense")
     with pytest.raises(EncoderError, match="unknown backend"):
         backends.default_backend()
+
+
+@pytest.mark.parametrize("name", RUNTIMES[:1])
+def test_light_path_embeds_without_torch_and_rechecks(name: str, _cache: Path,
+                                                      collection: Path,
+                                                      queries: dict[str, Path],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    enc = _conv(name)  # attaching the runtime records the light entry
+    build_index(collection, out="b", encoder=enc)
+    bundle = load_bundle("b")
+    light = bundle.image_encoder()
+    assert isinstance(light, backends.LightEncoder) and bundle._encoder is None
+    paths = list(queries.values())
+    on_torch = load_bundle("b")
+    on_torch._encoder = _conv("torch")  # what Bundle.encoder() would build for a registry spec
+    np.testing.assert_allclose(bundle.embed_paths(paths)[0], on_torch.embed_paths(paths)[0],
+                               atol=1e-5)
+    # A fresh process predicts through the export without importing torch at all.
+    code = ("import sys; from pathlib import Path; from embedsearch import load_bundle; "
+            f"p = load_bundle('b').predict([Path({str(paths[0])!r})], k=3); "
+            "assert p[0].status == 'ok', p; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    # An entry whose recorded torch fingerprint no longer matches is not used (warned).
+    entry = next((_cache / "light").glob("*.json"))
+    rec = json.loads(entry.read_text())
+    rec["torch_fingerprint"] = list(-np.asarray(rec["torch_fingerprint"]))
+    entry.write_text(json.dumps(rec))
+    with caplog.at_level(logging.WARNING):
+        assert backends.light_encoder(bundle.encoder_identity) is None
+    assert "no longer matches torch" in caplog.text
+    # --backend torch never takes the light path.
+    entry.write_text(json.dumps({**rec, "torch_fingerprint": list(-np.asarray(
+        rec["torch_fingerprint"]))}))
+    assert backends.light_encoder(bundle.encoder_identity) is not None
+    backends.set_default_backend("torch")
+    try:
+        assert backends.light_encoder(bundle.encoder_identity) is None
+    finally:
+        backends.set_default_backend(None)

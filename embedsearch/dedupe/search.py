@@ -57,6 +57,13 @@ MAX_PAIRS = 50_000_000
 PCA_SAMPLE = 20_000
 #: Exponent of the signed power normalisation of embeddings before comparison (1 = raw).
 DEFAULT_POWER = 0.5
+#: Above this many vectors, candidates come from an IVF index over the projections instead
+#: of all pairs of them (n·√n instead of n² work; see :func:`_ivf_candidates`).
+IVF_LIMIT = 200_000
+#: Share of planted threshold-level near-duplicates the calibrated nprobe must find.
+IVF_RECALL = 0.995
+#: Planted pairs used to calibrate nprobe.
+CALIBRATION_PAIRS = 4000
 
 
 @dataclass
@@ -197,7 +204,7 @@ def rescore(x: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 16384) -> 
 def candidate_pairs(vectors: np.ndarray, threshold: float, *, power: float = DEFAULT_POWER,
                     exact_limit: int = EXACT_LIMIT, reduce_dim: int = REDUCE_DIM,
                     margin: float = MARGIN, tile: int = TILE,
-                    max_pairs: int = MAX_PAIRS) -> Pairs:
+                    max_pairs: int = MAX_PAIRS, ivf_limit: int = IVF_LIMIT) -> Pairs:
     """Every pair of rows whose descriptors (see module docstring) have cosine similarity
     >= ``threshold``."""
     if not 0 < threshold <= 1.0 + 1e-6:
@@ -220,8 +227,88 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, *, power: float = DEF
         y[k:k + 65536] = x[k:k + 65536] @ proj
     norms = np.linalg.norm(y, axis=1, keepdims=True)
     y /= np.maximum(norms, 1e-12)
-    i, j, _ = _tiled(y, max(t - margin, 1e-6), tile, max_pairs)
+    if n > ivf_limit:
+        i, j, method = *_ivf_candidates(x, y, proj, t, max(t - margin, 1e-6), max_pairs), "ivf"
+    else:
+        i, j, _ = _tiled(y, max(t - margin, 1e-6), tile, max_pairs)
+        method = "projected"
     s = rescore(x, i, j)
     keep = s >= t
-    log.debug("projected search: %d candidates, %d at or above %.3f", len(i), int(keep.sum()), t)
-    return Pairs(i[keep], j[keep], s[keep], f"projected-{reduce_dim}+rescore", threshold)
+    log.debug("%s search: %d candidates, %d at or above %.3f", method, len(i), int(keep.sum()),
+              t)
+    return Pairs(i[keep], j[keep], s[keep], f"{method}-{reduce_dim}+rescore", threshold)
+
+
+def _ivf_candidates(x: np.ndarray, y: np.ndarray, proj: np.ndarray, threshold: float,
+                    floor: float, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) whose projections ``y`` reach ``floor``, through an IVF index over ``y``.
+
+    Each row is range-searched in its ``nprobe`` nearest lists only, so the work grows as
+    n·√n, not n². A pair is found when either row's probed lists hold the other; nprobe is
+    calibrated on this collection (:func:`_calibrate_nprobe`), not fixed.
+    """
+    import faiss
+
+    from embedsearch.index.ivf import TRAIN_POINTS_PER_LIST, choose_nlist, range_search_blocks
+
+    n, dim = y.shape
+    rng = np.random.default_rng(0)
+    nlist = choose_nlist(n)
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 0
+    index.train(y[np.sort(rng.choice(n, min(n, nlist * TRAIN_POINTS_PER_LIST), replace=False))])
+    index.add(y)
+    index.nprobe = _calibrate_nprobe(x, proj, quantizer, threshold, rng)
+    keys: list[np.ndarray] = []
+    total = 0
+    for first, lims, _, ids in range_search_blocks(index, y, floor, block=16384):
+        rows = first + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
+        lo, hi = np.minimum(rows, ids), np.maximum(rows, ids)
+        k = lo[lo != hi] * n + hi[lo != hi]  # each pair once, from whichever side found it
+        keys.append(np.unique(k))
+        total += len(keys[-1])
+        if total > 2 * max_pairs:
+            raise EmbedsearchError(
+                f"more than {max_pairs:,} pairs of images are at least {floor:.3f} similar "
+                "in the candidate search: that threshold is far too low for duplicates",
+                hint="raise --threshold (see --sweep)")
+    pairs = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    log.debug("ivf candidates: nlist %d, nprobe %d, %d pairs", nlist, index.nprobe, len(pairs))
+    return pairs // n, pairs % n
+
+
+def _calibrate_nprobe(x: np.ndarray, proj: np.ndarray, quantizer: object, threshold: float,
+                      rng: np.random.Generator, sample: int = CALIBRATION_PAIRS) -> int:
+    """The smallest power-of-two nprobe that finds :data:`IVF_RECALL` of synthetic
+    near-duplicates planted at exactly ``threshold`` (the hardest ones to find).
+
+    Each planted copy is a sampled row turned by a random direction of the row's own
+    collection space to cosine ``threshold`` with it; the pair counts as found when one
+    row's nprobe nearest lists contain the other's list, which is what the range search
+    needs.
+    """
+    u = x[np.sort(rng.choice(len(x), min(len(x), sample), replace=False))]
+    w = x[rng.choice(len(x), len(u))] + 0.5 * rng.standard_normal(u.shape).astype(np.float32) \
+        / np.sqrt(x.shape[1])
+    w -= np.einsum("ij,ij->i", w, u)[:, None] * u
+    w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    v = threshold * u + np.sqrt(1 - threshold ** 2) * w
+    pu, pv = u @ proj, v @ proj
+    pu /= np.maximum(np.linalg.norm(pu, axis=1, keepdims=True), 1e-12)
+    pv /= np.maximum(np.linalg.norm(pv, axis=1, keepdims=True), 1e-12)
+    nlist = quantizer.ntotal  # type: ignore[attr-defined]
+    top = min(nlist, 1024)
+    _, lu = quantizer.search(np.ascontiguousarray(pu, np.float32), top)  # type: ignore[attr-defined]
+    _, lv = quantizer.search(np.ascontiguousarray(pv, np.float32), top)  # type: ignore[attr-defined]
+    big = np.iinfo(np.int64).max
+
+    def rank(lists: np.ndarray, target: np.ndarray) -> np.ndarray:
+        hit = lists == target[:, None]
+        return np.where(hit.any(1), hit.argmax(1), big)
+
+    need = np.minimum(rank(lu, lv[:, 0]), rank(lv, lu[:, 0])) + 1  # nprobe that finds each
+    nprobe = 1
+    while nprobe < top and np.mean(need <= nprobe) < IVF_RECALL:
+        nprobe *= 2
+    return min(nprobe, top)

@@ -129,13 +129,14 @@ def use_backend(encoder: Encoder, backend: str | None = None) -> str:
             log.warning("backend %s failed for %s (%s: %s): trying the next, then torch",
                         cand, encoder.spec, type(exc).__name__, str(exc)[:300])
             continue
-        cos = _agreement(encoder, runtime)
+        cos, reference = _agreement(encoder, runtime)
         if cos < MIN_COSINE:
             log.warning("backend %s embeds the fingerprint image of %s at cosine %.6f to "
                         "torch (< %s): not used", cand, encoder.spec, cos, MIN_COSINE)
             continue
         encoder.runtime, encoder.backend = runtime, cand
         encoder._fingerprint = None
+        _record_light(encoder, cand, reference)
         return cand
     return "torch"
 
@@ -155,14 +156,20 @@ def _fingerprint_input(encoder: Encoder) -> Any:
     return encoder.transform(fingerprint_image()).unsqueeze(0)
 
 
-def _agreement(encoder: Encoder, runtime: Runtime) -> float:
-    """Cosine between torch's and the runtime's features of the fingerprint image."""
+def _agreement(encoder: Encoder, runtime: Runtime) -> tuple[float, np.ndarray]:
+    """Cosine between torch's and the runtime's features of the fingerprint image, and
+    torch's (L2-normalised) features."""
     import torch
 
     x = _fingerprint_input(encoder)
     with torch.inference_mode():
         ref = encoder._forward(x).float().numpy()[0].astype(np.float64)
-    got = np.asarray(runtime(x.numpy()), np.float64)[0]
+    ref /= max(float(np.linalg.norm(ref)), 1e-12)
+    return _cosine(ref, runtime(x.numpy())[0]), ref
+
+
+def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    got = np.asarray(got, np.float64)
     den = np.linalg.norm(ref) * np.linalg.norm(got)
     return float(ref @ got / den) if den > 0 and np.isfinite(got).all() else -1.0
 
@@ -270,7 +277,10 @@ _EXPORTERS = {"openvino": _export_openvino, "onnxruntime": _export_onnx}
 
 # -- runtimes ------------------------------------------------------------------------------
 def _attach(encoder: Encoder, backend: str) -> Runtime:
-    folder = _export_dir(encoder, backend)
+    return _open(backend, _export_dir(encoder, backend))
+
+
+def _open(backend: str, folder: Path) -> Runtime:
     if backend == "openvino":
         return OpenVINORuntime(folder / "model.xml")
     return OnnxRuntime(folder / "model.onnx")
@@ -325,3 +335,161 @@ class OnnxRuntime:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"x": np.ascontiguousarray(batch, np.float32)})[0]
+
+
+# -- light path: a cached, verified export without torch -----------------------------------
+#: PIL resampling filter of each interpolation name torchvision records.
+_PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+LIGHT_FORMAT = "embedsearch-light-encoder"
+
+
+class LightPreprocess:
+    """Shorter-side resize, centre crop and normalisation in PIL + numpy: what torchvision's
+    eval transform does (checked bit for bit against it before an entry is recorded)."""
+
+    def __init__(self, resize: int, crop: int, interpolation: str, mean: list[float],
+                 std: list[float]) -> None:
+        self.resize, self.crop = resize, crop
+        self.filter = _PIL_FILTERS[interpolation]
+        self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+
+    def worker_transform(self, image: Any) -> np.ndarray:
+        """PIL image → uint8 CHW array (torchvision's Resize(int) + CenterCrop on PIL)."""
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.resize * long / short)
+        size = (self.resize, new_long) if w <= h else (new_long, self.resize)
+        if size != (w, h):
+            image = image.resize(size, self.filter)
+        w, h = image.size  # both >= crop, as resize >= crop (checked when recorded)
+        top, left = round((h - self.crop) / 2.0), round((w - self.crop) / 2.0)
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def finish(self, batch: np.ndarray) -> np.ndarray:
+        x = batch.astype(np.float32) / np.float32(255)
+        return (x - self.mean) / self.std
+
+
+class LightEncoder:
+    """Image embedding through a cached export only: no torch, timm or torchvision import.
+
+    Made by :func:`light_encoder` from an entry that a full encoder recorded after its
+    runtime passed the fingerprint check; it repeats that check on every load."""
+
+    supports_text = False
+
+    def __init__(self, entry: dict[str, Any], runtime: Runtime) -> None:
+        self.entry = entry
+        self.spec = entry["identity"]["spec"]
+        self.dim = int(entry["identity"]["dim"])
+        self.backend = entry["backend"]
+        self.runtime = runtime
+        self.preprocess = LightPreprocess(**entry["preprocess"])
+        self._fingerprint: np.ndarray | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self.entry["identity"])
+
+    def encode_tensors(self, batch: np.ndarray) -> np.ndarray:
+        feats = np.asarray(self.runtime(np.ascontiguousarray(batch, np.float32)), np.float32)
+        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        if not np.isfinite(feats).all():
+            raise EncoderError(f"encoder {self.spec} produced NaN or infinite values",
+                               hint="delete the export cache (embedsearch --backend torch)")
+        return feats
+
+    def fingerprint(self) -> np.ndarray:
+        if self._fingerprint is None:
+            from embedsearch.encoders.base import fingerprint_image
+
+            x = self.preprocess.worker_transform(fingerprint_image())
+            self._fingerprint = self.encode_tensors(self.preprocess.finish(x[None]))[0]
+        return self._fingerprint
+
+
+def _light_path(identity: dict[str, Any]) -> Path:
+    from embedsearch.bundle import encoder_key
+
+    key = hashlib.sha256(encoder_key(identity).encode()).hexdigest()[:24]
+    return cache_root() / "light" / f"{key}.json"
+
+
+def _light_params(encoder: Encoder) -> dict[str, Any] | None:
+    """LightPreprocess arguments when they reproduce the encoder's own transform exactly."""
+    import torch
+    from PIL import Image
+
+    d = encoder.preprocess.describe()
+    if d["interpolation"] not in _PIL_FILTERS or d["resize_shorter_side"] < d["center_crop"]:
+        return None
+    params = {"resize": d["resize_shorter_side"], "crop": d["center_crop"],
+              "interpolation": d["interpolation"], "mean": d["mean"], "std": d["std"]}
+    light = LightPreprocess(**params)
+    from embedsearch.encoders.base import fingerprint_image
+
+    probe = np.asarray(fingerprint_image())
+    for size in ((256, 256), (301, 203), (190, 420)):  # square, landscape, portrait
+        image = Image.fromarray(probe).resize(size)
+        ref = encoder.preprocess.finish(encoder.preprocess.worker_transform(image)[None])
+        mine = light.finish(light.worker_transform(image)[None])
+        if not torch.equal(torch.from_numpy(mine), ref):
+            return None
+    return params
+
+
+def _record_light(encoder: Encoder, backend: str, reference: np.ndarray) -> None:
+    """Let later processes embed images with this export without building the model."""
+    from embedsearch.store.io import write_json
+
+    path = _light_path(encoder.identity())
+    try:
+        params = _light_params(encoder)
+        if params is None:
+            return
+        write_json(path, {
+            "format": LIGHT_FORMAT, "identity": encoder.identity(), "backend": backend,
+            "export": _export_dir(encoder, backend).name,
+            "runtime_version": str(importlib.import_module(_MODULES[backend]).__version__),
+            "preprocess": params, "torch_fingerprint": [float(v) for v in reference]})
+    except Exception as exc:  # the light path is an optimisation: never fail the load
+        log.debug("no light entry for %s: %s", encoder.spec, exc)
+
+
+def light_encoder(identity: dict[str, Any]) -> LightEncoder | None:
+    """A verified :class:`LightEncoder` for ``identity``, or None (then build the encoder).
+
+    Used only where the process default backend allows the recorded runtime, the runtime's
+    version is the one that was verified, the export is still there, and the export still
+    embeds the fingerprint image like torch did (cosine >= :data:`MIN_COSINE`).
+    """
+    name = default_backend()
+    path = _light_path(identity)
+    if name == "torch" or not path.is_file():
+        return None
+    from embedsearch.bundle import encoder_key
+
+    try:
+        entry = json.loads(path.read_text())
+        backend = entry["backend"]
+        if entry.get("format") != LIGHT_FORMAT or name not in ("auto", backend) \
+                or encoder_key(entry["identity"]) != encoder_key(identity) \
+                or not installed(backend):
+            return None
+        module = importlib.import_module(_MODULES[backend])
+        folder = cache_root() / "exports" / entry["export"]
+        if str(module.__version__) != entry["runtime_version"] \
+                or not (folder / "done.json").is_file():
+            return None
+        enc = LightEncoder(entry, _open(backend, folder))
+        cos = _cosine(np.asarray(entry["torch_fingerprint"], np.float64), enc.fingerprint())
+    except Exception as exc:  # a damaged entry or export: the full path rebuilds it
+        log.debug("light encoder unusable (%s: %s)", type(exc).__name__, exc)
+        return None
+    if cos < MIN_COSINE:
+        log.warning("the cached %s export of %s no longer matches torch (cosine %.6f): "
+                    "rebuilding the encoder", backend, identity.get("spec"), cos)
+        return None
+    return enc
