@@ -355,6 +355,42 @@ def backend_agreement(reference: Path, backends: list[str]) -> dict:
     return out
 
 
+def cli_pairs(reference: Path, query: Path, train: Path, repeats: int, builds: int) -> dict:
+    """Wall seconds of fresh CLI processes, ``--backend torch`` and the default alternated
+    (A B A B): ``predict`` of one image (cold start) and ``build-index`` of ``train``."""
+    import subprocess
+
+    exe = [sys.executable, "-m", "embedsearch.cli", "-q"]
+    out: dict[str, Any] = {}
+
+    def timed(args: list[str]) -> float:
+        t = time.perf_counter()
+        subprocess.run(args, check=True, capture_output=True)
+        return time.perf_counter() - t
+
+    for what, n, run in (
+            ("predict_one_image_cold_s", repeats,
+             lambda b: timed([*exe, *b, "predict", str(query), "--index", str(reference)])),
+            ("build_index_train_s", builds,
+             lambda b: _timed_build(timed, exe, b, train))):
+        runs: dict[str, list[float]] = {"torch": [], "default": []}
+        for _ in range(n):
+            for name, flag in (("torch", ["--backend", "torch"]), ("default", [])):
+                runs[name].append(run(flag))
+        out[what] = {k: {"median": round(statistics.median(v), 2),
+                         "runs": [round(x, 2) for x in v]} for k, v in runs.items()}
+        out[what]["torch_over_default_median_of_pairs"] = round(statistics.median(
+            a / b for a, b in zip(runs["torch"], runs["default"], strict=True)), 2)
+        print(what, json.dumps(out[what]), flush=True)
+    return out
+
+
+def _timed_build(timed: Callable[[list[str]], float], exe: list[str], flag: list[str],
+                 train: Path) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        return timed([*exe, *flag, "build-index", str(train), "--out", str(Path(tmp) / "b")])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["efficientnet-lite0"])
@@ -375,6 +411,10 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, default=None,
                     help="a torch fp32 bundle of all of clothing-small: compare each "
                     "backend's 10-NN test predictions against it")
+    ap.add_argument("--cli-repeats", type=int, default=5,
+                    help="with --reference: cold predict pairs (torch vs default backend)")
+    ap.add_argument("--build-repeats", type=int, default=2,
+                    help="with --reference: build-index of train/ pairs (torch vs default)")
     args = ap.parse_args()
     if not CLOTHING.exists():
         sys.exit(f"{CLOTHING} is absent: this benchmark needs ../shared/datasets/clothing-small")
@@ -387,15 +427,23 @@ def main() -> None:
                                "git": git_revision(str(REPO)), "encoders": {}}
     if args.backends:
         results["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+
+        def save() -> None:  # after every section: a late failure keeps the earlier ones
+            results["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+            args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+
         with tempfile.TemporaryDirectory() as tmp:
             data = subset(files, args.images, Path(tmp) / "subset")
             results["backends"] = backend_matrix(data, args.models, args.backends, args.loads,
                                                  args.repeats, args.images)
+        save()
         if args.reference:
             results["agreement"] = backend_agreement(args.reference, args.backends)
-        results["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+            save()
+            results["cli"] = cli_pairs(args.reference, query, CLOTHING / "train",
+                                       args.cli_repeats, args.build_repeats)
+            save()
         print(json.dumps(results, indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp:

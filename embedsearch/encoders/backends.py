@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -307,17 +308,19 @@ class OpenVINORuntime:
         self.compiled = core.compile_model(core.read_model(xml), "CPU", config)
         self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        self._lock = threading.Lock()  # the requests are reused: one batch at a time
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         parts = np.array_split(np.ascontiguousarray(batch, np.float32),
                                min(self.streams, len(batch)))
-        used = self.requests[:len(parts)]
-        for req, part in zip(used, parts, strict=True):
-            req.start_async({0: part}, share_inputs=True)
-        outs = []
-        for req in used:
-            req.wait()
-            outs.append(req.get_output_tensor(0).data.copy())
+        with self._lock:
+            used = self.requests[:len(parts)]
+            for req, part in zip(used, parts, strict=True):
+                req.start_async({0: part}, share_inputs=True)
+            outs = []
+            for req in used:
+                req.wait()
+                outs.append(req.get_output_tensor(0).data.copy())
         return np.concatenate(outs)
 
 
