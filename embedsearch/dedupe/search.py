@@ -26,9 +26,18 @@ Two paths, both tiled so that no n×n matrix ever exists (a tile is at most
     practice (tests, benchmarks/dedupe_threshold.py) at 1/10 of the arithmetic: 100,000 ×
     1280-d in well under a minute on 2 cores (benchmarks/dedupe_speed.py).
 
-faiss is not used here: its flat range search scores both triangles and, measured on this
-project's 2-core machine, was several times slower than the tiled BLAS loop below; its
-approximate indexes (IVF, HNSW) lose recall on unstructured vectors.
+``ivf``
+    Above ``ivf_limit`` (200,000) rows, scoring every pair even in 128 dimensions is the
+    whole cost (1M × 1280-d: 2,025 s here). The projections are put into a faiss IVF
+    index (≈ 4·√n lists) and each row is range-searched in its ``nprobe`` nearest lists
+    only, so the work grows as n·√n; the candidates are re-scored exactly as above.
+    ``nprobe`` is calibrated on the collection itself: near-duplicates are planted at
+    exactly the threshold (sampled rows turned towards other rows), and the smallest
+    power of two that finds :data:`IVF_RECALL` of them is used.
+
+Below ``ivf_limit`` faiss is not used: its flat range search scores both triangles and,
+measured on this project's 2-core machine, was several times slower than the tiled BLAS
+loop below.
 """
 
 from __future__ import annotations
@@ -283,10 +292,10 @@ def _calibrate_nprobe(x: np.ndarray, proj: np.ndarray, quantizer: object, thresh
     """The smallest power-of-two nprobe that finds :data:`IVF_RECALL` of synthetic
     near-duplicates planted at exactly ``threshold`` (the hardest ones to find).
 
-    Each planted copy is a sampled row turned by a random direction of the row's own
-    collection space to cosine ``threshold`` with it; the pair counts as found when one
-    row's nprobe nearest lists contain the other's list, which is what the range search
-    needs.
+    Each planted copy is a sampled row turned, towards another row of the collection plus
+    a little noise, to cosine ``threshold`` with it (moving within the populated part of
+    the space, where lists are finest); the pair counts as found when one row's nprobe
+    nearest lists contain the other's list, which is what the range search needs.
     """
     u = x[np.sort(rng.choice(len(x), min(len(x), sample), replace=False))]
     w = x[rng.choice(len(x), len(u))] + 0.5 * rng.standard_normal(u.shape).astype(np.float32) \

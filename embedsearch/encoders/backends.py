@@ -49,8 +49,10 @@ BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 AUTO_ORDER = ("openvino", "onnxruntime")
 #: Cosine a runtime's fingerprint embedding must reach against torch's.
 MIN_COSINE = 0.9999
-#: The Python module each runtime needs.
+#: The Python module each runtime needs, and how to get it.
 _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+_INSTALL = {"openvino": "pip install openvino (a default dependency of embedsearch)",
+            "onnxruntime": "pip install 'embedsearch[onnxruntime]'"}
 #: Set by the CLI's ``--backend``; else the environment, else "auto".
 _default: str | None = None
 
@@ -119,8 +121,8 @@ def use_backend(encoder: Encoder, backend: str | None = None) -> str:
                         why_torch)
             return "torch"
         if not installed(name):
-            log.warning("backend %s is not installed: running %s with torch (pip install "
-                        "'embedsearch[%s]')", name, encoder.spec, name)
+            log.warning("backend %s is not installed: running %s with torch (%s)", name,
+                        encoder.spec, _INSTALL[name])
             return "torch"
         candidates = [name]
     for cand in candidates:
