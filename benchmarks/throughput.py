@@ -249,12 +249,15 @@ def _encoder(spec: str, backend: str) -> Any:
     torch.manual_seed(0)  # random-weight specs: the same weights for every backend
     enc = load_encoder(spec, backend=backend)
     if enc.backend != backend:
-        raise SystemExit(f"{spec}: backend {backend} not usable here (got {enc.backend})")
+        print(f"{spec}: backend {backend} not usable here (got {enc.backend}): skipped",
+              flush=True)
+        return None
     return enc
 
 
 def backend_matrix(data: Path, specs: list[str], backends: list[str], loads: list[int],
-                   repeats: int, images: int) -> dict:
+                   repeats: int, images: int,
+                   on_spec: Callable[[dict], None] | None = None) -> dict:
     """Model-only and full-pipeline images/s per encoder × backend × load, interleaved.
 
     Each repeat runs every (backend, load) cell once, in the same order, so drift of the
@@ -267,8 +270,9 @@ def backend_matrix(data: Path, specs: list[str], backends: list[str], loads: lis
 
     out: dict[str, Any] = {}
     for spec in specs:
-        encs = {b: _encoder(spec, b) for b in backends}
-        size = encs[backends[0]].preprocess.crop
+        encs = {b: e for b in backends if (e := _encoder(spec, b)) is not None}
+        backends_here = list(encs)
+        size = encs[backends_here[0]].preprocess.crop
         x = torch.randn(32, 3, size, size)
         cells: dict[str, dict[str, list[float]]] = {}
         for _ in range(repeats):
@@ -297,7 +301,7 @@ def backend_matrix(data: Path, specs: list[str], backends: list[str], loads: lis
                 "build_index_seconds": round(statistics.median(c["build_s"]), 2),
                 "runs_model": [round(v, 1) for v in c["model"]],
                 "runs_pipeline": [round(v, 1) for v in c["pipeline"]]}
-        for b in backends:
+        for b in backends_here:
             idle = cells[f"{b}|0"]
             for load in loads:
                 if load == 0:
@@ -307,14 +311,17 @@ def backend_matrix(data: Path, specs: list[str], backends: list[str], loads: lis
                     v / i for v, i in zip(busy["pipeline"], idle["pipeline"], strict=True)), 3)
                 r[b][f"load{load}"]["model_ratio_to_idle"] = round(statistics.median(
                     v / i for v, i in zip(busy["model"], idle["model"], strict=True)), 3)
-            if b != "torch" and "torch" in backends:
+            if b != "torch" and "torch" in backends_here:
                 r[b]["pipeline_speedup_over_torch_idle"] = round(statistics.median(
                     v / t for v, t in zip(idle["pipeline"], cells["torch|0"]["pipeline"],
                                           strict=True)), 2)
                 r[b]["build_wall_speedup_over_torch_idle"] = round(statistics.median(
                     t / v for v, t in zip(idle["build_s"], cells["torch|0"]["build_s"],
                                           strict=True)), 2)
+        r["not_usable"] = [b for b in backends if b not in encs]
         out[spec] = r
+        if on_spec is not None:
+            on_spec(out)
     return out
 
 
@@ -337,6 +344,8 @@ def backend_agreement(reference: Path, backends: list[str]) -> dict:
                            "reference_knn10_accuracy": round(float(np.mean(ref_pred == truth)), 4)}
     for b in backends:
         enc = _encoder(ref.encoder_identity["spec"], b)
+        if enc is None:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             res = build_index(CLOTHING, out=Path(tmp) / "b", encoder=enc)
             bun = load_bundle(res.path)
@@ -435,9 +444,9 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             data = subset(files, args.images, Path(tmp) / "subset")
-            results["backends"] = backend_matrix(data, args.models, args.backends, args.loads,
-                                                 args.repeats, args.images)
-        save()
+            results["backends"] = backend_matrix(
+                data, args.models, args.backends, args.loads, args.repeats, args.images,
+                lambda partial: (results.__setitem__("backends", partial), save()))
         if args.reference:
             results["agreement"] = backend_agreement(args.reference, args.backends)
             save()

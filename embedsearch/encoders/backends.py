@@ -267,7 +267,14 @@ def _export_onnx(encoder: Encoder, folder: Path) -> None:
     crop = encoder.preprocess.crop
     # The TorchScript exporter needs only the onnx package (the dynamo one also onnxscript);
     # it warns that it is legacy, which is not the user's business.
-    with torch.no_grad(), warnings.catch_warnings():
+    # Without grad, nn.MultiheadAttention takes a fused fast path (CLIP's ViTs) that the
+    # exporter cannot write; the plain path computes the same attention.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         torch.onnx.export(_Tower.build(encoder), (torch.zeros(1, 3, crop, crop),),
                           str(folder / "model.onnx"), input_names=["x"], output_names=["y"],
