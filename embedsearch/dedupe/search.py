@@ -111,11 +111,19 @@ def as_unit_vectors(vectors: np.ndarray, power: float = 1.0) -> np.ndarray:
         for k in range(0, len(x), 65536):  # in place, block by block: no second copy
             blk = x[k:k + 65536]
             np.copysign(np.abs(blk) ** power, blk, out=blk)
-    norms = np.linalg.norm(x, axis=1)
+    # Norms and division block by block too: on the whole array each makes a temporary as
+    # large as the vectors (1M × 1280-d: 5 GB each; peak 14.5 GiB before, see
+    # benchmarks/results/dedupe_speed_1m.md). Row norms are the same numbers either way.
+    norms = np.empty(len(x), np.float32)
+    for k in range(0, len(x), 65536):
+        norms[k:k + 65536] = np.linalg.norm(x[k:k + 65536], axis=1)
     if len(x) and norms.min() == 0:
         raise EmbedsearchError("some vectors are all zero; their similarity is undefined")
     if len(x) and np.abs(norms - 1).max() > 1e-3:
-        x = x / norms[:, None]
+        if np.may_share_memory(x, vectors):
+            x = x.copy()
+        for k in range(0, len(x), 65536):
+            x[k:k + 65536] /= norms[k:k + 65536, None]
     return x
 
 
