@@ -21,7 +21,9 @@ RUNTIMES = [pytest.param(b, marks=pytest.mark.skipif(not backends.installed(b),
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("EMBEDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EMBEDSEARCH_EXPORT_DIR", str(tmp_path / "cache"))
+    # No shared embedding cache: every build here must really run its backend.
+    monkeypatch.setenv("EMBEDSEARCH_CACHE_DIR", "off")
     return tmp_path / "cache"
 
 
@@ -61,6 +63,7 @@ def test_runtime_matches_torch_and_export_is_cached(name: str, _cache: Path,
     # Same vectors through the whole build, so the backend stays out of the identity.
     a = build_index(collection, out="a", encoder=torch_enc)
     b = build_index(collection, out="b", encoder=enc)
+    assert a.encoded == b.encoded == 24
     assert a.manifest["encoder"] == b.manifest["encoder"]
     assert b.manifest["machine"]["backend"] == name
     np.testing.assert_allclose(load_bundle("a").embeddings, load_bundle("b").embeddings,

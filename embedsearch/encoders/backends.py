@@ -81,10 +81,12 @@ def installed(name: str) -> bool:
 
 
 def cache_root() -> Path:
-    """Where exports live: $EMBEDSEARCH_CACHE_DIR, else $XDG_CACHE_HOME/embedsearch, else
-    ~/.cache/embedsearch (a package's weights folder may be read-only, a cache dir is not)."""
-    env = os.environ.get("EMBEDSEARCH_CACHE_DIR")
-    if env:
+    """Where exports live: $EMBEDSEARCH_EXPORT_DIR, else the shared embedding cache's
+    $EMBEDSEARCH_CACHE_DIR (unless "off": exports are not embeddings), else
+    $XDG_CACHE_HOME/embedsearch, else ~/.cache/embedsearch (a package's weights folder may
+    be read-only, a cache dir is not)."""
+    env = os.environ.get("EMBEDSEARCH_EXPORT_DIR") or os.environ.get("EMBEDSEARCH_CACHE_DIR")
+    if env and env.lower() != "off":
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "embedsearch"
