@@ -493,6 +493,8 @@ def light_encoder(identity: dict[str, Any]) -> LightEncoder | None:
                 or not installed(backend):
             return None
         module = importlib.import_module(_MODULES[backend])
+        if Path(entry["export"]).name != entry["export"] or entry["export"] in ("", ".", ".."):
+            return None  # an entry must name a folder inside exports/, nothing else
         folder = cache_root() / "exports" / entry["export"]
         if str(module.__version__) != entry["runtime_version"] \
                 or not (folder / "done.json").is_file():
