@@ -90,26 +90,18 @@ def embed_sources(
     model take turns on all cores instead of running side by side: on a small machine a
     decode process preempting one of the model's threads stalls the others at the next
     barrier (measured: 56 vs 60 images/s fp32, 100 vs 129 bf16 on 2 cores; see
-    benchmarks/results/throughput.md). An exported runtime (``encoder.runtime``, see
-    :mod:`embedsearch.encoders.backends`) runs independent single-threaded streams with no
-    such barrier, so there the next batch decodes while the current one is encoded: any
-    core that a stream or another process leaves idle decodes.
+    benchmarks/results/throughput.md). Exported runtimes take turns with decoding too:
+    decoding the next batch beside OpenVINO's streams was tried and, in one short run,
+    was not better (benchmarks/results/throughput_backends.md).
     """
     workers = default_workers() if num_workers is None else num_workers
     prep = encoder.preprocess
     decode = _Decoder(prep.worker_transform, prep.resize, max_pixels)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
-    overlap = pool is not None and getattr(encoder, "runtime", None) is not None
-    ahead: list[Any] | None = None  # futures of the next batch's decoding
     try:
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
-            if ahead is not None:
-                decoded = [f.result() for f in ahead]
-            else:
-                decoded = list(pool.map(decode, chunk)) if pool else [decode(s) for s in chunk]
-            nxt = sources[start + batch_size:start + 2 * batch_size]
-            ahead = [pool.submit(decode, s) for s in nxt] if overlap and pool and nxt else None
+            decoded = list(pool.map(decode, chunk)) if pool else [decode(s) for s in chunk]
             infos = [info for _, info in decoded]
             tensors = [t for t, _ in decoded if t is not None]
             if tensors:
