@@ -250,15 +250,29 @@ class Bundle:
         return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)
 
     def embed_paths(self, paths: list[Path], batch_size: int = 32,
-                    num_workers: int | None = None
+                    num_workers: int | None = None, tta: str | None = None
                     ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
-        """Embed query files. Returns (vectors for readable files, statuses of all files)."""
+        """Embed query files. Returns (vectors for readable files, statuses of all files).
+
+        ``tta="flip"`` averages each embedding with its mirror image's, re-normalised.
+        """
         from embedsearch.embed import embed_sources
+        from embedsearch.views import tta_augment
 
         enc = self.encoder()
+        augment = tta_augment(tta)
         vecs, statuses = [], []
         for idx, v, infos in embed_sources(enc, paths, batch_size=batch_size,
                                            num_workers=num_workers):
+            if augment is not None:
+                ok = [paths[i] for i, info in zip(idx, infos, strict=True) if info.status == "ok"]
+                flipped = np.concatenate([fv for _, fv, _ in embed_sources(
+                    enc, ok, batch_size=batch_size, num_workers=num_workers, augment=augment)])
+                if len(flipped) != len(v):  # a file changed between the two reads
+                    raise EmbedsearchError(f"{len(v)} images decoded, {len(flipped)} mirrored",
+                                           hint="predict again once the files stop changing")
+                v = v + flipped
+                v /= np.linalg.norm(v, axis=1, keepdims=True)
             vecs.append(v)
             statuses.extend((str(paths[i]), info.status, info.detail)
                             for i, info in zip(idx, infos, strict=True))
@@ -325,9 +339,10 @@ class Bundle:
                 weighting: str = "similarity", batch_size: int = 32,
                 num_workers: int | None = None, method: str = "auto",
                 head_name: str | None = None, classes: list[str] | None = None,
-                templates: str | list[str] | None = None) -> list[Prediction]:
+                templates: str | list[str] | None = None, tta: str | None = None
+                ) -> list[Prediction]:
         """Embed image files and predict them; unreadable files come back with a status."""
-        vectors, statuses = self.embed_paths(paths, batch_size, num_workers)
+        vectors, statuses = self.embed_paths(paths, batch_size, num_workers, tta)
         ok_ids = [p for p, status, _ in statuses if status == "ok"]
         preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting, method,
                                           head_name, classes, templates))

@@ -147,6 +147,9 @@ def models_cmd(as_json: bool) -> None:
               "(default 0.90).")
 @click.option("--dedupe-keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               help="Which image of a duplicate group --dedupe keeps (default: resolution).")
+@click.option("--views", help="Also embed augmented views of the labelled training images "
+              "for heads: flip and/or cropN, e.g. flip,crop2 (none: drop them). Sticks to "
+              "the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path | None,
@@ -157,7 +160,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                     workers: int | None, engine: str, address: str | None,
                     num_workers: int, worker_cpus: float, worker_gpus: float,
                     dedupe: bool | None, dedupe_threshold: float | None,
-                    dedupe_keep: str | None, as_json: bool) -> None:
+                    dedupe_keep: str | None, views: str | None, as_json: bool) -> None:
     """Embed every image in DATA once and index it.
 
     DATA is a folder with one sub-folder per class (optionally below train/ val/ test/),
@@ -178,6 +181,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         batch_size=batch_size, num_workers=workers,
         progress=_progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
         dedupe=dedupe, dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
+        views=views,
     )
     m = result.manifest
     if as_json:
@@ -207,6 +211,10 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         click.echo(f"dedupe   {d['removed']:,} duplicates left out ({d['groups']:,} groups, "
                    f"threshold {d['settings']['threshold']:g}); listed in "
                    f"{result.path / d['removed_file']}")
+    if "views" in m:
+        v = m["views"]
+        click.echo(f"views    {v['rows']:,} views ({v['spec']}) of {v['images']:,} training "
+                   f"images for heads, {result.views_encoded:,} newly encoded")
     for row in result.failures.head(10).itertuples():
         click.echo(f"  skipped {row.id}: {row.reason} {row.detail}", err=True)
     if len(result.failures) > 10:
@@ -265,12 +273,16 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
               help="Zero-shot prompt set (default photo).")
 @click.option("--template", "templates", multiple=True,
               help="Custom zero-shot prompt with {} for the class name; repeatable.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Test-time augmentation: flip averages each image's embedding with its "
+              "mirror image's (twice the encoding time).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
                 n_neighbours: int, weighting: str, weights: Path | None, batch_size: int,
                 workers: int | None, method: str, head_name: str | None, classes: str | None,
-                template_set: str | None, templates: tuple[str, ...], as_json: bool) -> None:
+                template_set: str | None, templates: tuple[str, ...], tta: str,
+                as_json: bool) -> None:
     """Classify IMAGES (files, folders, or - for paths on stdin) with kNN, a trained head or
     CLIP zero-shot over an index.
 
@@ -288,7 +300,8 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
                         or None)
     preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
                            batch_size=batch_size, num_workers=workers, method=method,
-                           head_name=head_name, classes=class_list, templates=prompt_templates)
+                           head_name=head_name, classes=class_list, templates=prompt_templates,
+                           tta=tta)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
         return
@@ -370,10 +383,12 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
 @click.option("--no-refit", is_flag=True, help="Keep the train-only model instead of refitting "
               "on train + validation with the chosen setting.")
 @click.option("-k", default=10, show_default=True, help="k of the kNN baseline shown beside it.")
+@click.option("--views/--no-views", "use_views", default=True, show_default=True,
+              help="Add the bundle's augmented views (build-index --views) as training rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: str, seed: int,
               C: float | None, hidden: int | None, max_epochs: int | None, no_refit: bool,
-              k: int, as_json: bool) -> None:
+              k: int, use_views: bool, as_json: bool) -> None:
     """Train a head on the bundle's cached embeddings (no image is re-encoded) and save it
     inside the bundle. Validation rows choose its settings; test rows are never used for
     training and are scored for the report only."""
@@ -388,8 +403,11 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
                                        f"a {kind} head")
             params[key] = value
     bundle = load_bundle(index_name)
+    from embedsearch.views import bundle_views
+
+    extra = bundle_views(bundle) if use_views else None
     res = fit_head(bundle, kind, name=head_name, class_weight=class_weight, seed=seed, k=k,
-                   **params)
+                   extra_train=extra, **params)
     if as_json:
         _echo_json(res.as_dict())
         return
@@ -415,7 +433,9 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
         click.echo(f"chose     {sel['best_epoch']} epochs by {sel['criterion']} on "
                    f"{sel['protocol']} ({sel['epochs_run']} run)")
     click.echo(f"refit     on {trained['rows']:,} rows"
-               + (" (train + validation)" if trained.get("refit_on_train_and_val") else ""))
+               + (" (train + validation)" if trained.get("refit_on_train_and_val") else "")
+               + (f" + {trained['extra_rows']:,} augmented views "
+                  f"({bundle.manifest['views']['spec']})" if trained.get("extra_rows") else ""))
 
     def figures(f: dict[str, Any]) -> str:
         return (f"accuracy {f['accuracy']:.3f}  balanced accuracy {f['balanced_accuracy']:.3f}"

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from embedsearch.embed import ItemInfo
     from embedsearch.encoders.base import Encoder
     from embedsearch.engines.ray_engine import RayOptions
+    from embedsearch.views import ViewSet
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class BuildResult:
     seconds: float
     encode_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    views_encoded: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -147,6 +149,7 @@ def build_index(
     dedupe: bool | None = None,
     dedupe_threshold: float | None = None,
     dedupe_keep: str | None = None,
+    views: str | None = None,
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
@@ -154,7 +157,9 @@ def build_index(
     encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
     cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
     ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
-    the choice sticks to the bundle until ``dedupe=False``.
+    the choice sticks to the bundle until ``dedupe=False``. ``views="flip,crop2"`` also
+    embeds augmented views of the training images for heads (see :mod:`embedsearch.views`);
+    it sticks too, until ``views="none"``.
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
@@ -208,12 +213,31 @@ def build_index(
                         shard_size, progress(len(collection.records), reused) if progress else None,
                         engine, ray_options)
         encode_seconds = time.perf_counter() - t_enc
+        view_set = _encode_views(path, old if not overwrite else None, collection, keys, cache,
+                                 encoder, views, batch_size, num_workers, progress)
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
-                                          fingerprint, index_type, dedupe_settings)
+                                          fingerprint, index_type, dedupe_settings, view_set)
         shards.clear()
         _remove_stale_generations(path, manifest)
     return BuildResult(path, manifest, len(todo), reused, failures,
-                       time.perf_counter() - t0, encode_seconds)
+                       time.perf_counter() - t0, encode_seconds,
+                       views_encoded=view_set.encoded if view_set else 0)
+
+
+def _encode_views(path: Path, old: dict[str, Any] | None, collection: Collection,
+                  keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
+                  views: str | None, batch_size: int, num_workers: int | None,
+                  progress: Callable[[int, int], Callable[[int], None]] | None
+                  ) -> ViewSet | None:
+    from embedsearch import views as views_mod
+
+    names = views_mod.settings(old, views)
+    if not names:
+        return None
+    metas = [cache.get(r, k) for r, k in zip(collection.records, keys, strict=True)]
+    return views_mod.encode_views(encoder, views_mod.training_images(collection.records, metas),
+                                  names, views_mod.previous(path, old), batch_size, num_workers,
+                                  progress)
 
 
 def _previous_manifest(path: Path) -> dict[str, Any] | None:
@@ -306,7 +330,8 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
 def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
                  keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
                  fingerprint: np.ndarray, index_type: str,
-                 dedupe: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+                 dedupe: dict[str, Any] | None = None, views: ViewSet | None = None
+                 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Write a new generation of the bundle's files, then the manifest (the commit)."""
     import pandas as pd
 
@@ -356,6 +381,12 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     write_npy(path / roles["embeddings"], vectors)
     write_parquet(path / roles["items"], items)
     write_parquet(path / roles["failures"], failures)
+    views_record = None
+    if views is not None:
+        from embedsearch.views import write as write_views
+
+        view_roles, views_record = write_views(path, gen, views, items)
+        roles.update(view_roles)
     del vectors  # the index is filled from the written file, block by block
     index, index_info = make_index(read_npy(path / roles["embeddings"]), index_type)
     write_faiss(path / roles["index"], index)
@@ -397,6 +428,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     manifest.pop("dedupe", None)
     if dedupe_record is not None:
         manifest["dedupe"] = {**dedupe_record, "removed_file": roles["dedupe_removed"]}
+    if views_record is not None:
+        manifest["views"] = views_record
     write_json(path / "manifest.json", manifest)
     return manifest, failures
 
