@@ -453,6 +453,66 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     click.echo(f"took      {res.seconds:.1f} s to train")
 
 
+# -- finetune -------------------------------------------------------------------------
+@main.command("finetune")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for weights.safetensors + finetune.json.")
+@click.option("--model", "-m", help="Backbone: an encoder spec (default: the default encoder).")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="Local weights file for the backbone.")
+@click.option("--blocks", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="Train the last 2 stages (+ final conv) or the whole backbone.")
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--budget-minutes", type=float,
+              help="Stop training after this much wall time (the schedule is fitted to it).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="cuda trains with bf16 autocast.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=3e-4, show_default=True, help="Backbone learning rate (head: 10x).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--path-col", help="CSV/parquet column with image paths.")
+@click.option("--label-col", help="CSV/parquet column with labels.")
+@click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--json", "as_json", is_flag=True, help="Print finetune.json.")
+def finetune_cmd(data: Path, out: Path, model: str | None, weights: Path | None, blocks: str,
+                 epochs: int, budget_minutes: float | None, device: str, batch_size: int,
+                 lr: float, seed: int, path_col: str | None, label_col: str | None,
+                 split_col: str | None, as_json: bool) -> None:
+    """Fine-tune the encoder's backbone with a linear classifier on DATA (train images
+    train, val images pick the epoch, test images are scored): the trained-model baseline
+    that frozen embeddings + a head are compared with."""
+    from embedsearch.finetune import finetune
+
+    res = finetune(data, out=out, model=model, weights=weights, blocks=blocks, epochs=epochs,
+                   budget_minutes=budget_minutes, device=device, batch_size=batch_size, lr=lr,
+                   seed=seed, path_col=path_col, label_col=label_col, split_col=split_col,
+                   on_step=lambda msg: click.echo(msg, err=True))
+    info = res.info
+    if as_json:
+        _echo_json(info)
+        return
+    s, tm, n = info["settings"], info["timings"], info["parameters"]
+    click.echo(f"saved     {res.path}")
+    click.echo(f"backbone  {info['base_encoder']['spec']}, blocks {s['blocks']} "
+               f"({n['trainable']:,} of {n['total']:,} parameters trained), {s['device']}, "
+               f"{s['precision']}")
+    click.echo(f"trained   {info['epochs_run']:g} epochs ({info['steps']} steps, stopped by "
+               f"{info['stopped_by']}), best epoch {info['best_epoch']} on validation")
+    for h in info["history"]:
+        click.echo(f"  epoch {h['epoch']}: loss {h['train_loss']:.3f}"
+                   + (f", val accuracy {h['val_accuracy']:.3f}" if "val_accuracy" in h else ""))
+    if res.test:
+        t = res.test
+        click.echo(f"test      accuracy {t['accuracy']:.3f}  balanced accuracy "
+                   f"{t['balanced_accuracy']:.3f}  macro-F1 {t['macro_f1']:.3f}  "
+                   f"({t['n']} images)")
+    gpu = f", {tm['train_gpu_seconds']:.0f} GPU-s" if tm["train_gpu_seconds"] is not None else ""
+    click.echo(f"cost      {tm['train_wall_seconds']:.0f} s wall, "
+               f"{tm['train_cpu_seconds']:.0f} CPU-s{gpu}; "
+               f"model {info['model_bytes'] / 1e6:.1f} MB")
+
+
 # -- info -----------------------------------------------------------------------------
 @main.command("info")
 @click.argument("index_name")
