@@ -625,6 +625,15 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--finetune", "do_finetune", is_flag=True,
+              help="Also fine-tune the first encoder's backbone on the same splits (slow on "
+              "CPU: give it --budget-minutes).")
+@click.option("--finetune-blocks", type=click.Choice(["last", "all"]), default="last",
+              show_default=True, help="What --finetune trains.")
+@click.option("--finetune-epochs", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--budget-minutes", type=float, help="Wall-time budget of --finetune.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Device of --finetune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
 @click.pass_context
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
@@ -633,7 +642,8 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
                   title: str | None, batch_size: int, workers: int | None,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  as_json: bool) -> None:
+                  do_finetune: bool, finetune_blocks: str, finetune_epochs: int,
+                  budget_minutes: float | None, device: str, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
     Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
@@ -653,7 +663,9 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
-        command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage)
+        command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage,
+        finetune={"blocks": finetune_blocks, "epochs": finetune_epochs,
+                  "budget_minutes": budget_minutes, "device": device} if do_finetune else None)
     rows = result.rows()
     if as_json:
         for row in rows:

@@ -76,3 +76,26 @@ def test_cli_finetune_real_backbone_on_the_example(tmp_path: Path) -> None:
     assert info["settings"]["blocks"] == "last" and info["test"]["n"] == 40
     assert info["test"]["accuracy"] > 0.3  # chance: 0.1
     assert "CPU-s" in result.output and "test      accuracy" in result.output
+
+
+def test_benchmark_finetune_row_and_verdict(tmp_path: Path) -> None:
+    from tests.test_report import make_data
+
+    data = make_data(tmp_path / "d", {"train": 6, "val": 2, "test": 3})
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(main, ["-q", "benchmark", str(data), "--model", "test:tiny",
+                                  "--out", str(out), "--k", "1,3", "--no-zero-shot",
+                                  "--workers", "0", "--finetune", "--finetune-blocks", "all",
+                                  "--finetune-epochs", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "fine-tuned backbone" in r.output
+    res = json.loads((out / "results.json").read_text())
+    (enc,) = res["encoders"]
+    ft = enc["methods"]["finetune"]
+    assert ft["metrics"]["n"] == len(res["predictions"]["ids"]) and ft["params"]["blocks"] == "all"
+    assert ft["model_bytes"] > 0 and len(res["predictions"][enc["slug"]]["finetune"]["y_pred"]) \
+        == ft["metrics"]["n"]
+    tm = res["timings"]["encoders"][enc["slug"]]["methods"]["finetune"]
+    assert tm["train_cpu_seconds"] > 0 and tm["epochs_run"] == 2 and tm["stopped_by"] == "epochs"
+    report = (out / "report.md").read_text()
+    assert "of the fine-tuned accuracy at" in report and "fine-tuned backbone" in report

@@ -56,9 +56,10 @@ DEFAULT_HEADS = ("linear", "mlp")
 SINGLE_QUERIES = 64
 VOTES = {"plain": "uniform", "weighted": "similarity"}
 METHOD_NAMES = {"majority": "majority class", "knn": "kNN, k chosen on val",
-                "linear": "linear head", "mlp": "MLP head", "zeroshot": "CLIP zero-shot"}
+                "linear": "linear head", "mlp": "MLP head", "zeroshot": "CLIP zero-shot",
+                "finetune": "fine-tuned backbone"}
 #: Methods shown in the headline table, bar chart and confusion matrices.
-HEADLINE = ("majority", "knn-1-plain", "knn", "linear", "mlp", "zeroshot")
+HEADLINE = ("majority", "knn-1-plain", "knn", "linear", "mlp", "zeroshot", "finetune")
 #: Methods that get a gallery of their most confident mistakes.
 GALLERY = ("knn", "linear", "mlp", "zeroshot")
 
@@ -182,6 +183,8 @@ class _Outcome:
     single_ms: float
     model_bytes: int
     selection: dict[str, Any] = field(default_factory=dict)
+    #: More wall/CPU/GPU figures, reported under results["timings"] only.
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 # -- the study ----------------------------------------------------------------------------
@@ -213,6 +216,7 @@ def run_benchmark(
     command: Sequence[str] | None = None,
     progress: Progress | None = None,
     on_stage: Callable[[str], None] | None = None,
+    finetune: dict[str, Any] | None = None,
 ) -> BenchmarkResult:
     """Run the whole study on ``data`` and write ``out``/report.md, report.html,
     results.json and figures/.
@@ -223,7 +227,9 @@ def run_benchmark(
     k-fold cross-validation (every image is a test image once). ``head_options`` passes
     settings to a head, e.g. ``{"mlp": {"hidden": 256}}``. ``seed`` fixes the split,
     the heads' initialisation and the bootstrap: the same seed gives the same
-    results.json apart from its ``timings`` key.
+    results.json apart from its ``timings`` key. ``finetune`` (e.g. ``{"budget_minutes":
+    10}``, options of :func:`embedsearch.finetune.finetune_split`) adds the first encoder's
+    backbone fine-tuned on the same train/val images and scored on the same test images.
     """
     t_start = time.perf_counter()
     load_start = _load_average()
@@ -287,7 +293,8 @@ def run_benchmark(
         stage(f"evaluating methods on {enc.label}")
         res, tim, samples = _evaluate_encoder(enc, table, plan, ks_used, seed, heads,
                                               head_options or {}, zero_shot, n_bootstrap,
-                                              classes, test_rows)
+                                              classes, test_rows,
+                                              finetune if enc is encoded[0] else None)
         enc_results.append(res)
         timings_enc[enc.slug] = tim
         all_samples[enc.slug] = samples
@@ -304,7 +311,7 @@ def run_benchmark(
                  "near_duplicate_threshold": near_duplicate_threshold,
                  "heads": list(heads), "head_options": head_options or {},
                  "zero_shot": zero_shot, "fractions": list(fractions),
-                 "n_bootstrap": n_bootstrap},
+                 "n_bootstrap": n_bootstrap, "finetune": finetune},
         "seed": seed,
         "dataset": _dataset_info(data_path, name, table, encoded, classes),
         "splits": {**plan.describe(table.labels), "duplicates": {**dup_info, **plan.duplicates},
@@ -707,7 +714,8 @@ def _zero_shot(enc: _Encoded, classes: list[str]) -> tuple[Any, float] | None:
 def _evaluate_encoder(enc: _Encoded, table: _Table, plan: SplitPlan, ks: list[int],
                       seed: int, heads: Sequence[str], head_options: dict[str, dict[str, Any]],
                       zero_shot: bool, n_boot: int,
-                      classes: list[str], test_rows: np.ndarray
+                      classes: list[str], test_rows: np.ndarray,
+                      finetune: dict[str, Any] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     X = np.ascontiguousarray(np.asarray(enc.bundle.embeddings)[table.rows[enc.slug]],
                              dtype=np.float32)
@@ -717,9 +725,15 @@ def _evaluate_encoder(enc: _Encoded, table: _Table, plan: SplitPlan, ks: list[in
     per_fold = [_run_fold(X, y, f, ks, seed, heads, head_options, zs, notes)
                 for f in plan.folds]
     outcomes = _merge(per_fold, plan.folds)
+    if finetune is not None:
+        if len(plan.folds) == 1:
+            outcomes["finetune"] = _finetune(enc, table, plan.folds[0], seed, finetune)
+        else:
+            notes.append("fine-tuned backbone skipped: it runs on a single train/val/test "
+                         "split, not per cross-validation fold")
     y_true = y[test_rows]
     order = ["majority", "knn", *(f"knn-{k}-{v}" for k in ks for v in ("plain", "weighted")),
-             "linear", "mlp", "zeroshot"]
+             "linear", "mlp", "zeroshot", "finetune"]
     methods, timings, samples, preds = {}, {}, {}, {}
     for mid in order:
         if mid not in outcomes:
@@ -732,7 +746,7 @@ def _evaluate_encoder(enc: _Encoded, table: _Table, plan: SplitPlan, ks: list[in
                         **({"selection": o.selection} if o.selection else {})}
         timings[mid] = {"fit_seconds": round(o.fit_seconds, 4),
                         "predict_ms_per_image_batched": round(o.batch_ms, 5),
-                        "predict_ms_per_image_single": round(o.single_ms, 4)}
+                        "predict_ms_per_image_single": round(o.single_ms, 4), **o.timings}
         preds[mid] = {"y_pred": [str(v) for v in o.pred],
                       "confidence": [round(float(c), 4) for c in o.conf]}
     ident = enc.bundle.encoder_identity
@@ -757,6 +771,33 @@ def _evaluate_encoder(enc: _Encoded, table: _Table, plan: SplitPlan, ks: list[in
     timing = {"encode": enc.build, "methods": timings,
               **({"zero_shot_prompt_seconds": round(zs[1], 3)} if zs else {})}
     return result, timing, samples
+
+
+def _finetune(enc: _Encoded, table: _Table, fold: Fold, seed: int, options: dict[str, Any]
+              ) -> _Outcome:
+    """The encoder's backbone fine-tuned on the fold's train images (val picks the epoch),
+    predicting its test images in test-row order; costs from its own record."""
+    from embedsearch.finetune import finetune_split
+
+    def split(rows: np.ndarray) -> tuple[list[Path], list[str]]:
+        rows = np.sort(rows)
+        return [table.paths[i] for i in rows], [str(v) for v in table.labels[rows]]
+
+    res = finetune_split(split(fold.train), split(fold.val) if len(fold.val) else None,
+                         split(fold.test), model=enc.choice.spec, weights=enc.choice.weights,
+                         seed=seed, **options)
+    info, tm = res.info, res.info["timings"]
+    params = {**info["settings"], "parameters": info["parameters"],
+              "trained_on": "train (val picks the epoch)"}
+    conf = res.test_proba.max(1) if len(res.test_proba) else np.zeros(0)
+    ms = float(tm["test_ms_per_image"] or 0.0)
+    return _Outcome("finetune", METHOD_NAMES["finetune"], "finetune", params,
+                    res.test_pred.astype(str), conf, float(tm["train_wall_seconds"]), ms, ms,
+                    int(info["model_bytes"]), {},
+                    {"train_cpu_seconds": tm["train_cpu_seconds"],
+                     "train_gpu_seconds": tm["train_gpu_seconds"],
+                     "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
+                     "stopped_by": info["stopped_by"], "history": info["history"]})
 
 
 def _comparisons(enc_results: list[dict[str, Any]], samples: dict[str, Any]
