@@ -625,6 +625,8 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--views", help="Embed augmented views of the training images (e.g. "
+              "flip,crop2) and add every head trained with them too.")
 @click.option("--finetune", "do_finetune", is_flag=True,
               help="Also fine-tune the first encoder's backbone on the same splits (slow on "
               "CPU: give it --budget-minutes).")
@@ -642,7 +644,8 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
                   title: str | None, batch_size: int, workers: int | None,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  do_finetune: bool, finetune_blocks: str, finetune_epochs: int,
+                  views: str | None, do_finetune: bool, finetune_blocks: str,
+                  finetune_epochs: int,
                   budget_minutes: float | None, device: str, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
@@ -665,7 +668,8 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
         command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage,
         finetune={"blocks": finetune_blocks, "epochs": finetune_epochs,
-                  "budget_minutes": budget_minutes, "device": device} if do_finetune else None)
+                  "budget_minutes": budget_minutes, "device": device} if do_finetune else None,
+        views=views)
     rows = result.rows()
     if as_json:
         for row in rows:

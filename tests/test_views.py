@@ -97,3 +97,24 @@ def test_tta_flip_averages_with_the_mirror_image(split_collection: Path,
     assert np.allclose(tta, expect, atol=1e-5) and not np.allclose(tta, plain[0], atol=1e-3)
     out = CliRunner().invoke(main, ["predict", str(src), "--index", "c", "--tta", "flip"])
     assert out.exit_code == 0, out.output
+
+
+def test_benchmark_adds_heads_trained_with_views(tmp_path: Path) -> None:
+    from tests.test_report import make_data
+
+    data = make_data(tmp_path / "d", {"train": 6, "val": 2, "test": 3})
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(main, ["-q", "benchmark", str(data), "--model", TINY, "--out",
+                                  str(out), "--k", "1,3", "--no-zero-shot", "--workers", "0",
+                                  "--views", "flip,crop1"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    (enc,) = res["encoders"]
+    n_train = res["splits"]["folds"][0]["train"]
+    for mid in ("linear", "mlp"):
+        plain, viewed = enc["methods"][mid], enc["methods"][f"{mid}-views"]
+        assert plain["selection"]["trained_on"]["extra_rows"] == 0
+        # Two views of every training image, none of the validation or test images.
+        assert viewed["selection"]["trained_on"]["extra_rows"] == 2 * n_train
+        assert viewed["name"] == f"{'linear' if mid == 'linear' else 'MLP'} head + views"
+    assert res["call"]["views"] == "flip,crop1" and "linear head + views" in r.output

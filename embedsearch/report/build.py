@@ -28,6 +28,7 @@ from embedsearch.report.render import (
     to_html,
     to_markdown,
 )
+from embedsearch.report.study import HEAD_METHODS
 
 if TYPE_CHECKING:
     from embedsearch.report.study import _Table
@@ -257,7 +258,7 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
         if "knn" not in methods:
             continue
         knn = methods["knn"]
-        for mid in ("linear", "mlp", "zeroshot"):
+        for mid in (*HEAD_METHODS, "zeroshot"):
             if mid not in methods:
                 continue
             parts = []
@@ -309,7 +310,7 @@ def _finetune_verdict(e: dict[str, Any], timing: dict[str, Any]) -> list[Any]:
     """"Frozen embeddings + head reach X of the fine-tuned accuracy at Y of its cost"."""
     methods, tm = e["methods"], timing["methods"]
     ft, ft_tm = methods["finetune"], tm["finetune"]
-    frozen = [m for m in ("knn", "linear", "mlp") if m in methods]
+    frozen = [m for m in ("knn", *HEAD_METHODS) if m in methods]
     best = max(frozen, key=lambda m: methods[m]["metrics"]["accuracy"])
     acc, ft_acc = methods[best]["metrics"]["accuracy"], ft["metrics"]["accuracy"]
     encode_s = float(timing.get("encode", {}).get("seconds") or 0.0)
