@@ -217,7 +217,13 @@ class Bundle:
                     raise BundleError(
                         f"the bundle's encoder weights {weights} are gone",
                         hint="pass the same weights file again with --weights FILE")
-            enc = load_encoder(ident["spec"], weights, precision=ident.get("precision", "fp32"))
+            if "parts" in ident:  # several encoders, concatenated (embedsearch.combine)
+                from embedsearch.combine import encoder_from_identity
+
+                enc = encoder_from_identity(ident, weights)
+            else:
+                enc = load_encoder(ident["spec"], weights,
+                                   precision=ident.get("precision", "fp32"))
             check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
                                "use the encoder the bundle was built with, or rebuild the bundle")
             cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])

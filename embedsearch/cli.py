@@ -110,8 +110,9 @@ def models_cmd(as_json: bool) -> None:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--name", help="Bundle name under ./indexes/ (default: the folder's name).")
 @click.option("--out", type=click.Path(path_type=Path), help="Bundle folder (instead of --name).")
-@click.option("--model", "-m", help="Encoder spec (see `embedsearch models`). "
-              "Default: efficientnet-lite0, or the bundle's encoder when it exists.")
+@click.option("--model", "-m", multiple=True, help="Encoder spec (see `embedsearch models`). "
+              "Default: efficientnet-lite0, or the bundle's encoder when it exists. Repeat "
+              "(SPEC or SPEC=WEIGHTS) to concatenate several encoders' embeddings.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local weights file for the encoder (.safetensors or a tensor-only .pt).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),
@@ -153,7 +154,7 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path | None,
-                    model: str | None, weights: Path | None, precision: str | None,
+                    model: tuple[str, ...], weights: Path | None, precision: str | None,
                     path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
                     skip_missing: bool, overwrite: bool, index_type: str, batch_size: int,
@@ -174,7 +175,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                              num_cpus=worker_cpus, num_gpus=worker_gpus,
                              quiet=not ctx.obj.get("debug"))
     result = build_index(
-        data, name=name, out=out, model=model, weights=weights, precision=precision,
+        data, name=name, out=out, model=list(model) or None, weights=weights,
+        precision=precision,
         path_col=path_col,
         label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
         skip_missing=skip_missing, overwrite=overwrite, index_type=index_type,

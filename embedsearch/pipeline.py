@@ -129,7 +129,7 @@ def build_index(
     *,
     name: str | None = None,
     out: str | os.PathLike[str] | None = None,
-    model: str | None = None,
+    model: str | list[str] | None = None,
     weights: str | os.PathLike[str] | None = None,
     precision: str | None = None,
     path_col: str | None = None,
@@ -159,7 +159,9 @@ def build_index(
     ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
     the choice sticks to the bundle until ``dedupe=False``. ``views="flip,crop2"`` also
     embeds augmented views of the training images for heads (see :mod:`embedsearch.views`);
-    it sticks too, until ``views="none"``.
+    it sticks too, until ``views="none"``. Several ``model`` specs (``SPEC`` or
+    ``SPEC=FILE``) make one bundle of their concatenated embeddings (see
+    :mod:`embedsearch.combine`).
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
@@ -174,6 +176,14 @@ def build_index(
         from embedsearch.dedupe.bundles import build_settings
 
         dedupe_settings = build_settings(old, dedupe, dedupe_threshold, dedupe_keep)
+        if isinstance(model, list | tuple):
+            model = model[0] if len(model) == 1 else list(model)
+        if encoder is None and (isinstance(model, list) or (
+                not model and old is not None and "parts" in old["encoder"])):
+            from embedsearch.combine import combine, encoder_from_identity
+
+            encoder = combine(model, precision) if isinstance(model, list) \
+                else encoder_from_identity(old["encoder"], weights)  # type: ignore[index]
         if encoder is None:
             from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
