@@ -54,7 +54,10 @@ class _Preprocess:
         return torch.cat(tensors, dim=0)
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch  # each part finishes its own channels in encode_tensors
+        import torch
+
+        return torch.cat([p.preprocess.finish(batch[:, 3 * i:3 * i + 3])
+                          for i, p in enumerate(self.parts)], dim=1)
 
     def describe(self) -> dict[str, Any]:
         return {"parts": [p.preprocess.describe() for p in self.parts]}
@@ -75,12 +78,17 @@ class CombinedEncoder:
         self.precision = parts[0].precision
         self._fingerprint: np.ndarray | None = None
 
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """Every part's full preprocessing, stacked along the channel axis."""
+        import torch
+
+        return torch.cat([p.transform(image) for p in self.parts], dim=0)
+
     def encode_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        out = []
-        for i, p in enumerate(self.parts):
-            part = batch[:, 3 * i:3 * i + 3]
-            out.append(p.encode_tensors(p.preprocess.finish(part)))
-        return _join(out)
+        """Embed a preprocessed batch (``transform``, or ``preprocess.finish`` of stacked
+        ``worker_transform`` outputs): each part its own 3 channels."""
+        return _join([p.encode_tensors(batch[:, 3 * i:3 * i + 3])
+                      for i, p in enumerate(self.parts)])
 
     def encode_images(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
         return _join([p.encode_images(images, batch_size) for p in self.parts])

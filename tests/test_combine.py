@@ -34,6 +34,12 @@ def test_concatenated_bundle_is_the_normalised_join(collection: Path,
     # Queries are embedded by the combination rebuilt from the recorded parts.
     q = b.embed_paths([queries["red"]])[0]
     assert q.shape == (1, 128) and np.isclose(np.linalg.norm(q), 1, atol=1e-6)
+    from embedsearch.data.images import load_image  # the server's path: one image
+
+    enc2 = b.encoder()
+    image = load_image(queries["red"], target_size=enc2.preprocess.resize).image
+    one = enc2.encode_tensors(enc2.transform(image)[None])
+    assert np.allclose(one, q, atol=1e-5)
     assert b.predict([queries["red"]])[0].label == "red"
     # A rebuild without --model keeps the combination and re-encodes nothing.
     again = build_index(collection, name="two")
