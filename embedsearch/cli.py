@@ -436,8 +436,8 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
                    f"{sel['protocol']} ({sel['epochs_run']} run)")
     click.echo(f"refit     on {trained['rows']:,} rows"
                + (" (train + validation)" if trained.get("refit_on_train_and_val") else "")
-               + (f" + {trained['extra_rows']:,} augmented views "
-                  f"({bundle.manifest['views']['spec']})" if trained.get("extra_rows") else ""))
+               + (f", {trained['extra_rows']:,} extra views" if trained.get("extra_rows")
+                  else ""))
 
     def figures(f: dict[str, Any]) -> str:
         return (f"accuracy {f['accuracy']:.3f}  balanced accuracy {f['balanced_accuracy']:.3f}"
