@@ -223,8 +223,8 @@ def build_index(
                         shard_size, progress(len(collection.records), reused) if progress else None,
                         engine, ray_options)
         encode_seconds = time.perf_counter() - t_enc
-        view_set = _encode_views(path, old if not overwrite else None, collection, keys, cache,
-                                 encoder, views, batch_size, num_workers, progress)
+        view_set = _encode_views(path, old, overwrite, collection, keys, cache, encoder, views,
+                                 batch_size, num_workers, progress)
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
                                           fingerprint, index_type, dedupe_settings, view_set)
         shards.clear()
@@ -234,7 +234,8 @@ def build_index(
                        views_encoded=view_set.encoded if view_set else 0)
 
 
-def _encode_views(path: Path, old: dict[str, Any] | None, collection: Collection,
+def _encode_views(path: Path, old: dict[str, Any] | None, overwrite: bool,
+                  collection: Collection,
                   keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
                   views: str | None, batch_size: int, num_workers: int | None,
                   progress: Callable[[int, int], Callable[[int], None]] | None
@@ -246,8 +247,8 @@ def _encode_views(path: Path, old: dict[str, Any] | None, collection: Collection
         return None
     metas = [cache.get(r, k) for r, k in zip(collection.records, keys, strict=True)]
     return views_mod.encode_views(encoder, views_mod.training_images(collection.records, metas),
-                                  names, views_mod.previous(path, old), batch_size, num_workers,
-                                  progress)
+                                  names, {} if overwrite else views_mod.previous(path, old),
+                                  batch_size, num_workers, progress)
 
 
 def _previous_manifest(path: Path) -> dict[str, Any] | None:

@@ -63,6 +63,9 @@ def test_views_are_stored_verified_and_reused(split_collection: Path) -> None:
     vfile.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="does not match manifest"):
         load_bundle("c")
+    # --overwrite re-encodes everything, views included, and keeps the choice.
+    fresh = build_index(split_collection, name="c", model=TINY, overwrite=True)
+    assert fresh.views_encoded == 54 and fresh.manifest["views"]["spec"] == "flip,crop1,crop2"
     dropped = build_index(split_collection, name="c", model=TINY, views="none")
     assert "views" not in dropped.manifest and "views" not in dropped.manifest["roles"]
     assert not list((b.path / "data").glob("view*"))
