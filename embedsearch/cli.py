@@ -533,6 +533,9 @@ def info_cmd(index_name: str, as_json: bool) -> None:
     click.echo(f"source   {m['source']['path']}")
     click.echo(f"counts   {json.dumps(m['counts'])}")
     click.echo(f"index    {json.dumps(m['index'])}")
+    if "views" in m:
+        click.echo(f"views    {m['views']['rows']:,} ({m['views']['spec']}) of "
+                   f"{m['views']['images']:,} training images")
     for name, h in m.get("heads", {}).items():
         v = h.get("validation", {})
         figures = (f"val accuracy {v['accuracy']:.3f}, macro-F1 {v['macro_f1']:.3f}"
