@@ -371,14 +371,14 @@ def finetune_split(train: Split, val: Split | None, test: Split | None, *,
     path = None
     if out is not None:
         path = Path(out)
-        info["model_bytes"] = _save(path, net, info)
+        _save(path, net, info)
     else:
         info["model_bytes"] = int(sum(v.numel() * v.element_size()
                                       for v in net.state_dict().values()))
     return FinetuneResult(path, info, classes, test_pred, test_proba)
 
 
-def _save(folder: Path, net: torch.nn.Module, info: dict[str, Any]) -> int:
+def _save(folder: Path, net: torch.nn.Module, info: dict[str, Any]) -> None:
     """weights.safetensors, then finetune.json (the commit point) with its sha256."""
     from safetensors.torch import save
 
@@ -390,8 +390,8 @@ def _save(folder: Path, net: torch.nn.Module, info: dict[str, Any]) -> int:
     atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(data))
     info["files"] = {WEIGHTS_FILE: {"bytes": len(data),
                                     "sha256": file_digest(folder / WEIGHTS_FILE)}}
+    info["model_bytes"] = len(data)
     write_json(folder / META_FILE, info)
-    return len(data)
 
 
 @dataclass
