@@ -302,7 +302,8 @@ def finetune_split(train: Split, val: Split | None, test: Split | None, *,
             loss_sum += float(loss.detach()) * len(y)
             step += 1
             elapsed = time.perf_counter() - t0
-            if budget_s is not None and step in (5, 50):  # re-plan from measured step times
+            if budget_s is not None and (step == 5 or step % 25 == 0):
+                # Re-plan from the measured step time (it grows when the machine gets busy).
                 plan.fit_budget(step, elapsed, budget_s)
             if step >= plan.planned or (budget_s is not None and elapsed > budget_s):
                 stopped_by = "budget" if step < epochs * len(train_dl) else "epochs"
