@@ -270,7 +270,7 @@ class Bundle:
         vecs, statuses = [], []
         for idx, v, infos in embed_sources(enc, paths, batch_size=batch_size,
                                            num_workers=num_workers):
-            if augment is not None:
+            if augment is not None and len(v):
                 ok = [paths[i] for i, info in zip(idx, infos, strict=True) if info.status == "ok"]
                 flipped = np.concatenate([fv for _, fv, _ in embed_sources(
                     enc, ok, batch_size=batch_size, num_workers=num_workers, augment=augment)])

@@ -99,6 +99,9 @@ def test_tta_flip_averages_with_the_mirror_image(split_collection: Path,
     assert np.allclose(tta, expect, atol=1e-5) and not np.allclose(tta, plain[0], atol=1e-3)
     out = CliRunner().invoke(main, ["predict", str(src), "--index", "c", "--tta", "flip"])
     assert out.exit_code == 0, out.output
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")  # a batch with nothing decodable still answers, with its reason
+    assert b.predict([empty], tta="flip")[0].status == "empty_file"
 
 
 def test_benchmark_adds_heads_trained_with_views(tmp_path: Path) -> None:
