@@ -182,6 +182,9 @@ def build_index(
                 not model and old is not None and "parts" in old["encoder"])):
             from embedsearch.combine import combine, encoder_from_identity
 
+            if isinstance(model, list) and weights is not None:
+                raise EmbedsearchError("--weights is ambiguous with several --model",
+                                       hint="give each its file: --model SPEC=WEIGHTS")
             encoder = combine(model, precision) if isinstance(model, list) \
                 else encoder_from_identity(old["encoder"], weights)  # type: ignore[index]
         if encoder is None:

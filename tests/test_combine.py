@@ -12,7 +12,7 @@ from embedsearch.bundle import load_bundle
 from embedsearch.cli import main
 from embedsearch.combine import CombinedEncoder, combine
 from embedsearch.encoders import load_encoder
-from embedsearch.errors import EncoderError
+from embedsearch.errors import EmbedsearchError, EncoderError
 from embedsearch.pipeline import build_index
 from tests.conftest import MOBILENET, REPO
 
@@ -53,6 +53,9 @@ def test_concatenated_bundle_is_the_normalised_join(collection: Path,
 def test_parts_must_share_the_input_size() -> None:
     with pytest.raises(EncoderError, match="different input sizes"):
         combine([TINY, "efficientnet-lite0"])
+    with pytest.raises(EmbedsearchError, match="ambiguous"):
+        build_index(REPO / "examples" / "clothing-mini", name="x", model=[TINY, TINY],
+                    weights=MOBILENET)
     with pytest.raises(EncoderError, match="at least two"):
         CombinedEncoder([load_encoder(TINY)])
 
