@@ -140,6 +140,7 @@ class Bundle:
         self.path = path
         self.manifest = manifest
         self._encoder: Encoder | None = None
+        self._light: Any = None
         #: Of the last :meth:`embed_files` call: files encoded, files whose vectors were
         #: reused (from this bundle or the shared embedding cache).
         self.embed_counts: dict[str, int] = {"encoded": 0, "reused": 0}
@@ -262,17 +263,40 @@ class Bundle:
                     raise BundleError(
                         f"the bundle's encoder weights {weights} are gone",
                         hint="pass the same weights file again with --weights FILE")
-            enc = load_encoder(ident["spec"], weights, precision=ident.get("precision", "fp32"))
-            check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
-                               "use the encoder the bundle was built with, or rebuild the bundle")
-            cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])
-            if cos < FINGERPRINT_MIN_COSINE:
-                raise BundleMismatchError(
-                    f"encoder {ident['spec']} now embeds the reference image differently "
-                    f"(cosine {cos:.4f}) than when {self.path} was built",
-                    hint="library versions or weights changed; " + self.rebuild_hint)
+            if "parts" in ident:  # several encoders, concatenated (embedsearch.combine)
+                from embedsearch.combine import encoder_from_identity
+
+                enc = encoder_from_identity(ident, weights)
+            else:
+                enc = load_encoder(ident["spec"], weights,
+                                   precision=ident.get("precision", "fp32"))
+            self._check_encoder(enc)
             self._encoder = enc
         return self._encoder
+
+    def _check_encoder(self, enc: Any) -> None:
+        ident = self.encoder_identity
+        check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
+                           "use the encoder the bundle was built with, or rebuild the bundle")
+        cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])
+        if cos < FINGERPRINT_MIN_COSINE:
+            raise BundleMismatchError(
+                f"encoder {ident['spec']} now embeds the reference image differently "
+                f"(cosine {cos:.4f}) than when {self.path} was built",
+                hint="library versions or weights changed; " + self.rebuild_hint)
+
+    def image_encoder(self, weights: str | os.PathLike[str] | None = None) -> Any:
+        """What embeds query images: a verified cached export when one exists and no other
+        weights are given (no torch import: ``encoders.backends.light_encoder``), checked
+        against the bundle like :meth:`encoder`; else :meth:`encoder`."""
+        if self._encoder is None and self._light is None and weights is None:
+            from embedsearch.encoders.backends import light_encoder
+
+            light = light_encoder(self.encoder_identity)
+            if light is not None:
+                self._check_encoder(light)
+                self._light = light
+        return self._encoder or self._light or self.encoder(weights)
 
     def check_vectors_from(self, identity: dict[str, Any], what: str) -> None:
         check_same_encoder(self.encoder_identity, identity, what,
@@ -295,11 +319,34 @@ class Bundle:
         return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)
 
     def embed_paths(self, paths: list[Path], batch_size: int = 32,
-                    num_workers: int | None = None
+                    num_workers: int | None = None, tta: str | None = None
                     ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
-        """Embed query files. Returns (vectors for readable files, statuses of all files)."""
+        """Embed query files. Returns (vectors for readable files, statuses of all files).
+
+        ``tta="flip"`` averages each embedding with its mirror image's, re-normalised.
+        """
         vectors, statuses, _ = self.embed_files(paths, batch_size, num_workers)
-        return vectors, statuses
+        return self._tta(vectors, statuses, tta, batch_size, num_workers), statuses
+
+    def _tta(self, vectors: np.ndarray, statuses: list[tuple[str, str, str]], tta: str | None,
+             batch_size: int, num_workers: int | None) -> np.ndarray:
+        """``vectors`` (of the readable files, in order) averaged with their mirror images'
+        embeddings (``tta="flip"``), re-normalised; unchanged when ``tta`` is None."""
+        from embedsearch.embed import embed_sources
+        from embedsearch.views import tta_augment
+
+        augment = tta_augment(tta)
+        if augment is None or not len(vectors):
+            return vectors
+        ok = [Path(p) for p, status, _ in statuses if status == "ok"]
+        flipped = [fv for _, fv, _ in embed_sources(self.encoder(), ok, batch_size=batch_size,
+                                                     num_workers=num_workers, augment=augment)]
+        mirrored = np.concatenate(flipped)
+        if len(mirrored) != len(vectors):  # a file changed between the two reads
+            raise EmbedsearchError(f"{len(vectors)} images decoded, {len(mirrored)} mirrored",
+                                   hint="predict again once the files stop changing")
+        out = vectors + mirrored
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     def embed_files(self, paths: list[Path], batch_size: int = 32,
                     num_workers: int | None = None
@@ -316,7 +363,7 @@ class Bundle:
         for i, sha in enumerate(shas):
             if sha in rows:
                 found[i] = np.asarray(self.embeddings[rows[sha][0]])
-        enc = self.encoder()
+        enc = self.image_encoder()
         shared = open_shared(enc.identity()) if len(found) < len(paths) else None
         if shared is not None:
             hits = shared.get_many([s for i, s in enumerate(shas) if s and i not in found])
@@ -457,14 +504,16 @@ class Bundle:
                 num_workers: int | None = None, method: str = "auto",
                 head_name: str | None = None, classes: list[str] | None = None,
                 templates: str | list[str] | None = None,
-                allow_self: bool = False) -> list[Prediction]:
+                allow_self: bool = False, tta: str | None = None) -> list[Prediction]:
         """Embed image files and predict them; unreadable files come back with a status.
 
         Files that are indexed reference images do not vote for themselves (see
-        :meth:`predict_vectors`); their vectors are reused, not re-encoded.
+        :meth:`predict_vectors`); their vectors are reused, not re-encoded. ``tta="flip"``:
+        see :meth:`embed_paths`.
         """
         def run() -> list[Prediction]:
             vectors, statuses, shas = self.embed_files(paths, batch_size, num_workers)
+            vectors = self._tta(vectors, statuses, tta, batch_size, num_workers)
             ok_ids = [p for p, status, _ in statuses if status == "ok"]
             preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting,
                                               method, head_name, classes, templates, shas,

@@ -21,10 +21,14 @@ from embedsearch.errors import EmbedsearchError
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from embedsearch.encoders.base import Encoder
 
 ProgressFn = Callable[[int], None]
+#: An image transform applied after decoding, before the encoder's own preprocessing; it
+#: gets the file's sha256 so random augmentations can be seeded per image (see views.py).
+Augment = Callable[["Image.Image", str], "Image.Image"]
 
 
 @dataclass
@@ -43,22 +47,35 @@ class _Decoder:
     """Callable: source → (tensor or None, ItemInfo). Never raises for a bad image."""
 
     def __init__(self, transform: Callable[[Any], torch.Tensor], target_size: int,
-                 max_pixels: int) -> None:
+                 max_pixels: int, augment: Augment | None = None) -> None:
         self.transform = transform
         self.target_size = target_size
         self.max_pixels = max_pixels
+        self.augment = augment
 
     def __call__(self, source: Path | bytes) -> tuple[torch.Tensor | None, ItemInfo]:
         loaded = load_image(source, target_size=self.target_size, max_pixels=self.max_pixels)
         if isinstance(loaded, LoadFailure):
             return None, ItemInfo(loaded.reason, loaded.detail, loaded.sha256, loaded.size)
         try:
-            tensor = self.transform(loaded.image)
+            image = loaded.image
+            if self.augment is not None:
+                image = self.augment(image, loaded.sha256)
+            tensor = self.transform(image)
         except Exception as exc:  # a transform failing on one odd image must not stop a run
             return None, ItemInfo("decode_error", f"preprocessing failed: {exc}",
                                   loaded.sha256, loaded.size)
         return tensor, ItemInfo("ok", "", loaded.sha256, loaded.size, loaded.width,
                                 loaded.height)
+
+
+def _stack(tensors: list[Any]) -> Any:
+    """One batch: numpy for the light encoder (no torch import), else a torch tensor."""
+    if isinstance(tensors[0], np.ndarray):
+        return np.stack(tensors)
+    import torch
+
+    return torch.stack(tensors)
 
 
 def default_workers() -> int:
@@ -74,6 +91,7 @@ def embed_sources(
     num_workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressFn | None = None,
+    augment: Augment | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray, list[ItemInfo]]]:
     """Yield (indices, vectors of the decoded ones, infos of all) per batch, in order.
 
@@ -82,16 +100,17 @@ def embed_sources(
     model take turns on all cores instead of running side by side: on a small machine a
     decode process preempting one of the model's threads stalls the others at the next
     barrier (measured: 56 vs 60 images/s fp32, 100 vs 129 bf16 on 2 cores; see
-    benchmarks/results/throughput.md).
+    benchmarks/results/throughput.md). ``augment`` transforms each decoded image first.
+    Exported runtimes take turns with decoding too: decoding the next batch beside
+    OpenVINO's streams was tried and, in one short run, was not better
+    (benchmarks/results/throughput_backends.md).
     """
-    import torch
-
     if batch_size < 1 or (num_workers is not None and num_workers < 0):
         raise EmbedsearchError(f"batch_size must be at least 1 and num_workers at least 0, "
                                f"got {batch_size} and {num_workers}")
     workers = default_workers() if num_workers is None else num_workers
     prep = encoder.preprocess
-    decode = _Decoder(prep.worker_transform, prep.resize, max_pixels)
+    decode = _Decoder(prep.worker_transform, prep.resize, max_pixels, augment)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
     try:
         for start in range(0, len(sources), batch_size):
@@ -100,7 +119,7 @@ def embed_sources(
             infos = [info for _, info in decoded]
             tensors = [t for t, _ in decoded if t is not None]
             if tensors:
-                vectors = encoder.encode_tensors(prep.finish(torch.stack(tensors)))
+                vectors = encoder.encode_tensors(prep.finish(_stack(tensors)))
             else:
                 vectors = np.zeros((0, encoder.dim), np.float32)
             if progress is not None:
