@@ -147,6 +147,10 @@ def models_cmd(as_json: bool) -> None:
               "(default 0.90).")
 @click.option("--dedupe-keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               help="Which image of a duplicate group --dedupe keeps (default: resolution).")
+@click.option("--exclude", type=click.Path(path_type=Path, dir_okay=False),
+              help="Leave out the images a reviewed list names (CSV with an id column, "
+              "e.g. from `embedsearch audit`; rows with a decision column count only when "
+              "it says exclude). Listed as skipped with reason 'excluded'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path | None,
@@ -157,7 +161,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                     workers: int | None, engine: str, address: str | None,
                     num_workers: int, worker_cpus: float, worker_gpus: float,
                     dedupe: bool | None, dedupe_threshold: float | None,
-                    dedupe_keep: str | None, as_json: bool) -> None:
+                    dedupe_keep: str | None, exclude: Path | None, as_json: bool) -> None:
     """Embed every image in DATA once and index it.
 
     DATA is a folder with one sub-folder per class (optionally below train/ val/ test/),
@@ -178,6 +182,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         batch_size=batch_size, num_workers=workers,
         progress=_progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
         dedupe=dedupe, dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
+        exclude=exclude,
     )
     m = result.manifest
     if as_json:
@@ -545,6 +550,8 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--exclude", type=click.Path(path_type=Path, dir_okay=False),
+              help="Leave out the images a reviewed list names (as build-index --exclude).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
 @click.pass_context
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
@@ -553,7 +560,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
                   title: str | None, batch_size: int, workers: int | None,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  as_json: bool) -> None:
+                  exclude: Path | None, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
     Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
@@ -573,7 +580,8 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
-        command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage)
+        command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage,
+        exclude=exclude)
     rows = result.rows()
     if as_json:
         for row in rows:
@@ -783,6 +791,92 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_name: str |
                f"threshold {t:g}; {files['leakage_csv']}", err=True)
     if fail_on_leak and len(pairs):
         ctx.exit(1)
+
+
+# -- audit ----------------------------------------------------------------------------
+def _issue_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, ...]:
+    from embedsearch.audit.core import ISSUE_TYPES
+
+    chosen = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in chosen if v not in ISSUE_TYPES]
+    if bad or not chosen:
+        raise click.BadParameter(f"{', '.join(bad) or value!r}: choose from "
+                                 f"{', '.join(ISSUE_TYPES)}")
+    return chosen
+
+
+@main.command("audit")
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--index", "index_name", help="Audit this bundle (name or path) instead of DATA.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Report folder (default: reports/audit-<bundle name>).")
+@click.option("--no-html", is_flag=True, help="Skip report.html (thumbnails).")
+@click.option("--relabel-csv", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the likely label errors with their suggested labels as a CSV to "
+              "review (fill in its decision column; pass it to build-index --exclude).")
+@click.option("--quarantine-to", type=click.Path(path_type=Path),
+              help="Move the flagged images here, keeping relative paths (never deletes); "
+              "undo with embedsearch dedupe-undo MANIFEST.")
+@click.option("--quarantine-issues", default="outlier,spurious,duplicate", show_default=True,
+              callback=_issue_list, help="Which issue types --quarantine-to moves "
+              "(label, outlier, spurious, duplicate, conflict, leak).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 50),
+              help="Folds of the out-of-fold linear head.")
+@click.option("-k", default=20, show_default=True, type=click.IntRange(1, 200),
+              help="Neighbours that vote on each image's label.")
+@click.option("--dup-threshold", type=float,
+              help="Near-duplicate cosine (default: the dedupe default, 0.90).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--model", "-m", help="Encoder when DATA has to be embedded (default: the "
+              "bundle's, else efficientnet-lite0).")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines, one per flagged image (with --all: every image).")
+@click.option("--all", "all_rows", is_flag=True, help="With --json: every image.")
+@click.pass_context
+def audit_cmd(ctx: click.Context, data: Path | None, index_name: str | None, out: Path | None,
+              no_html: bool, relabel_csv: Path | None, quarantine_to: Path | None,
+              quarantine_issues: tuple[str, ...], folds: int, k: int,
+              dup_threshold: float | None, seed: int, model: str | None, as_json: bool,
+              all_rows: bool) -> None:
+    """Find what is wrong with a labelled collection before anyone trains on it.
+
+    From cached embeddings (DATA is embedded first, re-encoding only what is new) and
+    pixel statistics stored at decode time: likely label errors with suggested labels,
+    outliers / off-topic images, low-information images (flat colour, noise, one texture,
+    text only, dark, bright, blurry, tiny, extreme aspect), duplicates, label conflicts,
+    cross-split leakage and class imbalance. Writes issues.csv/.parquet (one row per image,
+    a score column per issue type), summary.json and report.html. Nothing on disk changes
+    unless --quarantine-to is given.
+    """
+    from embedsearch.audit import audit, quarantine, write_audit, write_relabel_csv
+    from embedsearch.audit.report import json_records, summary_lines
+
+    result = audit(data, index=index_name, model=model,
+                   progress=_progress_factory(ctx, "encoding"), folds=folds, k=k,
+                   dup_threshold=dup_threshold, seed=seed)
+    out = out or Path("reports") / f"audit-{result.name}"
+    files = write_audit(result, out, html_page=not no_html)
+    relabel = write_relabel_csv(result, relabel_csv) if relabel_csv else None
+    action = quarantine(result, quarantine_to, quarantine_issues) if quarantine_to else None
+    if as_json:
+        for rec in json_records(result, all_rows):
+            _echo_json(rec)
+    else:
+        s = result.summary
+        click.echo(f"bundle   {result.extra['bundle']} ({s['images']:,} images, "
+                   f"{s['labelled']:,} labelled, {result.extra['encoder']})")
+        for line in summary_lines(result):
+            click.echo(line)
+    click.echo(f"report   {files.get('html', files['issues_csv'])}", err=True)
+    click.echo(f"         {files['issues_csv']}", err=True)
+    if relabel:
+        click.echo(f"relabel  {relabel} (fill in the decision column)", err=True)
+    if action is not None:
+        a = action.summary()
+        click.echo(f"moved    {a['done']:,} files to {quarantine_to}, {a['skipped']:,} "
+                   f"skipped; undo: embedsearch dedupe-undo {a['log']}", err=True)
+        for ex in a["skipped_examples"]:
+            click.echo(f"  skipped {ex}", err=True)
 
 
 if __name__ == "__main__":

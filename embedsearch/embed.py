@@ -36,16 +36,19 @@ class ItemInfo:
     size: int | None = None
     width: int = 0
     height: int = 0
+    #: Pixel statistics (``embedsearch.audit.pixels``) when the caller asked for them.
+    stats: dict[str, float] | None = None
 
 
 class _Decoder:
     """Callable: source → (tensor or None, ItemInfo). Never raises for a bad image."""
 
     def __init__(self, transform: Callable[[Any], torch.Tensor], target_size: int,
-                 max_pixels: int) -> None:
+                 max_pixels: int, stats: bool = False) -> None:
         self.transform = transform
         self.target_size = target_size
         self.max_pixels = max_pixels
+        self.stats = stats
 
     def __call__(self, source: Path | bytes) -> tuple[torch.Tensor | None, ItemInfo]:
         loaded = load_image(source, target_size=self.target_size, max_pixels=self.max_pixels)
@@ -56,8 +59,13 @@ class _Decoder:
         except Exception as exc:  # a transform failing on one odd image must not stop a run
             return None, ItemInfo("decode_error", f"preprocessing failed: {exc}",
                                   loaded.sha256, loaded.size)
+        stats = None
+        if self.stats:  # ~1 ms on a small copy, while the decoded image is at hand
+            from embedsearch.audit.pixels import pixel_stats
+
+            stats = pixel_stats(loaded.image)
         return tensor, ItemInfo("ok", "", loaded.sha256, loaded.size, loaded.width,
-                                loaded.height)
+                                loaded.height, stats)
 
 
 def default_workers() -> int:
@@ -73,6 +81,7 @@ def embed_sources(
     num_workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressFn | None = None,
+    pixel_stats: bool = False,
 ) -> Iterator[tuple[list[int], np.ndarray, list[ItemInfo]]]:
     """Yield (indices, vectors of the decoded ones, infos of all) per batch, in order.
 
@@ -81,13 +90,13 @@ def embed_sources(
     model take turns on all cores instead of running side by side: on a small machine a
     decode process preempting one of the model's threads stalls the others at the next
     barrier (measured: 56 vs 60 images/s fp32, 100 vs 129 bf16 on 2 cores; see
-    benchmarks/results/throughput.md).
+    benchmarks/results/throughput.md). ``pixel_stats`` also fills ``ItemInfo.stats``.
     """
     import torch
 
     workers = default_workers() if num_workers is None else num_workers
     prep = encoder.preprocess
-    decode = _Decoder(prep.worker_transform, prep.resize, max_pixels)
+    decode = _Decoder(prep.worker_transform, prep.resize, max_pixels, pixel_stats)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
     try:
         for start in range(0, len(sources), batch_size):

@@ -91,9 +91,10 @@ def _stat_key(path: Path) -> tuple[int, int]:
 def _meta_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
+    from embedsearch.audit.pixels import STAT_COLUMNS
     from embedsearch.store.cache import META_COLUMNS
 
-    return pd.DataFrame(rows, columns=list(META_COLUMNS))
+    return pd.DataFrame(rows, columns=[*META_COLUMNS, *STAT_COLUMNS])
 
 
 class _Cache:
@@ -147,6 +148,7 @@ def build_index(
     dedupe: bool | None = None,
     dedupe_threshold: float | None = None,
     dedupe_keep: str | None = None,
+    exclude: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
@@ -154,7 +156,8 @@ def build_index(
     encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
     cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
     ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
-    the choice sticks to the bundle until ``dedupe=False``.
+    the choice sticks to the bundle until ``dedupe=False``. ``exclude`` names a reviewed
+    list of ids to leave out (:mod:`embedsearch.audit.exclude`), recorded as skipped.
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
@@ -162,6 +165,10 @@ def build_index(
     t0 = time.perf_counter()
     collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
                       follow_symlinks=follow_symlinks, skip_missing=skip_missing)
+    if exclude is not None:
+        from embedsearch.audit.exclude import exclude_records
+
+        collection = exclude_records(collection, exclude)
     path = Path(out) if out else bundle_path(name or Path(source).stem)
     with exclusive_lock(path):
         remove_temp_files(path)
@@ -252,7 +259,7 @@ def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_si
     vectors = np.zeros((0, encoder.dim), np.float32)
     infos: list[ItemInfo] = []
     stream = embed_sources(encoder, paths, batch_size=batch_size, num_workers=num_workers,
-                           progress=tick)
+                           progress=tick, pixel_stats=True)
     for _, v, batch_infos in stream:
         vectors = np.concatenate([vectors, v])
         infos.extend(batch_infos)
@@ -293,7 +300,8 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
                 rows.append({"id": rec.id, "size": size, "mtime_ns": mtime,
                              "sha256": info.sha256, "status": info.status,
                              "detail": info.detail, "width": info.width,
-                             "height": info.height, "row": n_ok if ok else -1})
+                             "height": info.height, "row": n_ok if ok else -1,
+                             **(info.stats or {})})
                 n_ok += ok
             if n_ok != len(vectors):
                 raise EmbedsearchError(f"engine {engine} returned {len(vectors)} vectors for "
@@ -310,6 +318,7 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     """Write a new generation of the bundle's files, then the manifest (the commit)."""
     import pandas as pd
 
+    from embedsearch.audit.pixels import STAT_COLUMNS
     from embedsearch.index import make_index, write_faiss
 
     ok_rows, failed_rows = [], []
@@ -322,7 +331,9 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     ok_rows.sort(key=lambda r: r["split"] in HELD_OUT_SPLITS)
     vectors = np.stack([cache.vector(r["id"]) for r in ok_rows]) if ok_rows \
         else np.zeros((0, encoder.dim), np.float32)
-    columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height"]
+    # px_*: pixel statistics for the audit (NaN for images encoded before they existed).
+    columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height",
+               *STAT_COLUMNS]
     items = pd.DataFrame(ok_rows, columns=[*columns, "status", "detail", "row"])
     items["row"] = np.arange(len(items))
     items = items[[*columns, "row"]]

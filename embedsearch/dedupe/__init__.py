@@ -8,7 +8,8 @@ Library API (the CLI's ``dedupe``, ``dedupe-undo`` and ``leakage`` commands call
 - :func:`group_labels`, :func:`grouped_split`, :func:`near_duplicate_pairs`: group-aware
   train/test splitting
 - :func:`write_report`: groups.csv/parquet, label_conflicts.csv, summary.json, report.html
-- :func:`move_to` + :func:`undo`, :func:`copy_clean_to`, :func:`delete_in_place`
+- :func:`move_to` + :func:`undo`, :func:`copy_clean_to`, :func:`delete_in_place`;
+  :func:`move_files` moves any list of images the same undoable way (audit quarantine)
 
 Submodules are imported on first use, so ``import embedsearch.dedupe`` stays cheap.
 """
@@ -39,6 +40,7 @@ _LAZY = {
     "write_report": "report",
     "write_leakage": "report",
     "move_to": "actions",
+    "move_files": "actions",
     "undo": "actions",
     "copy_clean_to": "actions",
     "delete_in_place": "actions",

@@ -113,7 +113,7 @@ def _safe_to_remove(root: Path, entry: dict[str, Any]) -> str | None:
         return "changed since it was indexed (sha256 differs); rebuild the index"
     entry["sha256"] = digest
     entry["bytes"] = src.stat().st_size
-    if not _resolve(root, entry["kept_id"]).is_file():
+    if entry.get("kept_id") and not _resolve(root, entry["kept_id"]).is_file():
         return f"its kept image {entry['kept_id']} is gone; not removing the last copy"
     return None
 
@@ -162,9 +162,20 @@ def move_to(result: DedupeResult, dest: str | os.PathLike[str],
     """Move every removed duplicate to ``dest/<its id>``; returns the report whose ``log``
     is the undo manifest (pass it to :func:`undo`)."""
     base = _root_of(result, root)
+    return move_files(_plan(result, base), dest, base,
+                      {"threshold": result.threshold, "keep": result.keep})
+
+
+def move_files(entries: list[dict[str, Any]], dest: str | os.PathLike[str],
+               root: str | os.PathLike[str], record: dict[str, Any] | None = None,
+               what: str = "--move-to") -> ActionReport:
+    """Move files ``{"id", "sha256"[, "kept_id"]}`` (ids relative to ``root``) to
+    ``dest/<id>``, writing the undo manifest (for :func:`undo`) before the first move;
+    ``record`` adds fields to it. An entry with a ``kept_id`` moves only while that
+    image still exists."""
+    base = Path(root)
     dest = Path(dest)
-    _check_outside(base, dest, "--move-to")
-    entries = _plan(result, base)
+    _check_outside(base, dest, what)
     report = ActionReport("move", dest / f"embedsearch-undo-{_stamp()}.json")
     ready = []
     for e in entries:
@@ -177,7 +188,7 @@ def move_to(result: DedupeResult, dest: str | os.PathLike[str],
         (ready.append(e) if why is None else report.skipped.append((e["id"], why)))
     manifest = {"format": MOVES_FORMAT, "schema_version": SCHEMA_VERSION, "created": _now(),
                 "state": "planned", "root": str(base.resolve()), "dest": str(dest.resolve()),
-                "threshold": result.threshold, "keep": result.keep, "moves": entries}
+                **(record or {}), "moves": entries}
     write_json(report.log, manifest)  # the undo record exists before anything moves
     try:
         _apply_each(ready, report, "moved",

@@ -213,6 +213,7 @@ def run_benchmark(
     command: Sequence[str] | None = None,
     progress: Progress | None = None,
     on_stage: Callable[[str], None] | None = None,
+    exclude: str | os.PathLike[str] | None = None,
 ) -> BenchmarkResult:
     """Run the whole study on ``data`` and write ``out``/report.md, report.html,
     results.json and figures/.
@@ -223,7 +224,8 @@ def run_benchmark(
     k-fold cross-validation (every image is a test image once). ``head_options`` passes
     settings to a head, e.g. ``{"mlp": {"hidden": 256}}``. ``seed`` fixes the split,
     the heads' initialisation and the bootstrap: the same seed gives the same
-    results.json apart from its ``timings`` key.
+    results.json apart from its ``timings`` key. ``exclude``: a reviewed list of ids to
+    leave out (see :mod:`embedsearch.audit.exclude`).
     """
     t_start = time.perf_counter()
     load_start = _load_average()
@@ -253,7 +255,7 @@ def run_benchmark(
     for choice, slug in zip(choices, slugs, strict=True):
         stage(f"encoding {data_path} with {choice.label}")
         enc = _encode(data_path, choice, slug, bundle_root, batch_size, num_workers,
-                      progress, path_col, label_col, split_col)
+                      progress, path_col, label_col, split_col, exclude)
         shared_spec = sum(c.spec == choice.spec for c in choices) > 1
         enc.label = choice.label if shared_spec else choice.spec
         encoded.append(enc)
@@ -346,7 +348,8 @@ def run_benchmark(
 # -- encoding -----------------------------------------------------------------------------
 def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: int,
             num_workers: int | None, progress: Progress | None, path_col: str | None,
-            label_col: str | None, split_col: str | None) -> _Encoded:
+            label_col: str | None, split_col: str | None,
+            exclude: str | os.PathLike[str] | None = None) -> _Encoded:
     from embedsearch.bundle import load_bundle
     from embedsearch.pipeline import build_index
     from embedsearch.store.io import read_json, write_json
@@ -354,7 +357,8 @@ def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: 
     path = root / slug
     res = build_index(data, out=path, model=choice.spec, weights=choice.weights,
                       batch_size=batch_size, num_workers=num_workers, progress=progress,
-                      path_col=path_col, label_col=label_col, split_col=split_col)
+                      path_col=path_col, label_col=label_col, split_col=split_col,
+                      exclude=exclude)
     sidecar = root / f"{slug}.encode.json"
     gen = res.manifest["generation"]
     if res.encoded > 0:
