@@ -146,8 +146,10 @@ def audit_bundle(bundle: Bundle, *, folds: int = DEFAULT_FOLDS, k: int = DEFAULT
     frame["outlier_score"] = out_score
     frame["outlier"], out_cut = robust_flag(out_score, OUTLIER_Z)
 
-    stats, computed = stats_for_items(items, root, progress=progress)
-    input_size = int(bundle.encoder_identity.get("preprocess", {}).get("center_crop", 224))
+    prep = bundle.encoder_identity.get("preprocess", {})
+    stats, computed = stats_for_items(items, root, progress=progress,
+                                      target_size=int(prep.get("resize_shorter_side", 256)))
+    input_size = int(prep.get("center_crop", 224))
     spur = spurious_scores(stats, items["width"].to_numpy(), items["height"].to_numpy(),
                            input_size)
     frame = pd.concat([frame, spur], axis=1)

@@ -50,10 +50,12 @@ def pixel_stats(image: Image.Image) -> dict[str, float]:
     - ``px_colour_std``: root-mean-square over the channels of each channel's standard
       deviation (0 for a single flat colour, whatever the colour);
     - ``px_saturation``: mean HSV-style saturation (0 for grey-only images such as scans);
-    - ``px_sharpness``: 99th percentile of the gradient at full resolution over the same at
-      half resolution (per pixel of the full copy): about 2 for sharp edges (a step is one
-      pixel wide at either resolution), 1 for a blurred image (a wide ramp is as steep per
-      pixel at both), above 2 for pixel noise (averaging removes it);
+    - ``px_sharpness``: gradient energy (sum of squared luminance steps) at full resolution
+      over the same at half resolution: 2 for sharp edges (a step is one pixel wide at
+      either resolution, and there are twice as many pixels along it), 1 for a blurred
+      image (a ramp wider than two pixels holds the same energy at both), more for pixel
+      noise (averaging removes it). Strong edges dominate the energy, so a few sharp
+      contours decide it even on a plain background;
     - ``px_tile_share``: share of the colour variance that lies *between* the cells of a
       4 × 4 grid: near 0 when every part of the picture looks alike (one texture, noise, a
       flat colour), large when the picture has an object and a background;
@@ -81,9 +83,8 @@ def stats_from_array(a: np.ndarray) -> dict[str, float]:
     grad = _gradient(lum)
     if h >= 4 and w >= 4:
         half = lum[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-        g_full, g_half = float(np.percentile(grad, 99)), float(np.percentile(
-            _gradient(half), 99)) / 2.0
-        sharpness = g_full / g_half if g_half > 1e-4 else 1.0
+        e_full, e_half = float((grad ** 2).sum()), float((_gradient(half) ** 2).sum())
+        sharpness = e_full / e_half if e_half > 1e-6 else 1.0
     else:
         sharpness = 1.0
     total = float(channel_var.sum())
@@ -117,11 +118,12 @@ def _gradient(lum: np.ndarray) -> np.ndarray:
     return np.sqrt(gx * gx + gy * gy)
 
 
-def stats_from_file(path: Path) -> dict[str, float] | None:
-    """Statistics of one image file (None when it cannot be decoded)."""
+def stats_from_file(path: Path, target_size: int = 2 * STATS_SIDE) -> dict[str, float] | None:
+    """Statistics of one image file (None when it cannot be decoded). ``target_size`` is
+    the JPEG reduce-on-decode size, as the build's decoder used (the encoder's resize)."""
     from embedsearch.data.images import LoadFailure, load_image
 
-    loaded = load_image(path, target_size=2 * STATS_SIDE)
+    loaded = load_image(path, target_size=target_size)
     if isinstance(loaded, LoadFailure):
         return None
     return pixel_stats(loaded.image)
@@ -129,13 +131,15 @@ def stats_from_file(path: Path) -> dict[str, float] | None:
 
 def stats_for_items(items: pd.DataFrame, root: Path,
                     progress: Callable[[int, int], Callable[[int], None]] | None = None,
-                    num_workers: int | None = None) -> tuple[pd.DataFrame, int]:
+                    num_workers: int | None = None, target_size: int = 2 * STATS_SIDE
+                    ) -> tuple[pd.DataFrame, int]:
     """The ``px_*`` columns for every row of ``items``; rows without them (a bundle built
     before they existed) are computed from the files under ``root``.
 
     Returns (a frame with one column per :data:`STAT_COLUMNS`, in the items' order, and
     the number of images that had to be decoded). ``progress(total, done)`` may return a
-    callback that receives image counts while they decode.
+    callback that receives image counts while they decode. ``target_size``: the bundle
+    encoder's resize, so large JPEGs decode at the scale the build decoded them.
     """
     import pandas as pd
 
@@ -149,7 +153,8 @@ def stats_for_items(items: pd.DataFrame, root: Path,
         tick = progress(len(todo), 0) if progress is not None else None
         workers = num_workers if num_workers is not None else max(1, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
-            for idx, st in zip(todo, pool.map(stats_from_file, paths), strict=True):
+            found = pool.map(lambda p: stats_from_file(p, target_size), paths)
+            for idx, st in zip(todo, found, strict=True):
                 if st is not None:
                     stats.loc[idx, list(STAT_COLUMNS)] = [st[c] for c in STAT_COLUMNS]
                 if tick is not None:
