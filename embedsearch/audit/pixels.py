@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 STATS_SIDE = 160
 #: Columns stored in the items table, in this order.
 STAT_COLUMNS = ("px_brightness", "px_contrast", "px_colour_std", "px_saturation",
-                "px_sharpness", "px_tile_share", "px_two_tone", "px_edges")
+                "px_sharpness", "px_tile_share", "px_two_tone", "px_top_colour", "px_edges")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 #: Gradient (luminance units per pixel of the small copy) that counts as an edge.
 EDGE_STEP = 0.08
@@ -61,7 +61,10 @@ def pixel_stats(image: Image.Image) -> dict[str, float]:
       flat colour), large when the picture has an object and a background;
     - ``px_two_tone``: share of pixels in the two most common of 64 coarse colours (near 1
       for text on a plain background or a flat colour; photos spread over many colours);
-    - ``px_edges``: share of pixels on a luminance edge (strokes of text: many).
+    - ``px_top_colour``: share of pixels in the most common coarse colour (the background
+      of a plain-background picture), so ``1 − px_top_colour`` is the "ink";
+    - ``px_edges``: share of pixels on a luminance edge (thin strokes of text: most of the
+      ink is edge; a garment on a white background: little of it).
     """
     from PIL import Image as PILImage
 
@@ -105,6 +108,7 @@ def stats_from_array(a: np.ndarray) -> dict[str, float]:
         "px_sharpness": float(min(sharpness, 10.0)),
         "px_tile_share": min(tile_share, 1.0),
         "px_two_tone": float(counts[:2].sum() / codes.size),
+        "px_top_colour": float(counts[0] / codes.size),
         "px_edges": float((grad > EDGE_STEP).mean()),
     }
 
@@ -197,8 +201,11 @@ def spurious_scores(stats: pd.DataFrame, width: np.ndarray, height: np.ndarray,
         "noise": busy * np.clip((s["px_sharpness"] - 1.0) / 1.5, 0.0, 1.0)
         * np.clip(1.0 - tile / 0.05, 0.0, 1.0),
         "texture": busy * (1.0 - tile),
-        "text": busy * s["px_two_tone"] * np.clip(s["px_edges"] / 0.15, 0.0, 1.0)
-        * (1.0 - s["px_saturation"]) * np.clip(1.0 - tile / 0.3, 0.0, 1.0),
+        # two tones (ink on a plain ground), ink that is mostly edge (thin strokes), and
+        # not a pattern repeated exactly everywhere (that is "texture")
+        "text": busy * np.clip((s["px_two_tone"] - 0.7) / 0.2, 0.0, 1.0)
+        * np.clip((s["px_edges"] / np.maximum(1.0 - s["px_top_colour"], 0.01) - 0.6) / 0.6,
+                  0.0, 1.0) * np.clip(tile / 0.02, 0.0, 1.0),
         "tiny": 1.0 - np.clip(short / input_size, 0.0, 1.0),
         "aspect": aspect,
     }
@@ -221,7 +228,7 @@ SPURIOUS_THRESHOLDS: dict[str, float] = {
     "blurry": 0.35,    # edges as steep per pixel at half resolution as at full (≤ 1.15)
     "noise": 0.5,      # steep everywhere alike: pixel noise
     "texture": 0.98,   # under 2 % of the colour variance between the 4 × 4 cells
-    "text": 0.55,      # two tones, many thin edges, grey, spread evenly
+    "text": 0.5,       # two tones, ink mostly thin strokes
     "tiny": 0.71,      # shorter side under 65 px for a 224-px encoder (upscaled > 3.4×)
     "aspect": 3.0,     # the encoder's centre crop keeps under a third of the image
 }
