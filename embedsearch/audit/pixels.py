@@ -201,11 +201,10 @@ def spurious_scores(stats: pd.DataFrame, width: np.ndarray, height: np.ndarray,
         "noise": busy * np.clip((s["px_sharpness"] - 1.0) / 1.5, 0.0, 1.0)
         * np.clip(1.0 - tile / 0.05, 0.0, 1.0),
         "texture": busy * (1.0 - tile),
-        # two tones (ink on a plain ground), ink that is mostly edge (thin strokes), and
-        # not a pattern repeated exactly everywhere (that is "texture")
+        # two tones (ink on a plain ground) and ink that is mostly edge (thin strokes)
         "text": busy * np.clip((s["px_two_tone"] - 0.7) / 0.2, 0.0, 1.0)
         * np.clip((s["px_edges"] / np.maximum(1.0 - s["px_top_colour"], 0.01) - 0.6) / 0.6,
-                  0.0, 1.0) * np.clip(tile / 0.02, 0.0, 1.0),
+                  0.0, 1.0),
         "tiny": 1.0 - np.clip(short / input_size, 0.0, 1.0),
         "aspect": aspect,
     }

@@ -64,29 +64,36 @@ def _texture(rng: np.random.Generator, side: int, n: int) -> Image.Image:
         arr = np.tile(tile, (side // 16, side // 16, 1))
     elif kind == 1:
         y = np.arange(side)[:, None, None]
-        c1, c2 = rng.integers(0, 256, (2, 3))
+        c1 = rng.integers(0, 256, 3)
+        c2 = (c1 + 128) % 256  # a contrasting second colour
         arr = np.where((y // 6) % 2 == 0, c1, c2).repeat(side, axis=1).astype(np.uint8)
     else:
         y, x = np.mgrid[:side, :side]
-        c1, c2 = rng.integers(0, 256, (2, 3))
+        c1 = rng.integers(0, 256, 3)
+        c2 = (c1 + 128) % 256
         arr = np.where(((y // 10 + x // 10) % 2 == 0)[..., None], c1, c2).astype(np.uint8)
     return PILImage.fromarray(arr, "RGB")
 
 
 def _text_image(rng: np.random.Generator, side: int, n: int) -> Image.Image:
-    """Lines of dark text on a light plain background (a label, a size chart, a notice)."""
+    """Text on a plain background: lines of small dark text (a label, a size chart), one
+    big word, light text on black, or coloured text on a coloured ground, by ``n``."""
     from PIL import Image as PILImage
     from PIL import ImageDraw, ImageFont
 
-    bg = (255, 255, 255) if n % 2 == 0 else tuple(int(c) for c in rng.integers(225, 256, 3))
+    kind = n % 4
+    bg, fg, size = [((255, 255, 255), (20, 20, 20), 22), ((250, 250, 245), (10, 10, 10), 90),
+                    ((0, 0, 0), (255, 255, 255), 30), ((200, 30, 30), (255, 230, 0), 40)][kind]
     img = PILImage.new("RGB", (side, side), bg)
     d = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=22)
+    font = ImageFont.load_default(size=size)
     y = 8
-    while y < side - 24:
-        words = " ".join(rng.choice(_WORDS, 2))
-        d.text((8, y), words, fill=(20, 20, 20), font=font)
-        y += 28
+    while y < side - size:
+        words = " ".join(rng.choice(_WORDS, 2)) if kind != 1 else "SALE"
+        d.text((8, y), words, fill=fg, font=font)
+        y += int(size * 1.3)
+        if kind == 1:
+            break
     return img
 
 
