@@ -117,7 +117,7 @@ def audit_bundle(bundle: Bundle, *, folds: int = DEFAULT_FOLDS, k: int = DEFAULT
     n = len(items)
     if n < 3:
         raise EmbedsearchError(f"bundle {bundle.name} has {n} images; an audit needs at least 3")
-    neigh = Neighbourhood.search(vectors, max(k, outlier_k))
+    neigh = Neighbourhood.search(vectors, max(k, outlier_k), bundle.index)
     frame = items[["id", "label", "split", "width", "height", "sha256"]].copy()
 
     labels = None

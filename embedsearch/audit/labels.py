@@ -52,13 +52,15 @@ class Neighbourhood:
     sims: np.ndarray     # (n, k) float32
 
     @classmethod
-    def search(cls, vectors: np.ndarray, k: int) -> Neighbourhood:
-        """Exact (or the bundle-sized default index's) k nearest others of every row."""
+    def search(cls, vectors: np.ndarray, k: int, index: Any = None) -> Neighbourhood:
+        """The k nearest others of every row, through ``index`` (a faiss index over these
+        very rows, e.g. the bundle's) or a new one (exact up to 200,000 rows)."""
         from embedsearch.index import make_index, search
 
         vectors = np.ascontiguousarray(vectors, np.float32)
         n = len(vectors)
-        index, _ = make_index(vectors, "auto")
+        if index is None:
+            index, _ = make_index(vectors, "auto")
         found = search(index, vectors, min(k + 1, n))
         ids = np.full((n, k), -1, np.int64)
         sims = np.zeros((n, k), np.float32)
