@@ -189,13 +189,14 @@ def render_html(result: AuditResult, *, max_rows: int = MAX_HTML_ROWS,
     # Outliers
     rows = result.ranked("outlier")
     parts.append(f"<h2 id='outliers'>Outliers / off-topic ({len(rows)})</h2><p class='note'>"
-                 "Furthest from everything else (1 − mean similarity of the "
-                 f"nearest neighbours; flagged above {s['outlier_cut']:.3f}, this "
-                 "collection's median + 4 robust standard deviations).</p>")
+                 "Furthest from this collection, in its robust standard deviations: the "
+                 "larger of the Mahalanobis distance to the nearest class mean (finds groups "
+                 "of off-topic images) and the distance to the nearest neighbours (finds "
+                 f"lone ones); flagged above {s['outlier_cut']:g}.</p>")
     for r in rows.head(max_rows).itertuples():
         i = index_of[r.id]
         parts.append(f"<div class='row'><figure class='main'>{thumbs.img(r.id)}"
-                     f"{caption(i, f'<br>outlier score {r.outlier_score:.3f}')}</figure>"
+                     f"{caption(i, f'<br>outlier score {r.outlier_score:.2f}')}</figure>"
                      f"{neighbours(i, labels[i])}</div>")
     # Spurious
     parts.append("<h2 id='spurious'>Low-information images</h2><p class='note'>From the "
@@ -273,7 +274,7 @@ def summary_lines(result: AuditResult) -> list[str]:
     table = [
         ("likely label errors", s["label_issues"],
          top("label", "{label} -> {suggested_label} {suggested_prob:.2f}")),
-        ("outliers / off-topic", s["outliers"], top("outlier", "score {outlier_score:.3f}")),
+        ("outliers / off-topic", s["outliers"], top("outlier", "score {outlier_score:.2f}")),
         ("low-information", s["spurious"], spur),
         ("removable duplicates", s["duplicates"], top("duplicate", "copy of {dup_of}")),
         ("label-conflict groups", s["label_conflict_groups"], ""),
