@@ -305,7 +305,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle of all of clothing-small")
     ap.add_argument("--work", type=Path, default=Path("/tmp/embedsearch-audit-bench"))
-    ap.add_argument("--note", default="", help="what the top false positives show")
+    ap.add_argument("--note", type=Path, help="a text file: what the top false positives "
+                    "show (looked at by eye), printed under their table")
     args = ap.parse_args()
     from embedsearch import build_index, load_bundle
     from embedsearch.report.provenance import PACKAGES, git_revision, machine, package_versions
@@ -328,7 +329,7 @@ def main() -> None:
                            + label_benchmark(vectors[~train], labels[~train], "val+test"))
     res["top_false_positives"] = top_false_positives(vectors[train], labels[train],
                                                      items["id"].to_numpy()[train])
-    res["false_positive_note"] = args.note
+    res["false_positive_note"] = args.note.read_text().strip() if args.note else ""
     res["off_topic"] = off_topic_benchmark(bundle, args.work)
     res["spurious"] = spurious_benchmark(bundle)
     res["seconds"] = round(time.perf_counter() - t0, 1)
