@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 STATS_SIDE = 160
 #: Columns stored in the items table, in this order.
 STAT_COLUMNS = ("px_brightness", "px_contrast", "px_colour_std", "px_saturation",
-                "px_sharpness", "px_tile_share", "px_two_tone", "px_top_colour", "px_edges")
+                "px_sharpness", "px_tile_share", "px_two_tone", "px_top_colour", "px_edges",
+                "px_isotropy")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 #: Gradient (luminance units per pixel of the small copy) that counts as an edge.
 EDGE_STEP = 0.08
@@ -64,7 +65,9 @@ def pixel_stats(image: Image.Image) -> dict[str, float]:
     - ``px_top_colour``: share of pixels in the most common coarse colour (the background
       of a plain-background picture), so ``1 − px_top_colour`` is the "ink";
     - ``px_edges``: share of pixels on a luminance edge (thin strokes of text: most of the
-      ink is edge; a garment on a white background: little of it).
+      ink is edge; a garment on a white background: little of it);
+    - ``px_isotropy``: horizontal over vertical gradient energy, the smaller over the
+      larger (letters have both; stripes, one).
     """
     from PIL import Image as PILImage
 
@@ -110,7 +113,14 @@ def stats_from_array(a: np.ndarray) -> dict[str, float]:
         "px_two_tone": float(counts[:2].sum() / codes.size),
         "px_top_colour": float(counts[0] / codes.size),
         "px_edges": float((grad > EDGE_STEP).mean()),
+        "px_isotropy": _isotropy(lum),
     }
+
+
+def _isotropy(lum: np.ndarray) -> float:
+    ex = float((np.diff(lum, axis=1) ** 2).sum()) if lum.shape[1] > 1 else 0.0
+    ey = float((np.diff(lum, axis=0) ** 2).sum()) if lum.shape[0] > 1 else 0.0
+    return min(ex, ey) / max(ex, ey) if max(ex, ey) > 1e-9 else 1.0
 
 
 def _gradient(lum: np.ndarray) -> np.ndarray:
@@ -201,10 +211,11 @@ def spurious_scores(stats: pd.DataFrame, width: np.ndarray, height: np.ndarray,
         "noise": busy * np.clip((s["px_sharpness"] - 1.0) / 1.5, 0.0, 1.0)
         * np.clip(1.0 - tile / 0.05, 0.0, 1.0),
         "texture": busy * (1.0 - tile),
-        # two tones (ink on a plain ground) and ink that is mostly edge (thin strokes)
+        # two tones (ink on a plain ground), ink that is mostly edge (thin strokes), and
+        # strokes in both directions (stripes have one)
         "text": busy * np.clip((s["px_two_tone"] - 0.7) / 0.2, 0.0, 1.0)
         * np.clip((s["px_edges"] / np.maximum(1.0 - s["px_top_colour"], 0.01) - 0.6) / 0.6,
-                  0.0, 1.0),
+                  0.0, 1.0) * np.clip(s["px_isotropy"] / 0.4, 0.0, 1.0),
         "tiny": 1.0 - np.clip(short / input_size, 0.0, 1.0),
         "aspect": aspect,
     }
