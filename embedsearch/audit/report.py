@@ -202,9 +202,13 @@ def render_html(result: AuditResult, *, max_rows: int = MAX_HTML_ROWS,
     parts.append("<h2 id='spurious'>Low-information images</h2><p class='note'>From the "
                  "pixels: thresholds per category in the table; images flagged in "
                  "several categories appear in each.</p>")
+    quiet = []
     for cat in SPURIOUS_CATEGORIES:
         col = f"spurious_{cat}"
         flagged = frame[frame["spurious"].str.split(",").apply(lambda f, c=cat: c in f)]
+        if not len(flagged):
+            quiet.append(cat)
+            continue
         flagged = flagged.sort_values(col, ascending=False, kind="stable")
         parts.append(f"<h3>{e(cat)} ({len(flagged)}; score ≥ "
                      f"{SPURIOUS_THRESHOLDS[cat]:g})</h3><div class='members'>")
@@ -213,6 +217,8 @@ def render_html(result: AuditResult, *, max_rows: int = MAX_HTML_ROWS,
                          f"{caption(index_of[r.id], f'<br>{cat} {getattr(r, col):.2f}')}"
                          "</figure>")
         parts.append("</div>")
+    if quiet:
+        parts.append(f"<p>None flagged: {e(', '.join(quiet))}.</p>")
     # Duplicates, conflicts, leakage
     links = links or {}
     parts.append(f"<h2 id='duplicates'>Duplicates, label conflicts, leakage</h2><p>"
