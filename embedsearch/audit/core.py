@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 #: Issue types, in the order the report shows them.
 ISSUE_TYPES = ("label", "outlier", "spurious", "duplicate", "conflict", "leak")
 #: Outlier score (robust standard deviations) above which an image is flagged: with 48
-#: other-domain images planted in clothing-small, 3 flags 45 of them and 4 of the 3,781
-#: real photos; 4 flags 13 and none (benchmarks/results/audit.md).
+#: other-domain images planted in clothing-small, 3 flags 44 of them and 4 of the 3,781
+#: real photos (benchmarks/results/audit.md); 4 flagged 13 and none, 2.5 all 48 and 22.
 OUTLIER_Z = 3.0
 #: Classes at most this share of the largest class are reported as under-represented.
 IMBALANCE_SHARE = 1 / 3
@@ -78,9 +78,8 @@ class AuditResult:
         col = {"label": "label_issue", "outlier": "outlier", "duplicate": "duplicate",
                "conflict": "label_conflict"}.get(issue)
         if issue == "spurious":
-            rows = f[f["spurious"] != ""]
-            return rows.assign(_s=rows["spurious_severity"]).sort_values(
-                "_s", ascending=False, kind="stable").drop(columns="_s")
+            return f[f["spurious"] != ""].sort_values("spurious_severity", ascending=False,
+                                                      kind="stable")
         if issue == "leak":
             return f[f["leak_with"].notna()].sort_values("dup_similarity", ascending=False)
         order = {"label": "label_score", "outlier": "outlier_score",
