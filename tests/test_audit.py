@@ -243,3 +243,19 @@ def test_real_photos_label_flips_and_off_topic(clothing_bundle, tmp_path: Path) 
     score = outlier_scores(np.vstack([X, planted]), labels)
     truth = np.r_[np.zeros(len(X), bool), np.ones(len(planted), bool)]
     assert roc_auc_score(truth, score) >= 0.99
+
+
+def test_exclude_lists(tmp_path: Path) -> None:
+    from embedsearch.audit.exclude import read_exclude_list
+    from embedsearch.errors import InputError
+
+    (tmp_path / "ids.txt").write_text("# reviewed\na/1.jpg\n\nb/2.jpg\n")
+    assert read_exclude_list(tmp_path / "ids.txt") == {"a/1.jpg", "b/2.jpg"}
+    pd.DataFrame({"id": ["a/1.jpg", "b/2.jpg", "c/3.jpg"],
+                  "decision": ["Exclude", "keep", ""]}).to_csv(tmp_path / "r.csv", index=False)
+    assert read_exclude_list(tmp_path / "r.csv") == {"a/1.jpg"}
+    pd.DataFrame({"path": ["a/1.jpg"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(InputError, match="no id column"):
+        read_exclude_list(tmp_path / "bad.csv")
+    with pytest.raises(InputError, match="no such exclude list"):
+        read_exclude_list(tmp_path / "missing.csv")
