@@ -77,6 +77,15 @@ class _Decoder:
                                 loaded.height, stats)
 
 
+def _stack(tensors: list[Any]) -> Any:
+    """One batch: numpy for the light encoder (no torch import), else a torch tensor."""
+    if isinstance(tensors[0], np.ndarray):
+        return np.stack(tensors)
+    import torch
+
+    return torch.stack(tensors)
+
+
 def default_workers() -> int:
     """Decoding threads: one per core (Pillow and hashlib release the GIL)."""
     return max(1, os.cpu_count() or 1)
@@ -101,10 +110,11 @@ def embed_sources(
     decode process preempting one of the model's threads stalls the others at the next
     barrier (measured: 56 vs 60 images/s fp32, 100 vs 129 bf16 on 2 cores; see
     benchmarks/results/throughput.md). ``augment`` transforms each decoded image first.
+    Exported runtimes take turns with decoding too: decoding the next batch beside
+    OpenVINO's streams was tried and, in one short run, was not better
+    (benchmarks/results/throughput_backends.md).
     ``pixel_stats`` also fills ``ItemInfo.stats`` (from the image as decoded).
     """
-    import torch
-
     workers = default_workers() if num_workers is None else num_workers
     prep = encoder.preprocess
     decode = _Decoder(prep.worker_transform, prep.resize, max_pixels, augment, pixel_stats)
@@ -116,7 +126,7 @@ def embed_sources(
             infos = [info for _, info in decoded]
             tensors = [t for t, _ in decoded if t is not None]
             if tensors:
-                vectors = encoder.encode_tensors(prep.finish(torch.stack(tensors)))
+                vectors = encoder.encode_tensors(prep.finish(_stack(tensors)))
             else:
                 vectors = np.zeros((0, encoder.dim), np.float32)
             if progress is not None:

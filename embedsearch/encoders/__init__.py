@@ -107,11 +107,14 @@ def resolve(spec: str) -> tuple[EncoderEntry, str]:
 
 
 def load_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike[str] | None = None,
-                 precision: str = "fp32", channels_last: bool = True) -> Encoder:
+                 precision: str = "fp32", channels_last: bool = True,
+                 backend: str | None = None) -> Encoder:
     """Build the encoder named by ``spec``, with weights from ``weights`` when given.
 
     ``precision`` is "fp32" or "bf16" (autocast); channels-last memory layout is on by
     default because it is faster on CPU for convolutional nets and changes nothing else.
+    ``backend`` ("auto", "torch", "openvino", "onnxruntime"; None: the process default,
+    see :mod:`embedsearch.encoders.backends`) chooses the runtime of the forward pass.
     """
     entry, name = resolve(spec)
     path = Path(weights).expanduser() if weights else None
@@ -119,4 +122,7 @@ def load_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike[str] | 
         raise EncoderError(f"weights file {path} does not exist")
     encoder = entry.build(spec, name, path)
     encoder.configure(precision, channels_last)
+    from embedsearch.encoders.backends import use_backend
+
+    use_backend(encoder, backend)
     return encoder

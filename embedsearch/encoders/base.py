@@ -178,6 +178,8 @@ class Encoder:
 
     #: True for encoders that can embed text into the image space (CLIP).
     supports_text = False
+    #: True where exporting to another runtime cannot pay off (``--backend auto`` skips it).
+    prefers_torch = False
 
     def __init__(self, spec: str, model: torch.nn.Module, preprocess: Preprocess,
                  weights: WeightsInfo) -> None:
@@ -191,6 +193,9 @@ class Encoder:
         self.weights = weights
         self.precision = "fp32"
         self.channels_last = False
+        #: Set by :func:`embedsearch.encoders.backends.use_backend`: batch → features.
+        self.runtime: Callable[[np.ndarray], np.ndarray] | None = None
+        self.backend = "torch"
         with torch.inference_mode():
             probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
             self.dim = int(self._forward(probe).shape[-1])
@@ -213,6 +218,7 @@ class Encoder:
             raise EncoderError(f"unknown precision {precision!r}", hint=f"use one of {PRECISIONS}")
         self.precision = precision
         self.channels_last = channels_last
+        self.runtime, self.backend = None, "torch"  # an exported graph is of the old settings
         self.model = self.model.to(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self._fingerprint = None
@@ -226,11 +232,14 @@ class Encoder:
         """Embed a preprocessed batch: float32, L2-normalised, finite (else EncoderError)."""
         import torch
 
-        if self.channels_last and batch.dim() == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(
-                "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            feats = self._forward(batch).float()
+        if self.runtime is not None:
+            feats = torch.from_numpy(self.runtime(batch.contiguous().numpy()))
+        else:
+            if self.channels_last and batch.dim() == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                feats = self._forward(batch).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         out = feats.cpu().numpy().astype(np.float32, copy=False)
         if not np.isfinite(out).all():
