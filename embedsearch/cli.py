@@ -572,6 +572,8 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--near-threshold", type=float,
               help="Cosine similarity above which two images count as near duplicates.")
 @click.option("--no-heads", is_flag=True, help="Skip the trained heads.")
+@click.option("--select-by", type=click.Choice(list(SELECT_BY)), default=DEFAULT_SELECT_BY,
+              show_default=True, help="Metric the heads' settings are chosen by on validation.")
 @click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")
 @click.option("--title", help="Report title.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -584,8 +586,8 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   weights: tuple[Path, ...], out: Path | None, bundles: Path | None, seed: int,
                   ks: tuple[int, ...], cv_folds: int | None, no_dedupe: bool,
-                  near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
-                  title: str | None, batch_size: int, workers: int | None,
+                  near_threshold: float | None, no_heads: bool, select_by: str,
+                  no_zero_shot: bool, title: str | None, batch_size: int, workers: int | None,
                   path_col: str | None, label_col: str | None, split_col: str | None,
                   as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
@@ -605,6 +607,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         data, list(models) or ["efficientnet-lite0"], weights=list(weights) or None, out=out,
         bundles=bundles, seed=seed, ks=ks, cv_folds=cv_folds, dedupe=not no_dedupe,
         near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
+        head_options={kind: {"select_by": select_by} for kind in DEFAULT_HEADS},
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
         command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage)

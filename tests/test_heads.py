@@ -444,3 +444,21 @@ def test_extra_train_rows_train_but_never_score(make) -> None:
     assert held_out.info["validation"]["n"] <= len(ytr)
     with pytest.raises(EmbedsearchError, match="absent from training"):
         make().fit(Xtr, ytr, extra_train=(Xtr[:2], np.array(["zz", "zz"])))
+
+
+def test_cli_train_auto_names_metric_protocols_and_choice(tiny_bundle) -> None:
+    out = CliRunner().invoke(main, ["train", "--index", "tb", "--head", "auto",
+                                    "--select-by", "accuracy", "--hidden", "16"])
+    assert out.exit_code == 0, out.output
+    text = out.output
+    assert "select    by validation accuracy, ties to the lower log loss, on validation " \
+        "split" in text
+    assert "kept linear (accuracy: linear 1.000, mlp 1.000; linear on a tie)" in text
+    assert "(validation split, train as reference)" in text
+    assert "held-out test images, report only" in text and "scikit-learn's C on " \
+        "standardised inputs" in text
+    b = load_bundle("tb")
+    assert b.manifest["heads"]["linear"]["select_by"] == "accuracy"
+    meta = json.loads((b.path / "heads" / "linear" / "head.json").read_text())
+    assert meta["selection"]["metric"] == "accuracy"
+    assert meta["head_choice"]["chosen"] == "linear"
