@@ -543,8 +543,10 @@ class LinearHead(Head):
 
 
 class MLPHead(Head):
-    """One hidden layer (ReLU, dropout), AdamW with weight decay, label smoothing and a
-    cosine learning-rate schedule; the epoch is chosen in the schedule's second half.
+    """One hidden layer (ReLU, dropout) beside a linear skip path (``skip``: logits =
+    linear(x) + W2 relu(W1 x)), AdamW with weight decay, label smoothing and a cosine
+    learning-rate schedule; the epoch is chosen in the schedule's second half. The skip path
+    lets the network be at least the linear model it contains.
 
     Why: with a constant learning rate and early stopping on validation loss, the loss of
     an over-confident network rises after an epoch or two on noisy collections and the
@@ -565,10 +567,11 @@ class MLPHead(Head):
 
     def __init__(self, hidden: int = 512, dropout: float = 0.5, weight_decay: float = 0.05,
                  lr: float = 1e-3, label_smoothing: float = 0.1, batch_size: int = 256,
-                 max_epochs: int | None = None, class_weight: str = "auto",
-                 select_by: str = DEFAULT_SELECT_BY, seed: int = 0, refit: bool = True,
-                 holdout: float = 0.15) -> None:
+                 max_epochs: int | None = None, skip: bool = True,
+                 class_weight: str = "auto", select_by: str = DEFAULT_SELECT_BY, seed: int = 0,
+                 refit: bool = True, holdout: float = 0.15) -> None:
         self.hidden = hidden
+        self.skip = skip
         self.dropout = dropout
         self.weight_decay = weight_decay
         self.lr = lr
@@ -585,7 +588,10 @@ class MLPHead(Head):
     def _logits(params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
         h = X @ params["w1"].T + params["b1"]
         np.maximum(h, 0.0, out=h)
-        return h @ params["w2"].T + params["b2"]
+        out = h @ params["w2"].T + params["b2"]
+        if "w0" in params:  # the linear skip path
+            out += X @ params["w0"].T
+        return out
 
     def _batch(self, n: int) -> int:
         # Small data: shrink batches so an epoch still makes several optimizer steps.
@@ -620,10 +626,17 @@ class MLPHead(Head):
             torch.manual_seed(self.seed)
             torch.set_num_threads(1)
             try:
-                net = torch.nn.Sequential(
+                body = torch.nn.Sequential(
                     torch.nn.Linear(X.shape[1], self.hidden), torch.nn.ReLU(),
                     torch.nn.Dropout(self.dropout), torch.nn.Linear(self.hidden, n_classes))
-                opt = _AdamW(list(net.parameters()), self.lr, self.weight_decay)
+                skip = torch.nn.Linear(X.shape[1], n_classes, bias=False) if self.skip \
+                    else None
+
+                def net(x: Any) -> Any:
+                    return body(x) + skip(x) if skip is not None else body(x)
+
+                params = list(body.parameters()) + (list(skip.parameters()) if skip else [])
+                opt = _AdamW(params, self.lr, self.weight_decay)
                 weight = torch.as_tensor(cw, dtype=torch.float32)
                 Xt = torch.as_tensor(st(X))
                 yt = torch.as_tensor(y_idx, dtype=torch.long)
@@ -632,23 +645,26 @@ class MLPHead(Head):
                 total = epochs * -(-len(Xt) // batch_size)
                 step = 0
                 for _ in range(stop):
-                    net.train()
+                    body.train()
                     for batch in torch.randperm(len(Xt), generator=gen).split(batch_size):
                         opt.lr = self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
                         step += 1
-                        net.zero_grad(set_to_none=True)
+                        for p in params:
+                            p.grad = None
                         loss = torch.nn.functional.cross_entropy(
                             net(Xt[batch]), yt[batch], weight=weight,
                             label_smoothing=self.label_smoothing)
                         loss.backward()
                         opt.step()
                     if Xe is not None:
-                        net.eval()
+                        body.eval()
                         with torch.no_grad():
                             evals.append(net(Xe).numpy().astype(np.float64))
             finally:
                 torch.set_num_threads(threads)
-        sd = {k: v.detach().numpy().astype(np.float64) for k, v in net.state_dict().items()}
+        sd = {k: v.detach().numpy().astype(np.float64) for k, v in body.state_dict().items()}
+        if skip is not None:
+            sd["skip"] = skip.weight.detach().numpy().astype(np.float64)
         return st, sd, evals
 
     def _search(self, held: list[tuple[np.ndarray, np.ndarray, np.ndarray]], cw: np.ndarray
@@ -679,8 +695,12 @@ class MLPHead(Head):
                setting: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         st, sd, _ = self._train(X, y_idx, cw, setting["epochs"], setting["best_epoch"])
         w1, b1 = st.fold(sd["0.weight"], sd["0.bias"])
-        return ({"w1": w1, "b1": b1, "w2": sd["3.weight"].astype(np.float32),
-                 "b2": sd["3.bias"].astype(np.float32)}, {})
+        params = {"w1": w1, "b1": b1, "w2": sd["3.weight"].astype(np.float32),
+                  "b2": sd["3.bias"].astype(np.float32)}
+        if "skip" in sd:
+            w0, b0 = st.fold(sd["skip"], np.zeros(len(self.classes_)))
+            params["w0"], params["b2"] = w0, (params["b2"] + b0).astype(np.float32)
+        return params, {}
 
 
 class _AdamW:
