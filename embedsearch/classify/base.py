@@ -108,7 +108,7 @@ def single_thread() -> contextlib.AbstractContextManager[Any]:
     return threadpool_limits(1)
 
 
-class _Standardiser:
+class Standardiser:
     """Per-dimension mean/std of the training rows, folded into a first layer later."""
 
     def __init__(self, X: np.ndarray) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from embedsearch.classify import DEFAULT_SELECT_BY
-from embedsearch.classify.base import Head, _Standardiser, single_thread
+from embedsearch.classify.base import Head, Standardiser, single_thread
 
 #: Inverse regularisation strengths tried by the linear head: scikit-learn's C of
 #: ``LogisticRegression`` on *standardised* inputs (zero mean, unit variance per dimension).
@@ -55,14 +55,14 @@ class LinearHead(Head):
 
     def _path(self, X: np.ndarray, y_idx: np.ndarray, cw: np.ndarray, grid: Sequence[float],
               init: tuple[np.ndarray, np.ndarray] | None = None
-              ) -> tuple[_Standardiser, list[tuple[np.ndarray, np.ndarray, int]]]:
+              ) -> tuple[Standardiser, list[tuple[np.ndarray, np.ndarray, int]]]:
         """Fit every C of ``grid`` in order, each warm-started from the previous one (the
         first from ``init``). Returns the standardiser and, per C, (W, b, iterations) on
         standardised inputs with one row per class of ``classes_`` (a class absent from
         these rows gets -inf logits)."""
         from sklearn.linear_model import LogisticRegression
 
-        st = _Standardiser(X)
+        st = Standardiser(X)
         Z = st(X)
         present = np.unique(y_idx)
         k = len(self.classes_)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from embedsearch.classify import DEFAULT_SELECT_BY
-from embedsearch.classify.base import Head, _Standardiser
+from embedsearch.classify.base import Head, Standardiser
 
 #: MLP schedule length when ``max_epochs`` is None: about this many optimizer steps...
 MLP_STEPS = 600
@@ -82,7 +82,7 @@ class MLPHead(Head):
 
     def _train(self, X: np.ndarray, y_idx: np.ndarray, cw: np.ndarray, epochs: int,
                stop: int, X_eval: np.ndarray | None = None
-               ) -> tuple[_Standardiser, dict[str, np.ndarray], list[np.ndarray]]:
+               ) -> tuple[Standardiser, dict[str, np.ndarray], list[np.ndarray]]:
         """Train on a cosine schedule of ``epochs`` epochs, stopping after ``stop``.
 
         Returns the standardiser, the state (standardised space) and, with ``X_eval``, its
@@ -90,7 +90,7 @@ class MLPHead(Head):
         """
         import torch
 
-        st = _Standardiser(X)
+        st = Standardiser(X)
         n_classes = len(self.classes_)
         batch_size = self._batch(len(X))
         # One thread: these matmuls are small, and on 2 cores with anything else running
