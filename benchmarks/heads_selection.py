@@ -160,9 +160,9 @@ def run_collection(name: str, data: Split, before: Any | None, select_by: tuple[
                 "test": keep["test"], "seconds": round(lin["seconds"] + mlp["seconds"], 2),
                 "setting": {"kept": "mlp" if keep is mlp else "linear"}}
     if mlp_too and "macro_f1" in select_by:
-        r = run_head(MLPHead(skip=False), data)
-        out["methods"]["mlp without skip path, select by macro_f1"] = r
-        print(f"{name}: mlp no skip: {r['test']} {r['seconds']} s {r['setting']}", flush=True)
+        r = run_head(MLPHead(base="none"), data)
+        out["methods"]["mlp without linear base, select by macro_f1"] = r
+        print(f"{name}: mlp no base: {r['test']} {r['seconds']} s {r['setting']}", flush=True)
     if before is not None:
         for kind, cls in (("linear", before.LinearHead), ("mlp", before.MLPHead)):
             r = run_head(cls(), data)

@@ -435,9 +435,14 @@ def _echo_train(res: Any, k: int, select_by: str) -> None:
         tried = sorted({g["C"] for g in sel["grid"]})
         click.echo(f"chose     C={sel['C']:g} (tried {', '.join(f'{c:g}' for c in tried)}; "
                    "scikit-learn's C on standardised inputs)")
+    elif sel["best_epoch"] == 0:
+        click.echo(f"chose     epoch 0: its linear base alone (C={sel['C']:g}); no epoch of the "
+                   f"hidden layer's {sel['epochs']}-epoch schedule improved validation "
+                   f"{select_by}")
     else:
+        base = f" over its linear base (C={sel['C']:g})" if "C" in sel else ""
         click.echo(f"chose     epoch {sel['best_epoch']} of a {sel['epochs']}-epoch cosine "
-                   "schedule (its annealed second half searched)")
+                   f"schedule{base} (epoch 0 and the annealed second half searched)")
     for note in sel.get("notes", []):
         click.echo(f"edge      {note}")
     click.echo(f"refit     on {trained['rows']:,} rows"

@@ -165,8 +165,25 @@ def test_mlp_is_deterministic_for_a_seed() -> None:
     assert not np.array_equal(a.params["w1"], c.params["w1"])
     sel = a.info["selection"]
     assert sel["protocol"].startswith("stratified 15%")
-    # Chosen in the annealed half of the cosine schedule: never a collapse to one epoch.
-    assert sel["epochs"] // 2 < sel["best_epoch"] <= sel["epochs"]
+    # Epoch 0 (its linear base alone) or one in the annealed half of the cosine schedule:
+    # never a collapse to one epoch.
+    assert sel["best_epoch"] == 0 or sel["epochs"] // 2 < sel["best_epoch"] <= sel["epochs"]
+    assert sel["grid"][0]["best_epoch"] == 0 and sel["grid"][-1]["best_epoch"] == sel["epochs"]
+
+
+def test_mlp_is_never_below_its_linear_base_on_validation() -> None:
+    X, y = blobs((120, 60, 30), spread=0.9, seed=17, flip=0.1)
+    Xtr, ytr, Xva, yva, Xte, _ = split(X, y)
+    lin = LinearHead().fit(Xtr, ytr, Xva, yva)
+    mlp = MLPHead(hidden=32).fit(Xtr, ytr, Xva, yva)
+    assert mlp.info["selection"]["C"] == lin.info["selection"]["C"]
+    assert mlp.info["validation"]["macro_f1"] >= lin.info["validation"]["macro_f1"]
+    assert "w0" in mlp.params  # the linear base, folded into the saved weights
+    if mlp.info["selection"]["best_epoch"] == 0:  # no better: exactly the linear head
+        np.testing.assert_allclose(mlp.decision_function(Xte), lin.decision_function(Xte),
+                                   atol=1e-3)
+    plain = MLPHead(hidden=32, base="none").fit(Xtr, ytr, Xva, yva)
+    assert "w0" not in plain.params and plain.info["selection"]["best_epoch"] > 0
 
 
 @pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
@@ -328,7 +345,8 @@ def test_cli_train_and_predict_all(split_collection: Path) -> None:
                                "--head-name", "m", "--json"])
     assert out.exit_code == 0, out.output
     summary = json.loads(out.output)
-    assert summary["kind"] == "mlp" and summary["selection"]["best_epoch"] >= 1
+    assert summary["kind"] == "mlp" and summary["selection"]["best_epoch"] >= 0
+    assert summary["selection"]["C"] > 0  # of its linear base
     out = runner.invoke(main, ["predict", str(split_collection / "test"), "--index", "tr",
                                "--method", "all"])
     assert out.exit_code == 0, out.output

@@ -90,6 +90,7 @@ class LinearHead(Head):
     def _search(self, held: list[tuple[np.ndarray, np.ndarray, np.ndarray]], cw: np.ndarray
                 ) -> tuple[list[dict[str, Any]], list[np.ndarray], list[str]]:
         grid = [float(self.C)] if self.C is not None else sorted(float(c) for c in self.grid)
+        self._fitted: dict[float, list[tuple[Standardiser, np.ndarray, np.ndarray]]] = {}
         notes: list[str] = []
         logits: dict[float, list[np.ndarray]] = {}
 
@@ -100,6 +101,8 @@ class LinearHead(Head):
                 Zh = st(Xh)
                 for C, (W, b, _) in zip(cs, path, strict=True):
                     logits.setdefault(C, []).append(Zh @ W.T + b)
+                    # Kept per C and fold: warm start of the final fit, the MLP's base.
+                    self._fitted.setdefault(C, []).append((st, W, b))
                 last.append((path[-1][0], path[-1][1]))
             return last
 
@@ -122,10 +125,25 @@ class LinearHead(Head):
         cs = sorted(logits)
         return [{"C": C} for C in cs], [np.vstack(logits[C]) for C in cs], notes
 
+    def fit_at(self, X: np.ndarray, y_idx: np.ndarray, cw: np.ndarray, C: float
+               ) -> tuple[Standardiser, np.ndarray, np.ndarray, int]:
+        """One fit at ``C`` (warm-started from the search's first fold at that C, whose
+        standardisation is close): (standardiser, W, b on standardised inputs, iterations)."""
+        init = None
+        fitted = getattr(self, "_fitted", {}).get(C)
+        if fitted and np.isfinite(fitted[0][2]).all():
+            st0, W0, b0 = fitted[0]
+            st = Standardiser(X)
+            # The same map expressed on this standardisation: W0 (x - m0) / s0 + b0.
+            W = W0 / st0.std * st.std
+            init = (W, b0 + W0 @ ((st.mean - st0.mean) / st0.std))
+        st, path = self._path(X, y_idx, cw, [C], init)
+        W, b, iters = path[0]
+        return st, W, b, iters
+
     def _final(self, X: np.ndarray, y_idx: np.ndarray, cw: np.ndarray,
                setting: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        st, path = self._path(X, y_idx, cw, [setting["C"]])
-        W, b, iters = path[0]
+        st, W, b, iters = self.fit_at(X, y_idx, cw, setting["C"])
         coef, intercept = st.fold(W, b)
         return ({"coef": coef, "intercept": intercept},
                 {"lbfgs_iterations": iters, "converged": iters < self.max_iter})
