@@ -1,0 +1,118 @@
+"""A near-duplicate threshold calibrated on the collection itself.
+
+What decides precision is how similar an image's most similar *distinct* image is: product
+photos on white (clothing-small) have look-alikes at 0.88–0.91, while posters or covers
+rarely pass 0.81. A fixed threshold is either too strict for the second kind (recall lost)
+or too loose for the first (look-alikes grouped). So the threshold is read off the
+collection's own *look-alike background*:
+
+1. Confirmed duplicates are set aside first: images linked by the second signal (hashes
+   within :data:`~embedsearch.dedupe.group.HASH_MAX_BITS` bits), by an embedding cosine of
+   at least :data:`CONFIRMED`, or by the same sha256 form components; similarity to a
+   member of one's own component says nothing about look-alikes.
+2. For each image, the background is its similarity to the :data:`RANK`-th most similar
+   *other component* (each counted once, by its most similar member). The first one or
+   two may still be unconfirmed copies (a crop, a rotation), which the hash cannot
+   confirm; by the third, nearly every image is compared with distinct pictures. Using
+   the third instead of the first costs an offset, measured on the same collection as the
+   median of (1st − 3rd) over the half of the images whose first outside neighbour is
+   least similar (those have no unconfirmed copy).
+3. The threshold is the :data:`QUANTILE` quantile of (background + offset), plus
+   :data:`MARGIN`, clamped to [:data:`LOWEST`, :data:`HIGHEST`]: at most 1 image in 200
+   has a distinct look-alike above it.
+
+The evidence (quantiles, offset, counts) is returned with the value so the CLI can print
+it; ``--threshold`` overrides it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Embedding cosine at which a pair counts as a confirmed duplicate for step 1.
+CONFIRMED = 0.97
+#: Which outside neighbour is the background (see the module docstring).
+RANK = 3
+QUANTILE = 0.995
+MARGIN = 0.01
+#: Bounds: below 0.80 a cosine no longer means "the same picture" for any encoder tried;
+#: above 0.95 JPEG re-encodes and resizes start to be missed (dedupe_threshold.md).
+LOWEST = 0.80
+HIGHEST = 0.95
+
+
+@dataclass
+class Calibration:
+    """The threshold chosen and why."""
+
+    threshold: float
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        e = self.evidence
+        if not e:
+            return f"threshold {self.threshold:.3f}"
+        return (f"threshold {self.threshold:.3f} calibrated on {e['images']:,} images: "
+                f"look-alike background (rank-{RANK} outside neighbour + offset "
+                f"{e['offset']:.3f}) median {e['background_median']:.3f}, "
+                f"p{QUANTILE * 100:g} {e['background_quantile']:.3f}; "
+                f"{e['confirmed_pairs']:,} confirmed duplicate pairs, their cosine median "
+                f"{e['confirmed_median']:.3f}"
+                + (f" (clamped to [{LOWEST}, {HIGHEST}])" if e["clamped"] else ""))
+
+
+def calibrate(n: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray, confirmed: np.ndarray,
+              floor: float, same_file: np.ndarray | None = None) -> Calibration:
+    """The threshold for ``n`` images from their pairs (``i``, ``j``, ``sim``) searched down
+    to ``floor``; ``confirmed[k]`` marks pairs the second signal confirmed; ``same_file``
+    (item → its exact-copy representative) joins byte-identical files."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    strong = confirmed | (sim >= CONFIRMED)
+    rep = np.arange(n) if same_file is None else np.asarray(same_file)
+    ci = np.concatenate([i[strong], np.arange(n)])
+    cj = np.concatenate([j[strong], rep])
+    graph = coo_matrix((np.ones(len(ci), np.int8), (ci, cj)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    outside = comp[i] != comp[j]
+    a = np.concatenate([i[outside], j[outside]])
+    other = np.concatenate([comp[j[outside]], comp[i[outside]]])
+    s = np.concatenate([sim[outside], sim[outside]])
+    # one value per (image, other component): its most similar member
+    order = np.lexsort((-s, other, a))
+    a, other, s = a[order], other[order], s[order]
+    first_of = np.ones(len(a), bool)
+    first_of[1:] = (a[1:] != a[:-1]) | (other[1:] != other[:-1])
+    a, s = a[first_of], s[first_of]
+    order = np.lexsort((-s, a))
+    a, s = a[order], s[order]
+    starts = np.searchsorted(a, np.arange(n + 1))
+    # k-th outside neighbour per image (``floor`` when fewer were found above it)
+    top = np.full((n, RANK), floor, np.float64)
+    for r in range(RANK):
+        has = starts[1:] - starts[:-1] > r
+        top[has, r] = s[starts[:-1][has] + r]
+    background = top[:, RANK - 1]
+    first = top[:, 0]
+    typical = first <= np.quantile(first, 0.5) if n else np.zeros(0, bool)
+    offset = float(np.median(first[typical] - background[typical])) if typical.any() else 0.0
+    if n:
+        q = float(np.quantile(background + offset, QUANTILE))
+        raw = q + MARGIN
+    else:
+        q = raw = LOWEST
+    t = float(np.clip(raw, LOWEST, HIGHEST))
+    conf_sim = sim[strong]
+    return Calibration(round(t, 3), {
+        "images": n, "offset": round(offset, 4),
+        "background_median": round(float(np.median(background + offset)) if n else 0.0, 4),
+        "background_quantile": round(q, 4), "quantile": QUANTILE, "margin": MARGIN,
+        "rank": RANK, "confirmed_pairs": int(strong.sum()),
+        "confirmed_median": round(float(np.median(conf_sim)), 4) if len(conf_sim) else 0.0,
+        "raw": round(raw, 4), "clamped": bool(raw < LOWEST or raw > HIGHEST),
+        "floor": floor,
+    })
