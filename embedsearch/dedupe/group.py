@@ -283,6 +283,30 @@ def link_pairs(pairs: Pairs, threshold: float, hashes: np.ndarray | None
     return links, bits, confirmed
 
 
+def _add_margin_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links, threshold: float,
+                      facts: ItemFacts, keep: str) -> tuple[Links, dict[str, Any]]:
+    """``links`` plus the lone matches of :func:`embedsearch.dedupe.calibrate.margin_links`."""
+    from embedsearch.dedupe.calibrate import margin_links
+
+    rank = np.empty(n, np.int64)
+    rank[facts.priority(keep)] = np.arange(n)
+    linked = np.zeros(len(pairs), bool)
+    key = pairs.i * n + pairs.j
+    linked[np.isin(key, links.i * n + links.j)] = True
+    a, b, s, info = margin_links(n, pairs.i, pairs.j, pairs.sim, linked, threshold,
+                                 pairs.threshold, _exact_representatives(facts, rank))
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    new_key, first = np.unique(lo * n + hi, return_index=True)
+    lo, hi, s = lo[first], hi[first], s[first]
+    order = np.argsort(key)  # every margin pair is a searched pair: find its hash distance
+    pair_bits = bits[order[np.searchsorted(key, new_key, sorter=order)]]
+    info["reason"] = (f"closest other picture by a margin of at least {info['gap_needed']:.3f} "
+                      "over the next one")
+    return Links(np.concatenate([links.i, lo]), np.concatenate([links.j, hi]),
+                 np.concatenate([links.sim, s]), np.concatenate([links.bits, pair_bits]),
+                 np.concatenate([links.signal, np.full(len(lo), "margin", object)])), info
+
+
 def _centre_groups(n: int, links: Links, active: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
     """centre[k] (k itself for centres and lone items, -1 for inactive) and the index of the
@@ -378,8 +402,13 @@ def find_duplicates(
         calibration = calibrate(n, pairs.i, pairs.j, pairs.sim, confirmed, floor,
                                 _exact_representatives(facts, rank))
         threshold = calibration.threshold
-    links, _, _ = link_pairs(pairs, threshold, hashes)
+    links, bits, _ = link_pairs(pairs, threshold, hashes)
+    margin_info = None
+    if pairs.threshold < threshold:  # searched below the threshold: lone matches too
+        links, margin_info = _add_margin_links(n, pairs, bits, links, threshold, facts, keep)
     res = _group(vectors, facts, links, pairs, threshold, keep, t0, power)
+    if margin_info is not None:
+        res.extra["margin"] = margin_info
     if calibration is not None:
         res.extra["calibration"] = calibration.evidence
         res.extra["threshold_source"] = "calibrated"
@@ -458,6 +487,10 @@ def _group(vectors: np.ndarray, facts: ItemFacts, links: Links, pairs: Pairs, th
 
 def _near_reason(centre_id: str, links: Links, link: int, threshold: float) -> str:
     s = float(links.sim[link])
+    if links.signal[link] == "margin":
+        return (f"near-duplicate of {centre_id}: cosine {s:.3f} < {threshold:g}, but one is "
+                "the other's closest picture by a clear margin over the next (a lone match: "
+                "crops and rotations look like this; look-alikes come in crowds)")
     if links.signal[link] == "hash":
         return (f"near-duplicate of {centre_id}: cosine {s:.3f} < {threshold:g}, confirmed "
                 f"by the perceptual hash ({int(links.bits[link])} of 63 bits differ)")
