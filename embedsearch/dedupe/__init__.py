@@ -5,7 +5,7 @@ Library API (the CLI's ``dedupe``, ``dedupe-undo`` and ``leakage`` commands call
 - :func:`find_duplicates` (arrays only) / :func:`dedupe_bundle` → :class:`DedupeResult`
 - :func:`sweep` / :func:`sweep_bundle`: pairs, precision proxies and group counts across
   thresholds from one search
-- :func:`calibrate`: the threshold read off the collection's look-alike background
+- :func:`calibrate.calibrate`: the threshold read off the collection's look-alike background
 - :func:`bundle_hashes`: the second signal (perceptual hashes), cached in the bundle
 - :func:`groups_as_records`: one dict per group (what ``dedupe --json`` prints)
 - :func:`leakage` / :func:`leakage_bundle` / :func:`leakage_folders`: duplicates across splits
@@ -31,7 +31,6 @@ _LAZY = {
     "sweep": "group",
     "group_labels": "group",
     "groups_as_records": "group",
-    "calibrate": "calibrate",
     "Calibration": "calibrate",
     "bundle_hashes": "views",
     "grouped_split": "group",

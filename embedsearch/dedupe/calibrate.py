@@ -54,8 +54,8 @@ class Calibration:
     def describe(self) -> str:
         e = self.evidence
         if not e:
-            return f"threshold {self.threshold:.3f}"
-        return (f"threshold {self.threshold:.3f} calibrated on {e['images']:,} images: "
+            return f"{self.threshold:.3f}"
+        return (f"{self.threshold:.3f}, calibrated on {e['images']:,} images: "
                 f"look-alike background (rank-{RANK} outside neighbour + offset "
                 f"{e['offset']:.3f}) median {e['background_median']:.3f}, "
                 f"p{QUANTILE * 100:g} {e['background_quantile']:.3f}; "

@@ -140,11 +140,12 @@ class ItemFacts:
                 return f"largest resolution ({w}×{h})"
             same = [m for m in others if area[m] == area[kept]]
             grey = self._num("grey")
-            if self.grey is not None and any(grey[m] > grey[kept] for m in same):
+            colour = [m for m in same if grey[m] == grey[kept]]
+            if same and not colour:
                 return f"largest resolution ({w}×{h}), in colour where a copy is greyscale"
             if self.size is not None:
                 bpp = self._num("size") / np.maximum(area, 1)
-                if all(bpp[kept] > bpp[m] for m in same):
+                if all(bpp[kept] > bpp[m] for m in colour):
                     return (f"largest resolution ({w}×{h}), least re-compressed "
                             f"({bpp[kept]:.2f} bytes per pixel)")
             return f"largest resolution ({w}×{h}), tie broken by path order"
