@@ -15,7 +15,7 @@ Variant kinds (parameters drawn per copy from ``--seed``):
     jpeg       re-encoded at quality 20–40           alpha      RGBA PNG (transparent border)
 
 Run:
-    python benchmarks/plant_duplicates.py SRC_DIR OUT_DIR [--originals 150] [--distractors 300]
+    python benchmarks/plant_duplicates.py SRC[,SRC…] OUT [--originals 150] [--distractors 300]
     python benchmarks/plant_duplicates.py --posters 450 OUT_DIR
 """
 
@@ -167,7 +167,7 @@ def images_under(folder: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("src", nargs="?", type=Path, help="folder of images to draw from")
+    ap.add_argument("src", nargs="?", help="folder(s) of images to draw from, comma-separated")
     ap.add_argument("out", type=Path, help="folder to create (truth: OUT-truth.csv beside it)")
     ap.add_argument("--posters", type=int, help="draw this many synthetic posters instead")
     ap.add_argument("--originals", type=int, default=150)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.posters:
         pool: list = [synthetic_poster(rng) for _ in range(args.posters)]
     elif args.src is not None:
-        pool = images_under(args.src)
+        pool = [p for src in args.src.split(",") for p in images_under(Path(src))]
         pool = [pool[i] for i in rng.permutation(len(pool))]
     else:
         ap.error("give SRC_DIR or --posters N")

@@ -14,8 +14,15 @@ from PIL import Image, ImageOps
 from embedsearch import build_index, load_bundle
 from embedsearch.dedupe import candidate_pairs, dedupe_bundle, find_duplicates
 from embedsearch.dedupe.calibrate import HIGHEST, LOWEST, calibrate
-from embedsearch.dedupe.group import HASH_MAX_BITS
-from embedsearch.dedupe.views import CACHE_FILE, dct_hash, hash_distance
+from embedsearch.dedupe.group import HASH_MAX_BITS, ROTATION_MAX_BITS
+from embedsearch.dedupe.views import (
+    CACHE_FILE,
+    centre_hash,
+    dct_hash,
+    filled_corners,
+    hash_distance,
+    rotation_hashes,
+)
 from tests.test_dedupe import TINY, picture, run_cli
 
 
@@ -35,6 +42,17 @@ def test_hash_ignores_colour_size_aspect_and_mirroring_but_not_content() -> None
     others = [hash_distance(h, _hash(picture(k, 200))) for k in range(1, 30)]
     assert min(others) > HASH_MAX_BITS
     assert dct_hash(ImageOps.grayscale(img))[1] and not dct_hash(img)[1]  # greyscale flag
+
+
+def test_rotated_copy_is_turned_back_and_matched_by_its_centre() -> None:
+    img = picture(0, 240)
+    turned = img.rotate(-30, Image.BICUBIC)  # black corners, like a scanned or tilted copy
+    assert filled_corners(turned) and not filled_corners(img)
+    back = np.array(rotation_hashes(turned), np.uint64)
+    assert hash_distance(back, np.uint64(centre_hash(img))).min() <= ROTATION_MAX_BITS
+    for k in range(1, 20):
+        assert hash_distance(back, np.uint64(centre_hash(picture(k, 240)))).min() \
+            > ROTATION_MAX_BITS
 
 
 def _cloud(n: int, spread: float, dim: int = 64, seed: int = 0) -> np.ndarray:

@@ -67,8 +67,8 @@ def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
     pairs = candidate_pairs(vectors, min(floor, threshold or 1.0))
     h = None
     if hashes:
-        h, grey = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
-        facts["grey"] = grey
+        h = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
+        facts["grey"] = h.grey
     res = find_duplicates(vectors, threshold=threshold, keep=keep, pairs=pairs, hashes=h,
                           **facts)
     res.extra.update({"bundle": str(bundle.path), "root": str(items_root(bundle)),
@@ -89,8 +89,8 @@ def sweep_bundle(bundle: Bundle, thresholds: Sequence[float] = SWEEP_THRESHOLDS,
 
     vectors = np.asarray(bundle.embeddings)
     pairs = candidate_pairs(vectors, min(HASH_FLOOR, *thresholds))
-    hashes, grey = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
-    return sweep(vectors, thresholds, keep=keep, hashes=hashes, grey=grey,
+    views = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
+    return sweep(vectors, thresholds, keep=keep, hashes=views, grey=views.grey,
                  **item_facts(bundle.items))
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,10 @@ HASH_BITS = HASH_SIDE * HASH_SIDE - 1
 HASH_INPUT = 32
 #: Share of each side, centred, that is hashed.
 HASH_CENTRE = 0.8
+#: Rotations tried to turn a copy with filled corners back (every 5° up to 45° each way:
+#: not tuned to one angle), and the central share of each side compared then.
+ANGLES = tuple(a for a in range(-45, 46, 5) if a)
+ROTATION_CENTRE = 0.5
 #: Bits whose value a horizontal mirror inverts (odd horizontal frequency).
 _U = np.tile(np.arange(HASH_SIDE), HASH_SIDE)[1:]
 MIRROR_MASK = np.uint64(sum(1 << b for b in range(HASH_BITS) if _U[b] % 2 == 1))
@@ -60,22 +65,50 @@ NO_HASH = np.uint64(0)
 CACHE_FILE = Path("dedupe") / "hashes.parquet"
 
 
-def dct_hash(image: Image.Image) -> tuple[int, bool]:
-    """(63-bit hash, is the image greyscale) of a decoded image."""
+def _hash(image: Image.Image, frac: float) -> tuple[int, np.ndarray]:
+    """(hash of the central ``frac`` of each side, its 32×32 RGB pixels)."""
     from PIL import Image
     from scipy.fft import dctn
 
     w, h = image.size
-    mx, my = w * (1 - HASH_CENTRE) / 2, h * (1 - HASH_CENTRE) / 2
+    mx, my = w * (1 - frac) / 2, h * (1 - frac) / 2
     centre = image.convert("RGB").resize((HASH_INPUT, HASH_INPUT), Image.BILINEAR,
                                           box=(mx, my, w - mx, h - my))
     rgb = np.asarray(centre, np.float32)
-    grey = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() < 3
-                and np.abs(rgb[..., 1] - rgb[..., 2]).max() < 3)
     luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
     bits = dctn(luma, norm="ortho")[:HASH_SIDE, :HASH_SIDE].ravel()[1:] > 0
     # bit 63 is set on every real hash, so a stored 0 (NO_HASH) is never taken for one
-    return sum(1 << k for k in np.flatnonzero(bits).tolist()) | (1 << 63), grey
+    return sum(1 << k for k in np.flatnonzero(bits).tolist()) | (1 << 63), rgb
+
+
+def dct_hash(image: Image.Image) -> tuple[int, bool]:
+    """(63-bit hash, is the image greyscale) of a decoded image."""
+    value, rgb = _hash(image, HASH_CENTRE)
+    grey = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() < 3
+                and np.abs(rgb[..., 1] - rgb[..., 2]).max() < 3)
+    return value, grey
+
+
+def filled_corners(image: Image.Image) -> bool:
+    """Whether at least two corners are flat and dark: the fill a rotation leaves."""
+    a = np.asarray(image.convert("L").resize((HASH_INPUT, HASH_INPUT)), np.float32)
+    corners = (a[:3, :3], a[:3, -3:], a[-3:, :3], a[-3:, -3:])
+    return sum(float(c.std()) < 4 and float(c.mean()) < 20 for c in corners) >= 2
+
+
+def rotation_hashes(image: Image.Image) -> list[int]:
+    """Hashes of the central :data:`ROTATION_CENTRE` of the image turned back by each of
+    :data:`ANGLES` (degrees). The centre of a rotated copy, turned back, *is* the centre of
+    its original whatever the angle (no fill reaches it up to 45°), so one of these
+    matches the original's :func:`centre_hash` when the angle is within a few degrees."""
+    from PIL import Image
+
+    return [_hash(image.rotate(-a, Image.BILINEAR), ROTATION_CENTRE)[0] for a in ANGLES]
+
+
+def centre_hash(image: Image.Image) -> int:
+    """Hash of the central :data:`ROTATION_CENTRE` of the image, as it is."""
+    return _hash(image, ROTATION_CENTRE)[0]
 
 
 _BYTE_BITS = np.array([bin(b).count("1") for b in range(256)], np.int64)
@@ -98,29 +131,60 @@ def hash_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where((a == NO_HASH) | (b == NO_HASH), HASH_BITS + 1, d)
 
 
-def hash_files(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, greyscale flags) of image files; NO_HASH where a file cannot be decoded."""
+@dataclass
+class ImageViews:
+    """Per item: the hash, greyscale flag, centre hash and, for images with filled corners
+    (rotated copies), the hashes of the centre turned back by each of ANGLES (else
+    NO_HASH)."""
+
+    hash: np.ndarray
+    grey: np.ndarray
+    centre: np.ndarray
+    rotated: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> ImageViews:
+        return cls(np.full(n, NO_HASH, np.uint64), np.zeros(n, bool),
+                   np.full(n, NO_HASH, np.uint64), np.full((n, len(ANGLES)), NO_HASH, np.uint64))
+
+
+def image_views(image: Image.Image) -> tuple[int, bool, int, list[int]]:
+    """(hash, greyscale, centre hash, rotation hashes or []) of a decoded image."""
+    value, grey = dct_hash(image)
+    turned = rotation_hashes(image) if filled_corners(image) else []
+    return value, grey, centre_hash(image), turned
+
+
+def hash_files(paths: Sequence[Path]) -> ImageViews:
+    """The views of image files; NO_HASH where a file cannot be decoded."""
     from concurrent.futures import ThreadPoolExecutor
 
     from embedsearch.data.images import LoadFailure, load_image
     from embedsearch.embed import default_workers
 
-    def one(path: Path) -> tuple[int, bool]:
-        loaded = load_image(Path(path), target_size=HASH_INPUT * 2)
+    def one(path: Path) -> tuple[int, bool, int, list[int]]:
+        loaded = load_image(Path(path), target_size=HASH_INPUT * 4)
         if isinstance(loaded, LoadFailure):
-            return 0, False
-        return dct_hash(loaded.image)
+            return 0, False, 0, []
+        return image_views(loaded.image)
 
     with ThreadPoolExecutor(default_workers()) as pool:
         out = list(pool.map(one, paths))
-    hashes = np.fromiter((h for h, _ in out), np.uint64, len(out))
-    grey = np.fromiter((g for _, g in out), bool, len(out))
-    return hashes, grey
+    views = ImageViews.empty(len(out))
+    for k, (h, g, c, turned) in enumerate(out):
+        views.hash[k], views.grey[k], views.centre[k] = h, g, c
+        if turned:
+            views.rotated[k] = turned
+    return views
 
 
-def bundle_hashes(bundle: Bundle, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes and greyscale flags for all of a bundle's items, computed for ``rows`` (item
-    indices) where not cached yet; other rows get NO_HASH unless cached.
+def _signed(x: np.ndarray) -> list[int]:
+    return np.asarray(x, np.uint64).view(np.int64).tolist()  # parquet has no uint64
+
+
+def bundle_hashes(bundle: Bundle, rows: np.ndarray) -> ImageViews:
+    """The views of a bundle's items, computed for ``rows`` (item indices) where not cached
+    yet; other rows get NO_HASH unless cached.
 
     The cache (``dedupe/hashes.parquet`` in the bundle) is keyed by id and sha256, so an
     edited file is hashed again; a read-only bundle just is not cached into.
@@ -132,38 +196,41 @@ def bundle_hashes(bundle: Bundle, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     items = bundle.items
     n = len(items)
-    hashes = np.full(n, NO_HASH, np.uint64)
-    grey = np.zeros(n, bool)
+    views = ImageViews.empty(n)
     key = items["id"].astype(str) + "\0" + items["sha256"].fillna("").astype(str)
     cache_path = bundle.path / CACHE_FILE
-    cached = pd.DataFrame({"key": pd.Series(dtype=str), "hash": pd.Series(dtype=np.int64),
-                           "grey": pd.Series(dtype=bool)})
+    cached = pd.DataFrame(columns=["key", "hash", "grey", "centre", "rotated"])
     if cache_path.exists():
         try:
             cached = read_parquet(cache_path)
         except Exception as exc:  # a damaged cache is recomputed, never trusted
             log.warning("ignoring the hash cache %s: %s", cache_path, exc)
-    known = dict(zip(cached["key"], zip(cached["hash"], cached["grey"], strict=True),
-                     strict=True))
+    known = {k: r for k, r in zip(cached["key"], cached.itertuples(index=False), strict=True)}
     todo = []
     for r in np.unique(np.asarray(rows, np.int64)).tolist():
         hit = known.get(key.iat[r])
         if hit is None:
             todo.append(r)
-        else:
-            hashes[r] = np.int64(hit[0]).view(np.uint64)  # stored as int64: parquet has no u64
-            grey[r] = bool(hit[1])
+            continue
+        views.hash[r] = np.int64(hit.hash).view(np.uint64)
+        views.grey[r] = bool(hit.grey)
+        views.centre[r] = np.int64(hit.centre).view(np.uint64)
+        if len(hit.rotated):
+            views.rotated[r] = np.asarray(hit.rotated, np.int64).view(np.uint64)
     if todo:
         root = items_root(bundle)
-        paths = [root / str(items["id"].iat[r]) for r in todo]
-        h, g = hash_files(paths)
-        hashes[todo], grey[todo] = h, g
-        fresh = pd.DataFrame({"key": key.iloc[todo].to_numpy(), "hash": h.view(np.int64),
-                              "grey": g})
-        merged = pd.concat([cached, fresh], ignore_index=True).drop_duplicates("key", keep="last")
+        fresh = hash_files([root / str(items["id"].iat[r]) for r in todo])
+        views.hash[todo], views.grey[todo] = fresh.hash, fresh.grey
+        views.centre[todo], views.rotated[todo] = fresh.centre, fresh.rotated
+        new = pd.DataFrame({
+            "key": key.iloc[todo].to_numpy(), "hash": _signed(fresh.hash), "grey": fresh.grey,
+            "centre": _signed(fresh.centre),
+            "rotated": [_signed(r) if r[0] != NO_HASH else [] for r in fresh.rotated]})
+        merged = pd.concat([cached, new] if len(cached) else [new], ignore_index=True)
+        merged = merged.drop_duplicates("key", keep="last")
         try:
             cache_path.parent.mkdir(exist_ok=True)
             write_parquet(cache_path, merged)
         except OSError as exc:
             log.info("hashes not cached (%s): the bundle is read-only", exc)
-    return hashes, grey
+    return views
