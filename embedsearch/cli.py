@@ -709,9 +709,11 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
                    "(override: --threshold)")
     else:
         click.echo(f"threshold  {t:g} (given), keep {keep}")
-    if s.get("links_by_hash"):
-        click.echo(f"second     {s['links_by_hash']:,} pairs below the threshold confirmed by "
-                   "the perceptual hash (greyscale, resized, mirrored copies)")
+    if s.get("links_by_hash") or s.get("links_by_rotation") or s.get("links_by_margin"):
+        click.echo(f"second     pairs below the threshold linked by the perceptual hash "
+                   f"{s['links_by_hash']:,} (greyscale, resized, mirrored copies), as rotated "
+                   f"copies {s['links_by_rotation']:,}, as lone matches "
+                   f"{s['links_by_margin']:,} (crops)")
     if s.get("skipped") or s.get("not_indexed"):
         click.echo(f"not read   {s.get('not_indexed', 0):,} undecodable, "
                    f"{s.get('skipped', 0):,} skipped files: see the bundle's failures table "
