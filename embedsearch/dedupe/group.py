@@ -122,9 +122,9 @@ class ItemFacts:
         area = self._num("width") * self._num("height")
         size = self._num("size")
         if keep == "resolution":
-            # most pixels; then colour over greyscale (a greyscale copy is an edit of the
-            # colour one, never the reverse); then most bytes per pixel (a re-compressed
-            # copy has fewer at the same size); then path order
+            # most pixels; then unedited over greyscale or rotated (``grey`` flags both:
+            # such a copy is an edit of the other, never the reverse); then most bytes per
+            # pixel (a re-compressed copy has fewer at the same size); then path order
             keys = (id_rank, -size / np.maximum(area, 1), self._num("grey"), -area)
         elif keep == "filesize":
             keys = (id_rank, -area, -size)
@@ -148,7 +148,8 @@ class ItemFacts:
             grey = self._num("grey")
             colour = [m for m in same if grey[m] == grey[kept]]
             if same and not colour:
-                return f"largest resolution ({w}×{h}), in colour where a copy is greyscale"
+                return (f"largest resolution ({w}×{h}), unedited where a copy of that size "
+                        "is greyscale or rotated")
             if self.size is not None:
                 bpp = self._num("size") / np.maximum(area, 1)
                 if all(bpp[kept] > bpp[m] for m in colour):
