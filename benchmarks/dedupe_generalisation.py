@@ -229,8 +229,9 @@ NOTES = [
     "change and never looked at before this run.",
     "- Sets: `idd` is imagededup's own test images (tests/data of idealo/imagededup: "
     "flipped, resized, rotated, greyscale and RGBA copies, the same photo in 5 formats, "
-    "Netpbm files); `cloth-held` plants tiny, crop20, watermark, squash, grey, rot30 and "
-    "flip copies of 100 clothing-small validation/test photos among 480 other ones; "
+    "Netpbm files); `cloth-held` and `cloth-held2` plant tiny, crop20, watermark, squash, "
+    "grey, rot30 and flip copies of 100 clothing-small validation/test photos among 480 "
+    "other ones; "
     "`posters1` plants all ten kinds of `plant_duplicates.py` into synthetic posters "
     "(seed 1). The defaults were tuned on `cloth-train` (train split) and `posters0` (seed "
     "0) only.",
