@@ -68,9 +68,7 @@ def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
     h = None
     if hashes:
         h = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
-        # a greyscale copy and a rotated copy (filled corners) are both edits: never kept
-        # over an unedited image of the same size
-        facts["grey"] = h.grey | (h.rotated[:, 0] != 0)
+        facts["grey"] = h.edited
     res = find_duplicates(vectors, threshold=threshold, keep=keep, pairs=pairs, hashes=h,
                           **facts)
     res.extra.update({"bundle": str(bundle.path), "root": str(items_root(bundle)),
@@ -93,7 +91,7 @@ def sweep_bundle(bundle: Bundle, thresholds: Sequence[float] = SWEEP_THRESHOLDS,
     pairs = candidate_pairs(vectors, min(HASH_FLOOR, *thresholds))
     views = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
     return sweep(vectors, thresholds, keep=keep, hashes=views,
-                 grey=views.grey | (views.rotated[:, 0] != 0),
+                 grey=views.edited,
                  **item_facts(bundle.items))
 
 

@@ -142,6 +142,12 @@ class ImageViews:
     centre: np.ndarray
     rotated: np.ndarray
 
+    @property
+    def edited(self) -> np.ndarray:
+        """Greyscale or rotated (filled corners): an edit of a same-size copy, never the
+        reverse, so the keep policy prefers the other."""
+        return self.grey | (self.rotated[:, 0] != NO_HASH)
+
     @classmethod
     def empty(cls, n: int) -> ImageViews:
         return cls(np.full(n, NO_HASH, np.uint64), np.zeros(n, bool),
