@@ -182,15 +182,16 @@ def main() -> None:
                     row["stdout"] = (out / "stdout.txt").read_text()
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "stdout"}), flush=True)
-    record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-              "git": git_revision(str(REPO)),
-              "versions": package_versions(("numpy", "torch", "pillow", "imagededup",
-                                            "fastdup")),
-              "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(record))
+            # written after every run, so an interrupted benchmark keeps what it measured
+            record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+                      "git": git_revision(str(REPO)),
+                      "versions": package_versions(("numpy", "torch", "pillow", "imagededup",
+                                                    "fastdup")),
+                      "results": rows}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(markdown(record))
 
 
 def markdown(record: dict) -> str:
