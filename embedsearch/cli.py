@@ -865,14 +865,15 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
 @click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA; "
               "with DATA, DATA's images that it holds reuse its vectors.")
 @click.option("--threshold", "-t", type=float,
-              help="Cosine similarity at which two images are near-duplicates. Default: 0.90 "
-              "(chosen from planted copies of real photos with the default encoder: "
-              "benchmarks/results/dedupe_threshold.md). Check it with --sweep and the report.")
+              help="Cosine similarity at which two images are near-duplicates. Default: "
+              "calibrated on the collection (above its look-alike background; the value "
+              "and its evidence are printed). Check it with --sweep and the report.")
 @click.option("--keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               default="resolution", show_default=True,
               help="Which image of a group to keep: largest resolution, largest file, first "
               "in path order, or oldest modification time.")
-@click.option("--sweep", is_flag=True, help="Print group counts across thresholds and stop.")
+@click.option("--sweep", is_flag=True, help="Print pairs found, groups and precision proxies "
+              "across thresholds and stop.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Report folder (default: reports/dedupe-<bundle name>).")
 @click.option("--no-html", is_flag=True, help="Skip report.html (thumbnails).")
@@ -890,7 +891,8 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
               help="Report duplicates across splits (train/val/test) instead.")
 @click.option("--model", "-m", help="Encoder when DATA has to be embedded (default: the "
               "bundle's, else efficientnet-lite0).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per group "
+              "(members, kept, similarities, reasons), then the summary.")
 @click.pass_context
 def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
                threshold: float | None, keep: str, sweep: bool, out: Path | None,
@@ -906,8 +908,8 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
 
     check_action_args(move_to, copy_clean_to, delete)
     bundle = _dedupe_bundle_arg(ctx, data, index_name, model)
-    t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
     if leakage:
+        t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
         ctx.invoke(leakage_cmd, folders=(), index_names=(str(bundle.path),), between=None,
                    threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
                    as_json=as_json)
@@ -918,15 +920,22 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
             for row in table.to_dict("records"):
                 _echo_json(row)
             return
-        click.echo(f"{'threshold':>9s} {'groups':>7s} {'removed':>8s} {'exact':>6s} "
-                   f"{'near':>6s} {'largest':>8s} {'label conflicts':>16s}")
+        chosen = table.attrs.get("calibrated")
+        click.echo(f"{'threshold':>9s} {'pairs':>7s} {'hash ok':>7s} {'in-group':>8s} "
+                   f"{'groups':>7s} {'removed':>8s} {'largest':>8s} {'conflicts':>9s}")
         for r in table.itertuples():
-            mark = "  <- default" if abs(r.threshold - dd.DEFAULT_THRESHOLD) < 1e-9 else ""
-            click.echo(f"{r.threshold:9.2f} {r.groups:7d} {r.removed:8d} {r.removed_exact:6d} "
-                       f"{r.removed_near:6d} {r.largest_group:8d} "
-                       f"{r.label_conflict_groups:16d}{mark}")
+            mark = "  <- calibrated" if chosen is not None and abs(r.threshold - chosen) < 1e-9 \
+                else ""
+            click.echo(f"{r.threshold:9.3f} {r.pairs:7d} {r.hash_agrees:7.3f} "
+                       f"{r.pair_precision_proxy:8.3f} {r.groups:7d} {r.removed:8d} "
+                       f"{r.largest_group:8d} {r.label_conflict_groups:9d}{mark}")
+        click.echo("pairs: image pairs at or above the threshold; hash ok: share of them the "
+                   "perceptual hash also calls copies; in-group: share of the pairs whose two "
+                   "images end up in one group (both precision proxies: they fall where "
+                   "look-alikes start to pass)", err=True)
         return
-    result = dd.dedupe_bundle(bundle, threshold=t, keep=keep)
+    result = dd.dedupe_bundle(bundle, threshold=threshold, keep=keep)
+    t = result.threshold
     out = out or Path("reports") / f"dedupe-{bundle.name}"
     files = dd.write_report(result, out, html_page=not no_html,
                             title=f"Duplicates in {bundle.name} (threshold {t:g})")
@@ -938,13 +947,31 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     elif delete:
         action = dd.delete_in_place(result, out)
     s = result.summary()
+    calibration = result.extra.get("calibration")
     if as_json:
+        for group in dd.groups_as_records(result):
+            _echo_json(group)
         _echo_json({"summary": s, "files": {k: str(v) for k, v in files.items()},
                     "action": action.summary() if action else None})
         return
     click.echo(f"bundle     {bundle.path} ({s['images']:,} images, "
                f"{bundle.encoder_identity.get('spec')})")
-    click.echo(f"threshold  {t:g}, keep {keep}")
+    if calibration:
+        from embedsearch.dedupe.calibrate import Calibration
+
+        click.echo(f"threshold  {Calibration(t, calibration).describe()}; keep {keep} "
+                   "(override: --threshold)")
+    else:
+        click.echo(f"threshold  {t:g} (given), keep {keep}")
+    if s.get("links_by_hash") or s.get("links_by_rotation") or s.get("links_by_margin"):
+        click.echo(f"second     pairs below the threshold linked by the perceptual hash "
+                   f"{s['links_by_hash']:,} (greyscale, resized, mirrored copies), as rotated "
+                   f"copies {s['links_by_rotation']:,}, as lone matches "
+                   f"{s['links_by_margin']:,} (crops)")
+    if s.get("skipped") or s.get("not_indexed"):
+        click.echo(f"not read   {s.get('not_indexed', 0):,} undecodable, "
+                   f"{s.get('skipped', 0):,} skipped files: see the bundle's failures table "
+                   "(embedsearch info)")
     click.echo(f"groups     {s['groups']:,}; {s['removed']:,} duplicates to remove "
                f"({s['removed_exact']:,} exact, {s['removed_near']:,} near); largest group "
                f"{s['largest_group']}")
