@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from embedsearch.classify.heads import fit_multinomial, single_blas_thread, stratified_folds
-from embedsearch.classify.metrics import softmax
+from embedsearch.classify.base import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -118,29 +117,26 @@ def out_of_fold_head(vectors: np.ndarray, y: np.ndarray, n_classes: int, *,
 
     Returns (probabilities (n, n_classes), {"C", "folds", "log_loss"}).
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
     X = np.asarray(vectors, np.float32)
-    n, d = X.shape
-    folds = max(2, min(folds, n))
-    fold = stratified_folds(y, folds, seed)
+    n = len(X)
+    folds = max(2, min(folds, int(np.bincount(y).max())))
     grid = tuple(sorted(grid))
     oof = np.zeros((len(grid), n, n_classes))
-    with single_blas_thread():
-        for f in range(folds):
-            tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            if len(te) == 0:
-                continue
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y)
+    with single_thread():
+        for tr, te in split:
             mean = X[tr].mean(axis=0, dtype=np.float64)
             std = X[tr].std(axis=0, dtype=np.float64)
             std[std < 1e-8] = 1.0
-            Z = ((X[tr] - mean) / std).astype(np.float32)
-            Zt = ((X[te] - mean) / std).astype(np.float32)
-            absent = np.setdiff1d(np.arange(n_classes), y[tr])
-            x0 = None
+            Z, Zt = (X[tr] - mean) / std, (X[te] - mean) / std
+            # Each C starts from the previous solution (the path is cheap after the first).
+            clf = LogisticRegression(C=grid[0], max_iter=500, warm_start=True)
             for j, C in enumerate(grid):
-                x0, _ = fit_multinomial(Z, y[tr], n_classes, np.ones(len(tr)), C, x0)
-                logits = Zt @ x0[: n_classes * d].reshape(n_classes, d).T + x0[n_classes * d:]
-                logits[:, absent] = -np.inf  # a class this fold never saw cannot be predicted
-                oof[j, te] = softmax(logits)
+                clf.set_params(C=C).fit(Z, y[tr])
+                oof[j][np.ix_(te, clf.classes_)] = clf.predict_proba(Zt)
     rows = np.arange(n)
     losses = [float(-np.log(np.clip(p[rows, y], 1e-12, 1.0)).mean()) for p in oof]
     best = int(np.argmin(losses))
