@@ -16,6 +16,7 @@ kNN classification searches the first ``reference_rows`` rows only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -62,11 +63,17 @@ def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
 def encoder_key(identity: dict[str, Any]) -> str:
     """The parts of an encoder identity that decide its vectors, as one comparable string."""
     w = identity.get("weights", {})
-    return "|".join(str(x) for x in (
+    key = "|".join(str(x) for x in (
         identity.get("spec"), identity.get("dim"), w.get("sha256"), identity.get("impl_version"),
         identity.get("precision", "fp32"),
         sorted(identity.get("preprocess", {}).items()),
     ))
+    # The resolved model configuration (pretrained tag, activation, resize mode) of the
+    # open_clip/timm/torchvision families: a bundle built before it was recorded lacks it
+    # and is refused. Fixed encoders (EfficientNet-Lite) have none: their key is unchanged.
+    if identity.get("config") is not None:
+        key += "|" + json.dumps(identity["config"], sort_keys=True)
+    return key
 
 
 def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: str,
@@ -74,7 +81,8 @@ def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: st
     """Refuse ``what`` when it was made with another encoder than ``expected``."""
     if encoder_key(expected) == encoder_key(found):
         return
-    diffs = [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version")
+    diffs = [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version",
+                         "config")
              if expected.get(k) != found.get(k)]
     raise BundleMismatchError(
         f"{what} was made with encoder {found.get('spec')} ({found.get('dim')}-d), "
@@ -119,6 +127,9 @@ class Bundle:
         self.path = path
         self.manifest = manifest
         self._encoder: Encoder | None = None
+        #: Where queries are embedded ("auto", "cpu", "cuda[:N]", "mps"); not part of the
+        #: encoder's identity.
+        self.device = "auto"
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -204,8 +215,13 @@ class Bundle:
         return labels.to_numpy()
 
     # -- encoder ----------------------------------------------------------------------
-    def encoder(self, weights: str | os.PathLike[str] | None = None) -> Encoder:
-        """The bundle's encoder, rebuilt from its identity and checked by fingerprint."""
+    def encoder(self, weights: str | os.PathLike[str] | None = None,
+                device: str | None = None) -> Encoder:
+        """The bundle's encoder, rebuilt from its identity and checked by fingerprint.
+
+        ``device`` (default: :attr:`device`, "auto") is where it runs; a bundle built on a
+        GPU is queried on a CPU and the other way round, at the precision it was built with.
+        """
         if self._encoder is None:
             from embedsearch.encoders import load_encoder
 
@@ -217,9 +233,11 @@ class Bundle:
                     raise BundleError(
                         f"the bundle's encoder weights {weights} are gone",
                         hint="pass the same weights file again with --weights FILE")
-            enc = load_encoder(ident["spec"], weights, precision=ident.get("precision", "fp32"))
+            enc = load_encoder(ident["spec"], weights, precision=ident.get("precision", "fp32"),
+                               device=device or self.device)
             check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
-                               "use the encoder the bundle was built with, or rebuild the bundle")
+                               "use the encoder the bundle was built with, or "
+                               + self.rebuild_hint)
             cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])
             if cos < FINGERPRINT_MIN_COSINE:
                 raise BundleMismatchError(
@@ -249,7 +267,7 @@ class Bundle:
                                    hint="it still supports similar-image search")
         return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)
 
-    def embed_paths(self, paths: list[Path], batch_size: int = 32,
+    def embed_paths(self, paths: list[Path], batch_size: int | None = None,
                     num_workers: int | None = None
                     ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
         """Embed query files. Returns (vectors for readable files, statuses of all files)."""
@@ -322,7 +340,7 @@ class Bundle:
         return out
 
     def predict(self, paths: list[Path], k: int = 10, n_neighbours: int = 5,
-                weighting: str = "similarity", batch_size: int = 32,
+                weighting: str = "similarity", batch_size: int | None = None,
                 num_workers: int | None = None, method: str = "auto",
                 head_name: str | None = None, classes: list[str] | None = None,
                 templates: str | list[str] | None = None) -> list[Prediction]:

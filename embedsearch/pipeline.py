@@ -137,7 +137,7 @@ def build_index(
     skip_missing: bool = False,
     overwrite: bool = False,
     index_type: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     encoder: Encoder | None = None,
@@ -147,6 +147,7 @@ def build_index(
     dedupe: bool | None = None,
     dedupe_threshold: float | None = None,
     dedupe_keep: str | None = None,
+    device: str = "auto",
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
@@ -154,7 +155,9 @@ def build_index(
     encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
     cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
     ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
-    the choice sticks to the bundle until ``dedupe=False``.
+    the choice sticks to the bundle until ``dedupe=False``. ``device`` ("auto", "cpu",
+    "cuda[:N]", "mps") is where images are encoded; it is not part of the bundle's identity,
+    the precision is. ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
@@ -179,7 +182,7 @@ def build_index(
             if precision is None:
                 precision = old["encoder"].get("precision", "fp32") if old and not model \
                     else DEFAULT_PRECISION
-            encoder = load_encoder(spec, weights, precision=precision)
+            encoder = load_encoder(spec, weights, precision=precision, device=device)
         identity = encoder.identity()
         fingerprint = encoder.fingerprint()
         if old is not None and not overwrite:
@@ -241,7 +244,7 @@ def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
         )
 
 
-def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int,
+def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int | None,
                   num_workers: int | None, tick: Callable[[int], None] | None
                   ) -> Iterator[tuple[np.ndarray, list[ItemInfo]]]:
     """Per chunk: (vectors of the images that decoded, one ItemInfo per path, in order)."""
@@ -266,7 +269,7 @@ def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_si
 
 
 def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[int, int]],
-                    todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int,
+                    todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int | None,
                     num_workers: int | None, shard_size: int,
                     tick: Callable[[int], None] | None, engine: str = "local",
                     ray_options: RayOptions | None = None) -> None:
@@ -275,7 +278,7 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
     if engine == "ray":
         from embedsearch.engines.ray_engine import RayOptions, encode_chunks
 
-        opts = ray_options or RayOptions(batch_size=batch_size)
+        opts = ray_options or RayOptions(batch_size=batch_size or RayOptions.batch_size)
         chunks = encode_chunks(encoder, paths, shard_size, opts, progress=tick)
     else:
         chunks = _local_chunks(encoder, paths, shard_size, batch_size, num_workers, tick)

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Bumped when a change in this package alters the vectors an encoder produces.
 ENCODER_IMPL_VERSION = 1
-#: Numeric precisions an encoder can run at.
-PRECISIONS = ("fp32", "bf16")
+#: Numeric precisions an encoder can run at (bf16 and fp16 by autocast).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Preprocess:
         _, mean, std = self._split
         x = batch.float().div_(255)
         if mean is not None:
-            x.sub_(mean).div_(std)
+            x.sub_(mean.to(x.device)).div_(std.to(x.device))
         return x
 
     def describe(self) -> dict[str, Any]:
@@ -191,6 +191,10 @@ class Encoder:
         self.weights = weights
         self.precision = "fp32"
         self.channels_last = False
+        self.device = "cpu"
+        #: The configuration the model and preprocessing were resolved from (pretrained tag,
+        #: activation, resize mode, …), recorded in the identity; None for fixed encoders.
+        self.config: dict[str, Any] | None = None
         with torch.inference_mode():
             probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
             self.dim = int(self._forward(probe).shape[-1])
@@ -201,19 +205,25 @@ class Encoder:
         """Unnormalised features for a preprocessed batch."""
         return self.model(batch)
 
-    def configure(self, precision: str = "fp32", channels_last: bool = False) -> None:
-        """Choose the numeric precision ("fp32" or "bf16" autocast) and memory layout.
+    def configure(self, precision: str = "fp32", channels_last: bool = False,
+                  device: str = "cpu") -> None:
+        """Choose the numeric precision ("fp32", or "bf16"/"fp16" autocast), memory layout
+        and device ("auto", "cpu", "cuda", "cuda:N", "mps").
 
-        bf16 changes the vectors slightly, so it is part of the identity; channels-last only
-        changes the order of float operations and is not.
+        bf16 and fp16 change the vectors slightly, so the precision is part of the identity;
+        channels-last and the device only change the order of float operations and are not.
         """
         import torch
+
+        from embedsearch.encoders.devices import resolve_device
 
         if precision not in PRECISIONS:
             raise EncoderError(f"unknown precision {precision!r}", hint=f"use one of {PRECISIONS}")
         self.precision = precision
         self.channels_last = channels_last
+        self.device = resolve_device(device)
         self.model = self.model.to(
+            device=self.device,
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self._fingerprint = None
 
@@ -226,10 +236,14 @@ class Encoder:
         """Embed a preprocessed batch: float32, L2-normalised, finite (else EncoderError)."""
         import torch
 
+        from embedsearch.encoders.devices import device_type
+
+        batch = batch.to(self.device, non_blocking=True)
         if self.channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(
-                "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                device_type(self.device), enabled=self.precision != "fp32",
+                dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16):
             feats = self._forward(batch).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         out = feats.cpu().numpy().astype(np.float32, copy=False)
@@ -259,7 +273,7 @@ class Encoder:
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the vectors: compared when loading bundles and heads."""
-        return {
+        ident = {
             "spec": self.spec,
             "dim": self.dim,
             "weights": self.weights.describe(),
@@ -270,6 +284,9 @@ class Encoder:
             "impl_version": ENCODER_IMPL_VERSION,
             "supports_text": self.supports_text,
         }
+        if self.config is not None:
+            ident["config"] = self.config
+        return ident
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         raise EncoderError(
