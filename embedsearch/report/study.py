@@ -205,7 +205,7 @@ def run_benchmark(
     n_bootstrap: int = N_BOOTSTRAP,
     gallery_size: int = 12,
     title: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     path_col: str | None = None,
     label_col: str | None = None,
@@ -213,6 +213,7 @@ def run_benchmark(
     command: Sequence[str] | None = None,
     progress: Progress | None = None,
     on_stage: Callable[[str], None] | None = None,
+    device: str = "auto",
 ) -> BenchmarkResult:
     """Run the whole study on ``data`` and write ``out``/report.md, report.html,
     results.json and figures/.
@@ -223,7 +224,8 @@ def run_benchmark(
     k-fold cross-validation (every image is a test image once). ``head_options`` passes
     settings to a head, e.g. ``{"mlp": {"hidden": 256}}``. ``seed`` fixes the split,
     the heads' initialisation and the bootstrap: the same seed gives the same
-    results.json apart from its ``timings`` key.
+    results.json apart from its ``timings`` key. ``device`` is where images (and zero-shot
+    prompts) are encoded ("auto", "cpu", "cuda[:N]", "mps").
     """
     t_start = time.perf_counter()
     load_start = _load_average()
@@ -253,7 +255,7 @@ def run_benchmark(
     for choice, slug in zip(choices, slugs, strict=True):
         stage(f"encoding {data_path} with {choice.label}")
         enc = _encode(data_path, choice, slug, bundle_root, batch_size, num_workers,
-                      progress, path_col, label_col, split_col)
+                      progress, path_col, label_col, split_col, device)
         shared_spec = sum(c.spec == choice.spec for c in choices) > 1
         enc.label = choice.label if shared_spec else choice.spec
         encoded.append(enc)
@@ -344,9 +346,9 @@ def run_benchmark(
 
 
 # -- encoding -----------------------------------------------------------------------------
-def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: int,
+def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: int | None,
             num_workers: int | None, progress: Progress | None, path_col: str | None,
-            label_col: str | None, split_col: str | None) -> _Encoded:
+            label_col: str | None, split_col: str | None, device: str = "auto") -> _Encoded:
     from embedsearch.bundle import load_bundle
     from embedsearch.pipeline import build_index
     from embedsearch.store.io import read_json, write_json
@@ -354,7 +356,8 @@ def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: 
     path = root / slug
     res = build_index(data, out=path, model=choice.spec, weights=choice.weights,
                       batch_size=batch_size, num_workers=num_workers, progress=progress,
-                      path_col=path_col, label_col=label_col, split_col=split_col)
+                      path_col=path_col, label_col=label_col, split_col=split_col,
+                      device=device)
     sidecar = root / f"{slug}.encode.json"
     gen = res.manifest["generation"]
     if res.encoded > 0:
@@ -377,6 +380,7 @@ def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: 
             pass
     build["reused"] = res.reused
     bundle = load_bundle(path)
+    bundle.device = device
     return _Encoded(choice, slug, bundle, build)
 
 
