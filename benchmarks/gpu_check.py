@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -39,7 +40,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-CLOTHING = REPO.parent / "shared" / "datasets" / "clothing-small"
+#: clothing-small in $EMBEDSEARCH_SHARED, ../shared or ./shared (the first that exists).
+CLOTHING = next((p for p in (Path(os.environ.get("EMBEDSEARCH_SHARED", REPO.parent / "shared")),
+                             REPO.parent / "shared", REPO / "shared")
+                 if (p / "datasets" / "clothing-small").is_dir()),
+                REPO.parent / "shared") / "datasets" / "clothing-small"
 ENCODERS = ("efficientnet-lite0", "openclip:ViT-B-32")
 MIN_COSINE = {"fp32": 0.999, "fp16": 0.99}
 #: 10-NN accuracy may differ by this many test images (a near tie flipping).
@@ -145,6 +150,16 @@ def knn_accuracy(bundle: Any) -> dict[str, Any]:
             "predictions": pred.tolist()}
 
 
+def cross_device(path: str, device: str) -> float:
+    """Load a bundle for queries on another device: the fingerprint cosine that
+    Bundle.encoder() checks (it refuses below FINGERPRINT_MIN_COSINE)."""
+    from embedsearch.bundle import fingerprint_cosine, load_bundle
+
+    b = load_bundle(path)
+    b.device = device
+    return round(fingerprint_cosine(b.encoder().fingerprint(), b.manifest["fingerprint"]), 6)
+
+
 def compare(ref: Any, other: Any) -> dict[str, Any]:
     a = ref.items.set_index("id")["row"]
     b = other.items.set_index("id")["row"]
@@ -206,8 +221,9 @@ def to_markdown(r: dict[str, Any]) -> str:
     lines = ["# GPU check", "", f"`{r['command']}`", "",
              f"Machine: {r['machine'].get('cpu')}, {r['machine'].get('usable_cores')} cores; "
              f"device {r['device']} ({r.get('gpu_name', 'no GPU')}); torch "
-             f"{r['versions'].get('torch')}, open_clip {r['versions'].get('open_clip')}; "
-             f"git {r.get('git', {}).get('commit', '?')[:12]}. Total {r.get('seconds', '?')} s.",
+             f"{r['versions'].get('torch')} (CUDA {r.get('torch_cuda')}), open_clip "
+             f"{r['versions'].get('open_clip_torch')}; git "
+             f"{(r.get('git', {}).get('revision') or '?')[:12]}. Total {r.get('seconds')} s.",
              "", "## Agreement with the CPU build (fp32)", "",
              "| encoder | build | cosine min | cosine p1 | 10-NN accuracy | CPU accuracy | "
              "predictions differing |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -216,6 +232,9 @@ def to_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {spec} | {key} | {c.get('cosine_min')} | {c.get('cosine_p01')} | "
                          f"{c.get('accuracy')} | {c.get('cpu_accuracy')} | "
                          f"{c.get('predictions_differing')} |")
+    for spec, e in r["encoders"].items():
+        for what, cos in e.get("cross_device_fingerprint", {}).items():
+            lines.append(f"- {spec}: bundle {what}: fingerprint cosine {cos}")
     lines += ["", "## Throughput on the device", "",
               "| encoder | precision | batch | pipeline img/s | model-only img/s | ratio | "
               "GPU util mean / median / max % |", "|---|---|---:|---:|---:|---:|---|"]
@@ -276,7 +295,7 @@ def main() -> int:
         "versions": package_versions(), "machine": machine(), "git": git_revision(),
         "thresholds": {"min_cosine": MIN_COSINE, "max_accuracy_flips": MAX_ACCURACY_FLIPS,
                        "k": K},
-        "encoders": {}, "checks": [], "errors": []}
+        "torch_cuda": torch.version.cuda, "encoders": {}, "checks": [], "errors": []}
     if not dry:
         r["gpu_name"] = torch.cuda.get_device_name(torch.device(args.device))
 
@@ -345,6 +364,16 @@ def main() -> int:
                 check(flips is not None and flips <= MAX_ACCURACY_FLIPS[precision],
                       f"{spec} {key}: 10-NN accuracy {acc['accuracy']} vs CPU "
                       f"{acc_cpu['accuracy']} ({flips} of {acc['n']} test predictions differ)")
+            for key, b in e["builds"].items():  # built here, queried there
+                there = "cpu" if b["device"] != "cpu" else args.device
+                if there == b["device"]:
+                    continue
+                cos = step(f"{spec}: {key} bundle queried on {there}", cross_device,
+                           b["bundle"], there)
+                if cos is not None:
+                    e.setdefault("cross_device_fingerprint", {})[f"{key} on {there}"] = cos
+                    check(cos >= MIN_COSINE["fp32"], f"{spec}: the {key} bundle loads for "
+                          f"queries on {there} (fingerprint cosine {cos})")
             for precision in ("fp32", "fp16"):
                 t = step(f"{spec}: throughput {args.device} {precision}", throughput, spec,
                          weights, args.device, precision, paths,

@@ -111,7 +111,7 @@ def _process_batches(decode: _Decoder, sources: Sequence[Path | bytes], batch_si
 
     loader = DataLoader(_DecodeDataset(decode, sources), batch_size=batch_size,
                         shuffle=False, num_workers=workers, collate_fn=_collate,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
+                        pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
                         persistent_workers=False)
     yield from loader
 
