@@ -232,9 +232,10 @@ def to_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {spec} | {key} | {c.get('cosine_min')} | {c.get('cosine_p01')} | "
                          f"{c.get('accuracy')} | {c.get('cpu_accuracy')} | "
                          f"{c.get('predictions_differing')} |")
-    for spec, e in r["encoders"].items():
-        for what, cos in e.get("cross_device_fingerprint", {}).items():
-            lines.append(f"- {spec}: bundle {what}: fingerprint cosine {cos}")
+    cross = [f"- {spec}: bundle {what}: fingerprint cosine {cos}"
+             for spec, e in r["encoders"].items()
+             for what, cos in e.get("cross_device_fingerprint", {}).items()]
+    lines += ["", *cross] if cross else []
     lines += ["", "## Throughput on the device", "",
               "| encoder | precision | batch | pipeline img/s | model-only img/s | ratio | "
               "GPU util mean / median / max % |", "|---|---|---:|---:|---:|---:|---|"]
