@@ -136,3 +136,19 @@ def test_process_decoding_gives_what_threads_give(collection: Path) -> None:
         assert torch.equal(ta, tb)
         assert [(i.status, i.sha256) for i in ia] == [(i.status, i.sha256) for i in ib]
     assert sum(i.status != "ok" for _, infos in procs for i in infos) == 1
+
+
+def test_fp32_on_a_gpu_is_ieee_fp32() -> None:
+    """cuDNN's TF32 default is switched off around an fp32 forward, and restored."""
+    from embedsearch.encoders.base import _ieee_fp32_convolutions
+
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with _ieee_fp32_convolutions(True):
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+        with _ieee_fp32_convolutions(False):
+            assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

@@ -7,9 +7,10 @@ identity that manifests record and loaders compare.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,23 @@ def preprocess_from_transform(transform: Any) -> Preprocess:
         # e.g. open_clip's ResizeKeepRatio / "squash" transforms: fall back to the crop size.
         resize = crop or 224
     return Preprocess(resize, crop or resize, interpolation, mean, std, transform)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_convolutions(enabled: bool) -> Iterator[None]:
+    """fp32 on a GPU means fp32: cuDNN convolutions default to TF32 (10-bit mantissa), which
+    moves the vectors further from the CPU's than fp32 rounding does. Restored afterwards."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 class _PilToUint8:
@@ -241,7 +259,8 @@ class Encoder:
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(
+        with torch.inference_mode(), _ieee_fp32_convolutions(
+                self.device.startswith("cuda") and self.precision == "fp32"), torch.autocast(
                 device_type(self.device), enabled=self.precision != "fp32",
                 dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16):
             feats = self._forward(batch).float()
