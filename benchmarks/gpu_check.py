@@ -47,8 +47,9 @@ CLOTHING = next((p for p in (Path(os.environ.get("EMBEDSEARCH_SHARED", REPO.pare
                 REPO.parent / "shared") / "datasets" / "clothing-small"
 ENCODERS = ("efficientnet-lite0", "openclip:ViT-B-32")
 MIN_COSINE = {"fp32": 0.999, "fp16": 0.99}
-#: 10-NN accuracy may differ by this many test images (a near tie flipping).
-MAX_ACCURACY_FLIPS = {"fp32": 2, "fp16": 4}
+#: 10-NN accuracy "matches" when it differs by at most this share of the test images
+#: (a near tie flipping; 372 test images: 1 in fp32, 3 in fp16).
+MAX_ACCURACY_DELTA = {"fp32": 0.003, "fp16": 0.01}
 K = 10
 
 
@@ -294,7 +295,7 @@ def main() -> int:
     r: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]), "device": args.device, "dry_run": dry,
         "versions": package_versions(), "machine": machine(), "git": git_revision(),
-        "thresholds": {"min_cosine": MIN_COSINE, "max_accuracy_flips": MAX_ACCURACY_FLIPS,
+        "thresholds": {"min_cosine": MIN_COSINE, "max_accuracy_delta": MAX_ACCURACY_DELTA,
                        "k": K},
         "torch_cuda": torch.version.cuda, "encoders": {}, "checks": [], "errors": []}
     if not dry:
@@ -362,9 +363,11 @@ def main() -> int:
                 check(c["cosine_min"] >= MIN_COSINE[precision],
                       f"{spec} {key}: every embedding within cosine {MIN_COSINE[precision]} of "
                       f"the CPU's (min {c['cosine_min']})")
-                check(flips is not None and flips <= MAX_ACCURACY_FLIPS[precision],
+                delta = (abs(acc["accuracy"] - acc_cpu["accuracy"]) if acc["n"] else None)
+                check(delta is not None and delta <= MAX_ACCURACY_DELTA[precision] + 1e-9,
                       f"{spec} {key}: 10-NN accuracy {acc['accuracy']} vs CPU "
-                      f"{acc_cpu['accuracy']} ({flips} of {acc['n']} test predictions differ)")
+                      f"{acc_cpu['accuracy']} (at most {MAX_ACCURACY_DELTA[precision]} apart; "
+                      f"{flips} of {acc['n']} test predictions differ)")
             for key, b in e["builds"].items():  # built here, queried there
                 there = "cpu" if b["device"] != "cpu" else args.device
                 if there == b["device"]:
