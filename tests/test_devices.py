@@ -152,3 +152,28 @@ def test_fp32_on_a_gpu_is_ieee_fp32() -> None:
             assert torch.backends.cudnn.allow_tf32 is True
     finally:
         torch.backends.cudnn.allow_tf32 = before
+
+
+def test_every_encoding_command_passes_its_device_on(collection: Path, no_cuda: None,
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device reaches the encoder in each command: cuda without CUDA is the same clean
+    error everywhere (exit 3), before any image is encoded."""
+    uvicorn = pytest.importorskip("uvicorn")
+
+    def no_server(*args: object, **kwargs: object) -> None:
+        raise AssertionError("serve started a server: --device was not applied")
+
+    monkeypatch.setattr(uvicorn, "run", no_server)
+    runner = CliRunner()
+    build_index(collection, name="c", model="test:tiny", device="cpu")
+    other = tmp_path / "other"
+    other.mkdir()
+    for argv in (["serve", "--index", "c"],
+                 ["dedupe", str(collection), "--model", "test:tiny"],
+                 ["leakage", str(collection), str(other), "--model", "test:tiny"],
+                 ["benchmark", str(collection), "--model", "test:tiny", "--out",
+                  str(tmp_path / "rep")]):
+        out = runner.invoke(main, [*argv, "--device", "cuda"])
+        assert out.exit_code == 3, (argv, out.output)
+        assert "CUDA is not available" in out.output, argv
