@@ -60,6 +60,10 @@ def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
     return DEFAULT_ROOT / p
 
 
+#: Encoder families whose resolved configuration is part of the key (see encoder_key).
+CONFIG_CHECKED_FAMILIES = ("openclip",)
+
+
 def encoder_key(identity: dict[str, Any]) -> str:
     """The parts of an encoder identity that decide its vectors, as one comparable string."""
     w = identity.get("weights", {})
@@ -68,11 +72,14 @@ def encoder_key(identity: dict[str, Any]) -> str:
         identity.get("precision", "fp32"),
         sorted(identity.get("preprocess", {}).items()),
     ))
-    # The resolved model configuration (pretrained tag, activation, resize mode) of the
-    # open_clip/timm/torchvision families: a bundle built before it was recorded lacks it
-    # and is refused. Fixed encoders (EfficientNet-Lite) have none: their key is unchanged.
-    if identity.get("config") is not None:
-        key += "|" + json.dumps(identity["config"], sort_keys=True)
+    # The resolved model configuration (pretrained tag, activation, resize mode) of open_clip
+    # encoders: one built before it was recorded lacks it and is refused (those were built
+    # with the architecture's defaults, e.g. GELU for OpenAI's QuickGELU tags). timm and
+    # torchvision resolved theirs from the spec the same way before it was recorded, and
+    # EfficientNet-Lite has none: their keys, and their existing bundles, are unchanged.
+    config = identity.get("config")
+    if config is not None and config.get("family") in CONFIG_CHECKED_FAMILIES:
+        key += "|" + json.dumps(config, sort_keys=True)
     return key
 
 

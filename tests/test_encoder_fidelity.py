@@ -357,3 +357,14 @@ def test_bundle_built_before_the_config_was_recorded_is_refused(collection: Path
         build_index(collection, name="old", encoder=new)
     assert "--overwrite" in err.value.hint
     build_index(collection, name="old", encoder=new, overwrite=True)
+
+
+def test_timm_and_torchvision_bundles_from_before_stay_valid() -> None:
+    """Their configuration is resolved as before it was recorded: not part of the key."""
+    ident = {"spec": "timm:resnet18.a1_in1k", "dim": 512, "weights": {"sha256": "x"},
+             "impl_version": 1, "precision": "fp32", "preprocess": {"center_crop": 224}}
+    for family in ("timm", "torchvision"):
+        now = {**ident, "config": {"family": family, "pretrained": "a1_in1k"}}
+        assert encoder_key(now) == encoder_key(ident)
+    now = {**ident, "config": {"family": "openclip", "quick_gelu": True}}
+    assert encoder_key(now) != encoder_key(ident)
