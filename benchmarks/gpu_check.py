@@ -298,6 +298,8 @@ def main() -> int:
         "thresholds": {"min_cosine": MIN_COSINE, "max_accuracy_delta": MAX_ACCURACY_DELTA,
                        "k": K},
         "torch_cuda": torch.version.cuda, "encoders": {}, "checks": [], "errors": []}
+    with contextlib.suppress(OSError):  # decode processes hand batches over through it
+        r["shm_free_mib"] = shutil.disk_usage("/dev/shm").free >> 20
     if not dry:
         r["gpu_name"] = torch.cuda.get_device_name(torch.device(args.device))
 

@@ -8,7 +8,9 @@ normalisation runs batched in :meth:`Preprocess.finish` (on the GPU when there i
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     import torch
 
     from embedsearch.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 
@@ -102,6 +106,29 @@ def _thread_batches(decode: _Decoder, sources: Sequence[Path | bytes], batch_siz
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+PREFETCH_BATCHES = 2  # per decode process
+
+
+def fit_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -> int:
+    """Decode processes whose batches in flight fit in shared memory.
+
+    DataLoader workers hand batches over through ``/dev/shm``; containers often give it
+    64 MB (Docker's default), where 15 workers × 2 batches × 38 MB would end in a bus error.
+    Fewer workers (0: decode in this process) and a warning instead.
+    """
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:  # no /dev/shm (macOS): torch uses another mechanism
+        return workers
+    fit = max(0, int((0.8 * free / max(1, batch_bytes) - 2) // PREFETCH_BATCHES))
+    if fit < workers:
+        log.warning("%s has %d MB free: %d decode processes instead of %d (give the "
+                    "container more shared memory, e.g. docker run --shm-size=4g)",
+                    shm, free >> 20, fit, workers)
+        return fit
+    return workers
+
+
 def _process_batches(decode: _Decoder, sources: Sequence[Path | bytes], batch_size: int,
                      workers: int, pin_memory: bool
                      ) -> Iterator[tuple[torch.Tensor | None, list[ItemInfo]]]:
@@ -111,7 +138,8 @@ def _process_batches(decode: _Decoder, sources: Sequence[Path | bytes], batch_si
 
     loader = DataLoader(_DecodeDataset(decode, sources), batch_size=batch_size,
                         shuffle=False, num_workers=workers, collate_fn=_collate,
-                        pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
+                        pin_memory=pin_memory,
+                        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
                         persistent_workers=False)
     yield from loader
 
@@ -152,7 +180,9 @@ def embed_sources(
         workers = default_workers() if num_workers is None else num_workers
         batches = _thread_batches(decode, sources, size, workers)
     else:
-        workers = default_decode_processes() if num_workers is None else num_workers
+        workers = fit_shared_memory(
+            default_decode_processes() if num_workers is None else num_workers,
+            size * prep.worker_bytes)
         batches = _process_batches(decode, sources, size, workers, pin_memory=kind == "cuda")
     start = 0
     for stacked, infos in batches:

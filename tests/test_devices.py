@@ -177,3 +177,23 @@ def test_every_encoding_command_passes_its_device_on(collection: Path, no_cuda: 
         out = runner.invoke(main, [*argv, "--device", "cuda"])
         assert out.exit_code == 3, (argv, out.output)
         assert "CUDA is not available" in out.output, argv
+
+
+def test_decode_processes_fit_in_shared_memory(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A container's 64 MB /dev/shm gets fewer decode processes and a warning, not a bus
+    error; enough shared memory keeps them all."""
+    import shutil
+    from collections import namedtuple
+
+    from embedsearch.embed import fit_shared_memory
+
+    usage = namedtuple("usage", "total used free")
+    batch = 256 * 3 * 224 * 224  # uint8
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(64 << 20, 0, 64 << 20))
+    assert fit_shared_memory(15, batch) == 0
+    assert "--shm-size" in caplog.text
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1 << 30))
+    assert fit_shared_memory(15, batch) == 10
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(24 << 30, 0, 24 << 30))
+    assert fit_shared_memory(15, batch) == 15

@@ -52,6 +52,11 @@ class Preprocess:
         between processes, and the float maths runs batched); else the whole transform."""
         return self._split[0] if self._split else self.transform
 
+    @property
+    def worker_bytes(self) -> int:
+        """Size of one image as :attr:`worker_transform` returns it (uint8 or float32)."""
+        return 3 * self.crop * self.crop * (1 if self._split else 4)
+
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
         """Complete :attr:`worker_transform` on a stacked batch (bit-identical result)."""
         if self._split is None:
