@@ -368,3 +368,21 @@ def test_timm_and_torchvision_bundles_from_before_stay_valid() -> None:
         assert encoder_key(now) == encoder_key(ident)
     now = {**ident, "config": {"family": "openclip", "quick_gelu": True}}
     assert encoder_key(now) != encoder_key(ident)
+
+
+def test_pickled_checkpoints_refused_unexecuted_by_open_clips_loader(tmp_path: Path) -> None:
+    """Weights now load through open_clip's own loader (torch.load weights_only=True or
+    safetensors): a checkpoint with pickled code is still refused and never run."""
+    from tests.test_tamper import _evil_checkpoints
+
+    folder, _ = _tiny_hub_folder(tmp_path / "tiny")
+    marker = tmp_path / "PWNED"
+    evil = _evil_checkpoints(tmp_path, marker)
+    for kind, path in evil.items():
+        with pytest.raises(EncoderError) as err:
+            load_encoder(f"openclip:local-dir:{folder}", path, device="cpu")
+        assert "never executed" in str(err.value) or "safetensors" in str(err.value), kind
+        assert path.name in str(err.value), kind  # the user's file, not a temporary link
+    with pytest.raises(EncoderError, match="never executed"):
+        load_encoder("openclip:ViT-S-32", evil["zip"], device="cpu")
+    assert not marker.exists()

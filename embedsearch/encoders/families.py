@@ -360,13 +360,15 @@ def build_openclip(spec: str, name: str, weights: Path | None) -> Encoder:
     return _clip_encoder(spec, model, transform, info, arch, config)
 
 
-def _create_openclip(spec: str, name: str, path: Path | None, kwargs: dict[str, Any]
-                     ) -> tuple[Any, Any]:
-    """open_clip's factory, its failures turned into EncoderErrors."""
+def _create_openclip(spec: str, name: str, path: Path | None, kwargs: dict[str, Any],
+                     weights: Path | None = None) -> tuple[Any, Any]:
+    """open_clip's factory, its failures turned into EncoderErrors (naming ``weights``, the
+    user's file, when open_clip reads it from a model folder)."""
     import pickle
 
     import open_clip
 
+    weights = weights or path
     try:
         model, _, transform = open_clip.create_model_and_transforms(
             name, pretrained=str(path) if path is not None else None,
@@ -374,11 +376,13 @@ def _create_openclip(spec: str, name: str, path: Path | None, kwargs: dict[str, 
             **kwargs)
     except pickle.UnpicklingError as exc:
         raise EncoderError(
-            f"{path}: refused to load: it is not a plain tensor checkpoint; pickled code is "
-            "never executed", hint="convert the checkpoint to .safetensors") from exc
+            f"{weights}: refused to load: it is not a plain tensor checkpoint; pickled code "
+            "is never executed", hint="convert the checkpoint to .safetensors") from exc
     except Exception as exc:
-        where = f" from {path}" if path is not None else ""
-        hint = ("pass the checkpoint of exactly this architecture" if path is not None
+        if "Safetensor" in type(exc).__name__:
+            raise EncoderError(f"{weights}: not a valid safetensors file ({exc})") from exc
+        where = f" from {weights}" if weights is not None else ""
+        hint = ("pass the checkpoint of exactly this architecture" if weights is not None
                 and ("size mismatch" in str(exc) or "key" in str(exc))
                 else "`pip install transformers` for models with a Hugging Face text tower"
                 if "transformers" in str(exc) else "check the spec and the weights file")
@@ -496,7 +500,8 @@ def _build_openclip_dir(spec: str, folder: Path, weights: Path | None, source: s
         if found is None:
             raise EncoderError(f"{folder} holds no weights file (.safetensors, .bin, .pth)")
         info = WeightsInfo("file", str(Path(found).resolve()), sha256_file(Path(found)))
-    model, transform = _create_openclip(spec, f"local-dir:{folder}", None, {})
+    model, transform = _create_openclip(spec, f"local-dir:{folder}", None, {},
+                                        Path(info.path) if info.path else None)
     config = {"family": "openclip", "arch": source, "pretrained": None,
               **_openclip_facts(model, hub_cfg.get("model_cfg"))}
     return _clip_encoder(spec, model, transform, info, tokenizer_name or f"local-dir:{folder}",
