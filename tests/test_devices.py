@@ -3,6 +3,7 @@ bundle's identity that does not depend on where it was built."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,8 @@ def test_decode_processes_fit_in_shared_memory(monkeypatch: pytest.MonkeyPatch,
     usage = namedtuple("usage", "total used free")
     batch = 256 * 3 * 224 * 224  # uint8
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(64 << 20, 0, 64 << 20))
-    assert fit_shared_memory(15, batch) == 0
+    with caplog.at_level(logging.WARNING, logger="embedsearch.embed"):
+        assert fit_shared_memory(15, batch) == 0
     assert "--shm-size" in caplog.text
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 0, 1 << 30))
     assert fit_shared_memory(15, batch) == 10
