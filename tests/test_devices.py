@@ -199,3 +199,26 @@ def test_decode_processes_fit_in_shared_memory(monkeypatch: pytest.MonkeyPatch,
     assert fit_shared_memory(15, batch) == 10
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(24 << 30, 0, 24 << 30))
     assert fit_shared_memory(15, batch) == 15
+
+
+def test_gpu_path_end_to_end_on_cpu(collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """embed_sources' accelerator path (decode processes, batches stacked in the workers,
+    device batch size, normalisation after the copy) run on the CPU: the same vectors and
+    statuses as the CPU path."""
+    import warnings
+
+    import embedsearch.encoders.devices as devices
+    from embedsearch.embed import embed_sources
+
+    (collection / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    paths = sorted(collection.rglob("*.jpg")) * 2  # 50: two batches at the CPU's 32
+    enc = load_encoder("test:tiny", device="cpu")
+    cpu = list(embed_sources(enc, paths, batch_size=10))
+    monkeypatch.setattr(devices, "device_type", lambda device: "cuda")  # "a GPU"
+    monkeypatch.setattr(devices, "default_decode_processes", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pin_memory without a GPU
+        gpu = list(embed_sources(enc, paths))
+    assert len(gpu) == 1 and len(gpu[0][0]) == len(paths)  # one batch: the GPU's 256
+    np.testing.assert_array_equal(np.concatenate([v for _, v, _ in cpu]), gpu[0][1])
+    assert [i.status for _, _, infos in cpu for i in infos] == [i.status for i in gpu[0][2]]
