@@ -135,7 +135,8 @@ def build(data: Path, out: Path, spec: str, weights: Path | None, device: str,
     res = build_index(data, out=out, model=spec, weights=weights, precision=precision,
                       device=device, overwrite=True, batch_size=batch_size)
     return {"bundle": str(res.path), "device": device, "precision": precision,
-            "images": res.encoded, "encode_seconds": round(res.encode_seconds, 2),
+            "images": res.encoded, "reused": res.reused,
+            "encode_seconds": round(res.encode_seconds, 2),
             "build_images_per_s": round(res.images_per_second, 1),
             "wall_seconds": round(time.perf_counter() - t, 2)}
 
@@ -275,6 +276,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="results stem (default: "
                     "benchmarks/results/gpu_check on CUDA, /tmp/gpu_check on a dry run)")
     args = ap.parse_args()
+    # Every build must encode: the shared embedding cache would hand the CPU build the
+    # GPU build's vectors (same encoder identity), and the comparison would prove nothing.
+    os.environ["EMBEDSEARCH_CACHE_DIR"] = "off"
 
     import torch
 

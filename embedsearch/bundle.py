@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from embedsearch.classify.knn import KNNClassifier
     from embedsearch.encoders.base import Encoder
+    from embedsearch.index import Neighbours
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ DEFAULT_ROOT = Path("indexes")
 #: Cosine similarity two fingerprints of the same encoder must reach (CPU kernels differ).
 FINGERPRINT_MIN_COSINE = 0.999
 HELD_OUT_SPLITS = frozenset({"test"})
+#: A query at least this similar to an indexed image is that image (re-saved, re-encoded):
+#: it is left out of its own neighbours, like one with the same sha256.
+SELF_COSINE = 0.9999
 
 
 def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
@@ -121,6 +125,11 @@ class Prediction:
     #: With ``method="all"``: {"knn" | "head:NAME" | "zeroshot": {"label", "confidence",
     #: "probabilities", "method"}} (or {"error"} for a head that could not be loaded).
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: When the query is itself an indexed reference image (same sha256, or cosine >=
+    #: SELF_COSINE): {"id": its indexed id, "split": its split, "excluded": how many of its
+    #: copies were left out of the neighbours, 0 with allow_self: it voted for itself}.
+    #: Empty when it is not an indexed reference image.
+    in_index: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, "", [], {})
@@ -137,6 +146,9 @@ class Bundle:
         #: Where queries are embedded ("auto", "cpu", "cuda[:N]", "mps"); not part of the
         #: encoder's identity.
         self.device = "auto"
+        #: Of the last :meth:`embed_files` call: files encoded, files whose vectors were
+        #: reused (from this bundle or the shared embedding cache).
+        self.embed_counts: dict[str, int] = {"encoded": 0, "reused": 0}
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -278,23 +290,111 @@ class Bundle:
                     num_workers: int | None = None
                     ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
         """Embed query files. Returns (vectors for readable files, statuses of all files)."""
-        from embedsearch.embed import embed_sources
+        vectors, statuses, _ = self.embed_files(paths, batch_size, num_workers)
+        return vectors, statuses
 
+    def embed_files(self, paths: list[Path], batch_size: int | None = None,
+                    num_workers: int | None = None
+                    ) -> tuple[np.ndarray, list[tuple[str, str, str]], list[str | None]]:
+        """Embed query files, reusing vectors this bundle or the shared embedding cache
+        already holds for the same bytes (by sha256). Returns (vectors of the readable
+        files, (path, status, detail) of every file, sha256 of the readable files)."""
+        from embedsearch.embed import embed_sources
+        from embedsearch.store.shared import hash_files, open_shared
+
+        shas = hash_files(paths, num_workers)
+        found: dict[int, np.ndarray] = {}
+        rows = self.rows_by_sha256
+        for i, sha in enumerate(shas):
+            if sha in rows:
+                found[i] = np.asarray(self.embeddings[rows[sha][0]])
         enc = self.encoder()
-        vecs, statuses = [], []
-        for idx, v, infos in embed_sources(enc, paths, batch_size=batch_size,
-                                           num_workers=num_workers):
-            vecs.append(v)
-            statuses.extend((str(paths[i]), info.status, info.detail)
-                            for i, info in zip(idx, infos, strict=True))
-        return (np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)), statuses
+        shared = open_shared(enc.identity()) if len(found) < len(paths) else None
+        if shared is not None:
+            hits = shared.get_many([s for i, s in enumerate(shas) if s and i not in found])
+            found.update({i: hits[s].vector for i, s in enumerate(shas)
+                          if s in hits and i not in found})
+        todo = [i for i in range(len(paths)) if i not in found]
+        self.embed_counts = {"encoded": len(todo), "reused": len(found)}
+        results: dict[int, tuple[str, str, np.ndarray | None]] = {
+            i: ("ok", "", v) for i, v in found.items()}
+        for idx, v, infos in embed_sources(enc, [paths[i] for i in todo],
+                                           batch_size=batch_size, num_workers=num_workers):
+            ok = [j for j, info in zip(idx, infos, strict=True) if info.status == "ok"]
+            row = {j: n for n, j in enumerate(ok)}  # vectors hold the decoded files only
+            for j, info in zip(idx, infos, strict=True):
+                results[todo[j]] = (info.status, info.detail, v[row[j]] if j in row else None)
+                shas[todo[j]] = info.sha256 or shas[todo[j]]
+            if shared is not None and ok:
+                shared.put_many([shas[todo[j]] for j in ok], v)
+        statuses = [(str(p), results[i][0], results[i][1]) for i, p in enumerate(paths)]
+        good = [i for i in range(len(paths)) if results[i][0] == "ok"]
+        vectors = (np.stack([results[i][2] for i in good]).astype(np.float32) if good
+                   else np.zeros((0, self.dim), np.float32))
+        return vectors, statuses, [shas[i] for i in good]
+
+    @cached_property
+    def rows_by_sha256(self) -> dict[str, list[int]]:
+        """sha256 → rows of the bundle's images with those bytes."""
+        rows: dict[str, list[int]] = {}
+        for row, sha in enumerate(self.items["sha256"].tolist()):
+            if isinstance(sha, str) and sha:
+                rows.setdefault(sha, []).append(row)
+        return rows
+
+    def neighbours(self, vectors: np.ndarray, k: int, sha256: list[str | None] | None = None,
+                   allow_self: bool = False) -> tuple[Neighbours, list[dict[str, Any]]]:
+        """The ``k`` nearest searchable rows (reference rows of a labelled bundle, all rows
+        of an unlabelled one) of each query, leaving out the query's own copies: rows with
+        its sha256 and rows at cosine >= SELF_COSINE (leave-one-out), unless ``allow_self``.
+
+        Returns (neighbours, per query {"id", "split", "excluded"} of its indexed copy, or
+        {} when it has none among the searched rows). With ``allow_self`` a copy found
+        among the neighbours is reported with ``excluded`` 0: it votes for itself.
+        """
+        from embedsearch.index import Neighbours, search
+
+        limit = self.reference_rows if self.labelled else None
+        n_rows = self.index.ntotal if limit is None else min(limit, self.index.ntotal)
+        rows = self.rows_by_sha256
+        own = [np.array([r for r in rows.get(s or "", []) if r < n_rows], np.int64)
+               for s in (sha256 or [None] * len(vectors))]
+        pad = 0 if allow_self else max((len(o) for o in own), default=0) + 4
+        while True:
+            want = min(k + pad, n_rows)
+            raw = search(self.index, vectors, max(want, 1), limit)
+            ids, sims, found = [], [], []
+            short = False
+            for q in range(len(vectors)):
+                qi, qs = raw.ids[q], raw.similarities[q]
+                copy = (qs >= SELF_COSINE) | np.isin(qi, own[q])
+                keep = np.ones_like(copy) if allow_self else ~copy
+                ids.append(qi[keep][:k])
+                sims.append(qs[keep][:k])
+                first = int(qi[copy][0]) if copy.any() else (int(own[q][0]) if len(own[q])
+                                                              else None)
+                found.append({} if first is None else {
+                    "id": str(self.items["id"].iat[first]),
+                    "split": _none(self.items["split"].iat[first]),
+                    "excluded": 0 if allow_self else int(copy.sum())})
+                short |= len(ids[-1]) < k and want < n_rows
+            if not short:
+                return Neighbours(ids, sims), found
+            pad = max(pad, 4) * 4
 
     def predict_vectors(self, vectors: np.ndarray, ids: list[str], k: int = 10,
                         n_neighbours: int = 5, weighting: str = "similarity",
                         method: str = "auto", head_name: str | None = None,
                         classes: list[str] | None = None,
-                        templates: str | list[str] | None = None) -> list[Prediction]:
+                        templates: str | list[str] | None = None,
+                        sha256: list[str | None] | None = None,
+                        allow_self: bool = False) -> list[Prediction]:
         """Predictions for embedded queries, with their nearest reference images.
+
+        A query that is itself an indexed reference image (the same ``sha256``, or cosine
+        >= SELF_COSINE) does not vote for itself: its own copies are left out of its
+        neighbours (leave-one-out) and ``Prediction.in_index`` says so; ``allow_self=True``
+        keeps them (similar-image search).
 
         ``method``: "auto" (the best available: a trained head that beat kNN on validation,
         else kNN, else zero-shot on an unlabelled CLIP bundle given ``classes``, else a
@@ -303,21 +403,19 @@ class Bundle:
         "all" (every method in ``Prediction.methods``, the auto choice in ``label``).
         """
         from embedsearch.classify.knn import vote
-        from embedsearch.index import search
         from embedsearch.training import MethodOutput, run_methods, top_probabilities
 
         items = self.items
         item_ids, item_labels = items["id"].to_numpy(), items["label"].to_numpy()
         knn_out = None
-        if self.labelled and method != "zeroshot":
-            clf = self.knn(k, weighting)
-            neigh = clf.kneighbors(vectors, max(k, n_neighbours))
+        use_knn = self.labelled and method != "zeroshot"
+        clf = self.knn(k, weighting) if use_knn else None
+        neigh, in_index = self.neighbours(vectors, max(k, n_neighbours) if use_knn
+                                          else n_neighbours, sha256, allow_self)
+        if clf is not None:
             trimmed = type(neigh)([i[:k] for i in neigh.ids], [s[:k] for s in neigh.similarities])
             proba = vote(trimmed, clf._y_idx, len(clf.classes_), weighting)
             knn_out = MethodOutput("knn", f"knn(k={k}, {weighting})", clf.classes_, proba)
-        else:
-            neigh = search(self.index, vectors, n_neighbours,
-                           self.reference_rows if self.labelled else None)
         chosen, outputs = run_methods(self, vectors, method, knn_out, head_name, classes,
                                       templates)
         out = []
@@ -328,7 +426,7 @@ class Bundle:
                 for j, s in zip(neigh.ids[q][:n_neighbours], neigh.similarities[q][:n_neighbours],
                                 strict=True)
             ]
-            pred = Prediction(qid, neighbours=shown)
+            pred = Prediction(qid, neighbours=shown, in_index=in_index[q])
             for key, o in outputs.items():
                 if o.proba is None:
                     res: dict[str, Any] = {"error": o.error}
@@ -350,12 +448,17 @@ class Bundle:
                 weighting: str = "similarity", batch_size: int | None = None,
                 num_workers: int | None = None, method: str = "auto",
                 head_name: str | None = None, classes: list[str] | None = None,
-                templates: str | list[str] | None = None) -> list[Prediction]:
-        """Embed image files and predict them; unreadable files come back with a status."""
-        vectors, statuses = self.embed_paths(paths, batch_size, num_workers)
+                templates: str | list[str] | None = None,
+                allow_self: bool = False) -> list[Prediction]:
+        """Embed image files and predict them; unreadable files come back with a status.
+
+        Files that are indexed reference images do not vote for themselves (see
+        :meth:`predict_vectors`); their vectors are reused, not re-encoded.
+        """
+        vectors, statuses, shas = self.embed_files(paths, batch_size, num_workers)
         ok_ids = [p for p, status, _ in statuses if status == "ok"]
         preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting, method,
-                                          head_name, classes, templates))
+                                          head_name, classes, templates, shas, allow_self))
         return [next(preds) if status == "ok" else Prediction(p, status=status, detail=detail)
                 for p, status, detail in statuses]
 

@@ -50,11 +50,28 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="embedsearch")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--cache-dir", help="Shared embedding cache folder, used by every command so "
+              "that no image is encoded twice (default: $EMBEDSEARCH_CACHE_DIR, else the user "
+              "cache folder, ~/.cache/embedsearch on Linux; 'off' turns it off).")
+@click.option("--cache-size", help="Size limit of the shared embedding cache, e.g. 2GB "
+              "(default: $EMBEDSEARCH_CACHE_SIZE, else 4GB); least recently used vectors go.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool, cache_dir: str | None,
+         cache_size: str | None) -> None:
     """Classify, search and de-duplicate image collections with a frozen pretrained encoder
     and a FAISS index."""
     ctx.obj = {"debug": debug, "quiet": quiet}
+    if cache_dir is not None or cache_size is not None:
+        import os
+
+        from embedsearch.store.shared import ENV_DIR, ENV_SIZE, parse_size
+
+        # Through the environment, so that worker processes (Ray) see the same store.
+        if cache_dir is not None:
+            os.environ[ENV_DIR] = cache_dir
+        if cache_size is not None:
+            parse_size(cache_size)  # a clear error now rather than at the first write
+            os.environ[ENV_SIZE] = cache_size
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not debug:
@@ -135,7 +152,12 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
-@click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that stay inside DATA.")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symlinks: to folders wherever "
+              "they point (loops are refused), to files inside DATA.")
+@click.option("--split-map", help="Name splits that are not recognised, e.g. "
+              "holdout=test,extra=train (folder names or split-column values). Recognised "
+              "without it: names with the words train, val/valid/dev, test (sample_train, "
+              "val2017, …).")
 @click.option("--skip-missing", is_flag=True, help="Build even if a CSV lists missing files.")
 @click.option("--overwrite", is_flag=True, help="Re-encode everything, even with another encoder.")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]),
@@ -170,6 +192,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                     model: str | None, weights: Path | None, precision: str | None,
                     path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
+                    split_map: str | None,
                     skip_missing: bool, overwrite: bool, index_type: str,
                     batch_size: int | None, workers: int | None, device: str, engine: str,
                     address: str | None,
@@ -193,7 +216,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         data, name=name, out=out, model=model, weights=weights, precision=precision,
         path_col=path_col,
         label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
-        skip_missing=skip_missing, overwrite=overwrite, index_type=index_type,
+        skip_missing=skip_missing, split_map=split_map, overwrite=overwrite,
+        index_type=index_type,
         batch_size=batch_size, num_workers=workers,
         progress=_progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
         dedupe=dedupe, dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
@@ -207,6 +231,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     _echo_encoder(m["encoder"])
     click.echo(f"images   {result.summary()}")
     click.echo(f"encoded  {result.encoded:,} new, {result.reused:,} reused from cache"
+               + (f" ({result.from_shared:,} from the shared embedding cache)"
+                  if result.from_shared else "")
                + (f", {result.images_per_second:.1f} images/s" if result.encoded else ""))
     if m["classes"]:
         counts = ", ".join(f"{c} {n}" for c, n in m["counts"]["by_class"].items())
@@ -214,6 +240,9 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         click.echo(f"splits   {', '.join(f'{s} {n}' for s, n in m['counts']['by_split'].items())}")
     else:
         click.echo("classes  none (unlabelled: similar-image search only)")
+    if "held_out" in m["index"]:
+        click.echo(f"held out {', '.join(m['index']['held_out']['splits'])}: "
+                   f"{m['index']['held_out']['why']}")
     exact = "exact" if m["index"]["exact"] else "approximate"
     click.echo(f"index    {m['index']['type']} ({exact})"
                f", {m['index']['ntotal']:,} vectors, {m['index']['reference_rows']:,} used "
@@ -286,19 +315,33 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
               help="Zero-shot prompt set (default photo).")
 @click.option("--template", "templates", multiple=True,
               help="Custom zero-shot prompt with {} for the class name; repeatable.")
+@click.option("--allow-self", is_flag=True, help="Let an indexed image be its own neighbour "
+              "(similar-image search). By default a query that is an indexed image (same "
+              "bytes, or cosine >= 0.9999) is left out of its own neighbours and votes.")
+@click.option("--per-class", is_flag=True, help="With true labels: precision, recall, F1 and "
+              "support per class.")
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write one row per image (id, true, predicted, confidence, method, per-method "
+              "columns) to a .csv or .parquet file.")
+@click.option("--confusion", type=click.Path(path_type=Path, dir_okay=False),
+              help="With true labels: draw the confusion matrix of the chosen method (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
                 n_neighbours: int, weighting: str, weights: Path | None,
                 batch_size: int | None, workers: int | None, device: str, method: str,
                 head_name: str | None, classes: str | None,
-                template_set: str | None, templates: tuple[str, ...], as_json: bool) -> None:
+                template_set: str | None, templates: tuple[str, ...], allow_self: bool,
+                per_class: bool, output: Path | None, confusion: Path | None,
+                as_json: bool) -> None:
     """Classify IMAGES (files, folders, or - for paths on stdin) with kNN, a trained head or
     CLIP zero-shot over an index.
 
     On an unlabelled index this is a similar-image search (or zero-shot with --classes on
     a CLIP index). When a folder has class sub-folders, their names are taken as true
-    labels and the accuracy is printed (per method with --method all).
+    labels and accuracy, balanced accuracy and macro-F1 are printed (per method with
+    --method all). A query that is an indexed image never votes for itself (--allow-self
+    for search), and a head is not scored on images it was trained on.
     """
     from embedsearch.bundle import load_bundle
 
@@ -311,16 +354,22 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
                         or None)
     preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
                            batch_size=batch_size, num_workers=workers, method=method,
-                           head_name=head_name, classes=class_list, templates=prompt_templates)
+                           head_name=head_name, classes=class_list, templates=prompt_templates,
+                           allow_self=allow_self)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
-        return
-    correct = labelled = 0
+    else:
+        _print_predictions(preds, truth, as_json)
+    if not ctx.obj.get("quiet"):
+        c = bundle.embed_counts
+        click.echo(f"queries  {c['encoded']:,} encoded, {c['reused']:,} reused (same bytes in "
+                   "the index or the shared embedding cache)", err=True)
+    _print_evaluation(bundle, preds, truth, allow_self, per_class, output, confusion)
+
+
+def _print_predictions(preds: list[Any], truth: dict[str, str], as_json: bool) -> None:
     for p in preds:
         true = truth.get(p.id)
-        if true is not None and p.label is not None:
-            labelled += 1
-            correct += p.label == true
         if as_json:
             _echo_json({**p.as_dict(), **({"true_label": true} if true is not None else {})})
         elif p.status != "ok":
@@ -333,11 +382,61 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
             click.echo(f"{p.id}\t{head}{mark}\t[{neigh}]")
     bad = sum(p.status != "ok" for p in preds)
     summary = f"{len(preds)} images, {len(preds) - bad} predicted, {bad} unreadable"
-    if preds and preds[0].method:
-        summary += f"; method {preds[0].method}"
-    if labelled:
-        summary += f"; accuracy {correct / labelled:.3f} on {labelled} images with folder labels"
+    chosen = next((p.method for p in preds if p.method), None)
+    if chosen:
+        summary += f"; method {chosen}"
     click.echo(summary, err=True)
+
+
+def _print_evaluation(bundle: Any, preds: list[Any], truth: dict[str, str], allow_self: bool,
+                      per_class: bool, output: Path | None, confusion: Path | None) -> None:
+    """Self-match counts, figures per method, and the requested files (on stderr, so
+    stdout stays one line or JSON object per image)."""
+    from embedsearch.report.predictions import (
+        confusion_png,
+        evaluate_predictions,
+        predictions_frame,
+        write_predictions,
+    )
+
+    ev = evaluate_predictions(preds, truth, bundle)
+    if ev.in_index and not allow_self:
+        click.echo(f"{ev.in_index} queries were in the index: excluded from their own votes",
+                   err=True)
+    elif ev.self_votes:
+        click.echo(f"{ev.self_votes} queries are in the index and voted for themselves "
+                   "(--allow-self): left out of the figures", err=True)
+    for key, sc in ev.scores.items():
+        f = sc.figures
+        left = f" ({sc.left_out} {sc.why} left out)" if sc.left_out else ""
+        if not f.get("n"):
+            click.echo(f"{key:16s} no images to score{left}", err=True)
+            continue
+        click.echo(f"{key:16s} accuracy {f['accuracy']:.3f}  balanced accuracy "
+                   f"{f['balanced_accuracy']:.3f}  macro-F1 {f['macro_f1']:.3f}  on {f['n']} "
+                   f"images with true labels{left}  {sc.description}", err=True)
+    # The chosen method's table and matrix, else the first method with images to score.
+    scored = [sc for sc in ev.scores.values() if sc.figures.get("n")]
+    shown = next((sc for sc in scored if sc.key == ev.chosen), scored[0] if scored else None)
+    if per_class and shown is not None:
+        width = max(len(c) for c in [*shown.labels, "class"])
+        click.echo(f"per class ({shown.key}):", err=True)
+        click.echo(f"  {'class':{width}s} {'precision':>9s} {'recall':>7s} {'F1':>6s} "
+                   f"{'support':>8s} {'predicted':>9s}", err=True)
+        for c, r in shown.figures["per_class"].items():
+            click.echo(f"  {c:{width}s} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:6.3f} "
+                       f"{r['support']:8d} {r['predicted']:9d}", err=True)
+    elif per_class:
+        click.echo("per class: no images with true labels to score", err=True)
+    if output is not None:
+        path = write_predictions(predictions_frame(preds, truth), output)
+        click.echo(f"predictions written to {path}", err=True)
+    if confusion is not None:
+        if shown is None:
+            raise EmbedsearchError("--confusion needs images with true labels (class folders) "
+                                   "that did not vote for themselves")
+        png = confusion_png(shown, confusion, f"{bundle.name}: {shown.description}")
+        click.echo(f"confusion matrix written to {png}", err=True)
 
 
 def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
@@ -347,7 +446,6 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
         keys.extend(k for k in p.methods if k not in keys)
     has_truth = any(p.id in truth for p in preds)
     rows = [["image", *(["true"] if has_truth else []), *keys]]
-    right = {k: 0 for k in keys}
     for p in preds:
         cells = [p.id, *([truth.get(p.id, "")] if has_truth else [])]
         for k in keys:
@@ -358,7 +456,6 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
                 cells.append("error" if r.get("error") else "-")
             else:
                 cells.append(f"{r['label']} {r['confidence']:.2f}")
-                right[k] += truth.get(p.id) == r["label"]
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -368,11 +465,9 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
     click.echo(f"{len(preds)} images, {n_ok} predicted, {len(preds) - n_ok} unreadable"
                + (f"; best available: {chosen}" if chosen else ""), err=True)
     for k in keys:
-        descr = next((p.methods[k].get("method") or p.methods[k].get("error")
-                      for p in preds if k in p.methods), "")
-        n_true = sum(p.id in truth and p.status == "ok" for p in preds)
-        acc = f"accuracy {right[k] / n_true:.3f} on {n_true} images" if n_true else ""
-        click.echo(f"  {k:16s} {acc}  {descr}".rstrip(), err=True)
+        errors = [p.methods[k]["error"] for p in preds if p.methods.get(k, {}).get("error")]
+        if errors:
+            click.echo(f"  {k:16s} {errors[0]}", err=True)
 
 
 # -- train ------------------------------------------------------------------------------
@@ -574,6 +669,7 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--split-map", help="Name splits that are not recognised, e.g. holdout=test.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
 @click.pass_context
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
@@ -582,7 +678,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
                   title: str | None, batch_size: int | None, workers: int | None, device: str,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  as_json: bool) -> None:
+                  split_map: str | None, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
     Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
@@ -602,8 +698,8 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
-        command=sys.argv, progress=_progress_factory(ctx, "encoding"), on_stage=stage,
-        device=device)
+        split_map=split_map, command=sys.argv, progress=_progress_factory(ctx, "encoding"),
+        on_stage=stage, device=device)
     rows = result.rows()
     if as_json:
         for row in rows:
@@ -622,25 +718,33 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
 # -- dedupe ---------------------------------------------------------------------------
 def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | None,
                        model: str | None, device: str = "auto") -> Any:
-    """The bundle to deduplicate: --index NAME, or DATA embedded (or refreshed) first."""
+    """The bundle to deduplicate: --index NAME, or DATA embedded (or refreshed) first; with
+    both, DATA reuses the vectors NAME holds for the same images."""
     from embedsearch.bundle import load_bundle
 
-    if (data is None) == (index_name is None):
-        raise EmbedsearchError("give an image folder (or CSV) DATA, or --index NAME, not both",
+    if data is None and index_name is None:
+        raise EmbedsearchError("give an image folder (or CSV) DATA, or --index NAME",
                                hint="embedsearch dedupe ./images   or   embedsearch dedupe "
                                "--index covers")
-    if index_name is not None:
+    if data is None:
         return load_bundle(index_name)
-    from embedsearch.pipeline import build_index
+    from embedsearch.pipeline import build_index, share_bundle_vectors
 
-    result = build_index(data, model=model, progress=_progress_factory(ctx, "encoding"),
-                         device=device)
+    encoder: dict[str, Any] = {"model": model}
+    if index_name is not None:
+        source = load_bundle(index_name)
+        share_bundle_vectors(source)
+        encoder = _same_encoder(source, model)
+    result = build_index(data, progress=_progress_factory(ctx, "encoding"), device=device,
+                         **encoder)
+    _echo_reuse(result)
     return load_bundle(result.path)
 
 
 @main.command("dedupe")
 @click.argument("data", required=False, type=click.Path(path_type=Path))
-@click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA.")
+@click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA; "
+              "with DATA, DATA's images that it holds reuse its vectors.")
 @click.option("--threshold", "-t", type=float,
               help="Cosine similarity at which two images are near-duplicates. Default: 0.90 "
               "(chosen from planted copies of real photos with the default encoder: "
@@ -687,7 +791,7 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     bundle = _dedupe_bundle_arg(ctx, data, index_name, model, device)
     t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
     if leakage:
-        ctx.invoke(leakage_cmd, folders=(), index_name=str(bundle.path), between=None,
+        ctx.invoke(leakage_cmd, folders=(), index_names=(str(bundle.path),), between=None,
                    threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
                    device=device, as_json=as_json)
         return
@@ -761,10 +865,39 @@ def dedupe_undo_cmd(manifest: Path, as_json: bool) -> None:
         click.echo(f"  skipped {item_id}: {why}", err=True)
 
 
+def _same_encoder(bundle: Any, model: str | None) -> dict[str, Any]:
+    """build_index arguments for the bundle's encoder (spec, weights file, precision), so
+    that a folder compared with it is embedded alike (and reuses its vectors)."""
+    if model:
+        return {"model": model}
+    ident = bundle.encoder_identity
+    w = ident.get("weights", {})
+    return {"model": ident["spec"], "precision": ident.get("precision", "fp32"),
+            "weights": w.get("path") if w.get("source") == "file" else None}
+
+
+def _folder_bundle(ctx: click.Context, folder: Path, encoder: dict[str, Any]) -> Any:
+    """A folder's own bundle, saying how many images had to be encoded."""
+    from embedsearch.dedupe import folder_bundle
+
+    bundle, res = folder_bundle(folder, progress=_progress_factory(ctx, "encoding"), **encoder)
+    _echo_reuse(res)
+    return bundle
+
+
+def _echo_reuse(res: Any) -> None:
+    if click.get_current_context().obj.get("quiet"):
+        return
+    click.echo(f"{res.path}: encoded {res.encoded:,} images, reused {res.reused:,}"
+               + (f" ({res.from_shared:,} from the shared embedding cache)"
+                  if res.from_shared else ""), err=True)
+
+
 @main.command("leakage")
 @click.argument("folders", nargs=-1, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--index", "index_name",
-              help="A bundle with splits (train/ val/ test/ folders or a split column).")
+@click.option("--index", "index_names", multiple=True,
+              help="A bundle with splits (train/ val/ test/ folders or a split column); with "
+              "one folder, or given twice, one side each (its vectors are reused).")
 @click.option("--between", help="Two splits to compare, e.g. train,test "
               "(default: every two splits).")
 @click.option("--threshold", "-t", type=float, help="Default: the dedupe default (0.90).")
@@ -776,31 +909,41 @@ def dedupe_undo_cmd(manifest: Path, as_json: bool) -> None:
 @click.option("--fail-on-leak", is_flag=True, help="Exit with status 1 when a pair is found.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per pair.")
 @click.pass_context
-def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_name: str | None,
+def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tuple[str, ...],
                 between: str | None, threshold: float | None, out: Path | None,
                 no_html: bool, model: str | None, device: str, fail_on_leak: bool,
                 as_json: bool) -> None:
     """Duplicates that sit on both sides of a train/test split.
 
-    Either two folders (TRAIN_DIR TEST_DIR), each embedded into a bundle of its own, or
-    --index NAME for a bundle built with splits.
+    Two sides: two folders (TRAIN_DIR TEST_DIR), a folder and --index NAME, or --index A
+    --index B; a folder is embedded into a bundle of its own (images any command already
+    encoded are not encoded again). Or one --index NAME built with splits.
     """
     from embedsearch import dedupe as dd
     from embedsearch.bundle import load_bundle
 
     t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
-    if index_name is not None and not folders:
-        bundle = load_bundle(index_name)
+    if len(index_names) == 1 and not folders:
+        bundle = load_bundle(index_names[0])
         pairs = dd.leakage_bundle(bundle, threshold=t, between=between)
         roots: tuple[Path, Path] = (dd.items_root(bundle), dd.items_root(bundle))
         name = bundle.name
-    elif len(folders) == 2 and index_name is None:
-        pairs = dd.leakage_folders(folders[0], folders[1], threshold=t, model=model,
-                                   progress=_progress_factory(ctx, "encoding"), device=device)
-        roots = (folders[0], folders[1])
-        name = f"{folders[0].name}-{folders[1].name}"
+    elif len(folders) + len(index_names) == 2:
+        from embedsearch.pipeline import share_bundle_vectors
+
+        sides = [load_bundle(n) for n in index_names]
+        for side in sides:  # a folder's images that the index holds are not encoded again
+            share_bundle_vectors(side)
+        encoder = _same_encoder(sides[0], model) if sides else {"model": model}
+        sides += [_folder_bundle(ctx, f, {**encoder, "device": device}) for f in folders]
+        pairs = dd.leakage_bundles(sides[0], sides[1], threshold=t,
+                                   names=(sides[0].name, sides[1].name) if index_names
+                                   else (folders[0].name, folders[1].name))
+        roots = (dd.items_root(sides[0]), dd.items_root(sides[1]))
+        name = "-".join(Path(str(s.manifest["source"]["path"])).name for s in sides)
     else:
-        raise EmbedsearchError("give two folders (TRAIN_DIR TEST_DIR) or --index NAME",
+        raise EmbedsearchError("give two sides (TRAIN_DIR TEST_DIR, a folder and --index "
+                               "NAME, or --index A --index B) or one --index NAME with splits",
                                hint="embedsearch leakage data/train data/test")
     files = dd.write_leakage(pairs, out or Path("reports") / f"leakage-{name}", *roots,
                              html_page=not no_html)

@@ -42,10 +42,12 @@ from embedsearch.store.io import (
     write_npy,
     write_parquet,
 )
+from embedsearch.store.shared import SharedCache, hash_files, open_shared
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from embedsearch.bundle import Bundle
     from embedsearch.embed import ItemInfo
     from embedsearch.encoders.base import Encoder
     from embedsearch.engines.ray_engine import RayOptions
@@ -67,6 +69,8 @@ class BuildResult:
     seconds: float
     encode_seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: Of ``reused``: vectors taken from the shared embedding cache (by content hash).
+    from_shared: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -136,6 +140,7 @@ def build_index(
     split_col: str | None = None,
     follow_symlinks: bool = False,
     skip_missing: bool = False,
+    split_map: str | dict[str, str] | None = None,
     overwrite: bool = False,
     index_type: str = "auto",
     batch_size: int | None = None,
@@ -156,16 +161,19 @@ def build_index(
     encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
     cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
     ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
-    the choice sticks to the bundle until ``dedupe=False``. ``device`` ("auto", "cpu",
-    "cuda[:N]", "mps") is where images are encoded; it is not part of the bundle's identity,
-    the precision is. ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
+    the choice sticks to the bundle until ``dedupe=False``. ``split_map``
+    ("sample_train=train,holdout=test") names split folders or values that are not
+    recognised from their words. ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
+    images are encoded; it is not part of the bundle's identity, the precision is.
+    ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
                                hint=f"use one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
-                      follow_symlinks=follow_symlinks, skip_missing=skip_missing)
+                      follow_symlinks=follow_symlinks, skip_missing=skip_missing,
+                      split_map=split_map)
     path = Path(out) if out else bundle_path(name or Path(source).stem)
     with exclusive_lock(path):
         remove_temp_files(path)
@@ -206,18 +214,107 @@ def build_index(
 
         keys = [_stat_key(r.path) for r in collection.records]
         todo = [i for i, r in enumerate(collection.records) if cache.get(r, keys[i]) is None]
+        shared = open_shared(identity, fingerprint)
+        from_shared = _reuse_shared(shared, collection, keys, todo, shards, cache) \
+            if shared is not None and todo else 0
+        todo = [i for i in todo if cache.get(collection.records[i], keys[i]) is None]
         reused = len(collection.records) - len(todo)
         t_enc = time.perf_counter()
         _encode_missing(encoder, collection, keys, todo, shards, cache, batch_size, num_workers,
                         shard_size, progress(len(collection.records), reused) if progress else None,
-                        engine, ray_options)
+                        engine, ray_options, shared)
         encode_seconds = time.perf_counter() - t_enc
+        encoding = _encoding_record(old, shared, len(todo), encode_seconds)
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
-                                          fingerprint, index_type, dedupe_settings)
+                                          fingerprint, index_type, dedupe_settings, encoding)
         shards.clear()
         _remove_stale_generations(path, manifest)
+        if shared is not None:
+            _seed_shared(shared, path, manifest)
     return BuildResult(path, manifest, len(todo), reused, failures,
-                       time.perf_counter() - t0, encode_seconds)
+                       time.perf_counter() - t0, encode_seconds, from_shared=from_shared)
+
+
+def _reuse_shared(shared: SharedCache, collection: Collection, keys: list[tuple[int, int]],
+                  todo: list[int], shards: ShardCache, cache: _Cache) -> int:
+    """Take the vectors of ``todo`` images that any earlier command stored (by content
+    hash) into this build, committed as a shard like freshly encoded ones."""
+    records = collection.records
+    shas = hash_files([records[i].path for i in todo])
+    hits = shared.get_many([s for s in shas if s])
+    rows: list[dict[str, Any]] = []
+    vectors = []
+    for i, sha in zip(todo, shas, strict=True):
+        hit = hits.get(sha) if sha else None
+        if hit is None:
+            continue
+        size, mtime = keys[i]
+        rows.append({"id": records[i].id, "size": size, "mtime_ns": mtime, "sha256": sha,
+                     "status": "ok", "detail": "", "width": hit.width, "height": hit.height,
+                     "row": len(vectors)})
+        vectors.append(hit.vector)
+    if rows:
+        meta = _meta_frame(rows)
+        shards.append(np.stack(vectors), meta)
+        cache.add(np.stack(vectors), meta)
+    return len(rows)
+
+
+def share_bundle_vectors(bundle: Bundle) -> None:
+    """Offer a bundle's vectors to the shared embedding cache, so that building another
+    bundle from (some of) the same images encodes none of them, even when this bundle was
+    built before the cache existed or on another machine."""
+    shared = open_shared(bundle.encoder_identity, np.asarray(bundle.manifest["fingerprint"],
+                                                             np.float32))
+    if shared is not None:
+        _seed_shared(shared, bundle.path, bundle.manifest)
+
+
+def _seed_shared(shared: SharedCache, path: Path, manifest: dict[str, Any]) -> None:
+    """Offer this bundle's vectors to the shared store (those it lacks, e.g. from a bundle
+    built before the store existed), so the next command on these images encodes none."""
+    items = read_parquet(path / manifest["roles"]["items"])
+    absent = shared.missing(items["sha256"].dropna().tolist())
+    if not absent:
+        return
+    rows = np.flatnonzero(items["sha256"].isin(absent).to_numpy())
+    vectors = read_npy(path / manifest["roles"]["embeddings"])
+    for start in range(0, len(rows), 4096):
+        part = rows[start:start + 4096]
+        sub = items.iloc[part]
+        shared.put_many(sub["sha256"].tolist(), np.asarray(vectors[part]),
+                        zip(sub["width"].tolist(), sub["height"].tolist(), strict=True))
+
+
+def _encoding_record(old: dict[str, Any] | None, shared: SharedCache | None, encoded: int,
+                     seconds: float) -> dict[str, Any] | None:
+    """The manifest's encoding throughput: measured now, else as recorded before (by this
+    bundle, or by the shared store when the vectors came from there)."""
+    if encoded > 0 and seconds > 0:
+        if shared is not None:
+            shared.record_throughput(encoded, seconds)
+        return {"images": encoded, "seconds": round(seconds, 3),
+                "images_per_second": round(encoded / seconds, 2)}
+    previous = (old or {}).get("encoding")
+    if previous:
+        return previous
+    return shared.throughput() if shared is not None else None
+
+
+def held_out_splits(splits: list[str]) -> tuple[frozenset[str], str]:
+    """The splits kept out of the kNN reference (and of head training), and why.
+
+    ``test`` when there is one. A collection published as ``train`` + ``val`` only (e.g.
+    Imagenette) has its ``val`` as the evaluation split: it is held out instead, so that
+    predicting it measures images the reference has never seen.
+    """
+    if HELD_OUT_SPLITS & set(splits):
+        return frozenset(HELD_OUT_SPLITS & set(splits)), "the test split is only scored"
+    if "val" in splits and "train" in splits:
+        return frozenset({"val"}), ("there is no test split, so val is the held-out "
+                                    "evaluation split: kNN votes with train only and heads "
+                                    "are trained on train only")
+    return frozenset(), ""
 
 
 def _previous_manifest(path: Path) -> dict[str, Any] | None:
@@ -270,7 +367,8 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
                     todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int | None,
                     num_workers: int | None, shard_size: int,
                     tick: Callable[[int], None] | None, engine: str = "local",
-                    ray_options: RayOptions | None = None) -> None:
+                    ray_options: RayOptions | None = None,
+                    shared: SharedCache | None = None) -> None:
     records = collection.records
     paths = [records[i].path for i in todo]
     if engine == "ray":
@@ -302,12 +400,17 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
             meta = _meta_frame(rows)
             shards.append(vectors, meta)
             cache.add(vectors, meta)
+            if shared is not None:
+                ok = meta[meta["status"] == "ok"]
+                shared.put_many(ok["sha256"].tolist(), vectors,
+                                zip(ok["width"].tolist(), ok["height"].tolist(), strict=True))
 
 
 def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
                  keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
                  fingerprint: np.ndarray, index_type: str,
-                 dedupe: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+                 dedupe: dict[str, Any] | None = None,
+                 encoding: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """Write a new generation of the bundle's files, then the manifest (the commit)."""
     import pandas as pd
 
@@ -320,7 +423,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
         row = {**meta, "label": rec.label, "split": rec.split}
         (ok_rows if meta["status"] == "ok" else failed_rows).append(row)
     # Reference rows first, held-out rows last: kNN searches a prefix of the index.
-    ok_rows.sort(key=lambda r: r["split"] in HELD_OUT_SPLITS)
+    held_out, held_out_reason = held_out_splits(collection.splits)
+    ok_rows.sort(key=lambda r: r["split"] in held_out)
     vectors = np.stack([cache.vector(r["id"]) for r in ok_rows]) if ok_rows \
         else np.zeros((0, encoder.dim), np.float32)
     columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height"]
@@ -360,8 +464,10 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     del vectors  # the index is filled from the written file, block by block
     index, index_info = make_index(read_npy(path / roles["embeddings"]), index_type)
     write_faiss(path / roles["index"], index)
-    n_ref = int((~items["split"].isin(HELD_OUT_SPLITS)).sum())
+    n_ref = int((~items["split"].isin(held_out)).sum())
     index_info["reference_rows"] = n_ref
+    if held_out:
+        index_info["held_out"] = {"splits": sorted(held_out), "why": held_out_reason}
     labels = items["label"].dropna()
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -396,6 +502,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
             if key in old:
                 manifest[key] = old[key]
     manifest.pop("dedupe", None)
+    if encoding:
+        manifest["encoding"] = encoding
     if dedupe_record is not None:
         manifest["dedupe"] = {**dedupe_record, "removed_file": roles["dedupe_removed"]}
     write_json(path / "manifest.json", manifest)

@@ -75,9 +75,22 @@ def queries(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # Bundles named without a path go to ./indexes; keep each test's in its own folder.
     monkeypatch.chdir(tmp_path)
+    # The shared embedding cache too: never the user's ~/.cache, never another test's
+    # (a context of its own, so that a test's monkeypatch.undo() keeps it).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBEDSEARCH_CACHE_DIR", str(tmp_path / "embedding-cache"))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_embedding_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Session fixtures (clothing_bundle) get a private shared embedding cache as well."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBEDSEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("embedding-cache")))
+        yield
 
 
 def require_shared(path: Path) -> Path:

@@ -192,7 +192,8 @@ def test_cli_predict_folder_reports_accuracy(split_collection: Path) -> None:
     result = CliRunner().invoke(main, ["-q", "predict", str(split_collection / "test"),
                                        "--index", "tr"])
     assert result.exit_code == 0
-    assert "accuracy 1.000 on 9 images" in result.output
+    assert "accuracy 1.000  balanced accuracy 1.000  macro-F1 1.000  on 9 images" \
+        in result.output
 
 
 def test_cli_errors_are_clean(tmp_path: Path) -> None:

@@ -51,7 +51,9 @@ def test_k_larger_than_the_bundle_through_predict(tmp_path: Path) -> None:
                     str(tmp_path / "b"), "-k", "1000", "-n", "1000", "--json")
     assert code == 0, out
     row = json.loads(out.splitlines()[0])
-    assert len(row["neighbours"]) == 6 and len({n["id"] for n in row["neighbours"]}) == 6
+    # Every other image once; the query itself (indexed) never is its own neighbour.
+    assert len(row["neighbours"]) == 5 and len({n["id"] for n in row["neighbours"]}) == 5
+    assert "red/red_000.jpg" not in {n["id"] for n in row["neighbours"]}
     assert row["label"] == "red"
     code, out = cli("predict", str(images / "red" / "red_000.jpg"), "--index",
                     str(tmp_path / "b"), "-k", "0")

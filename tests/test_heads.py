@@ -297,7 +297,7 @@ def test_cli_train_and_predict_all(split_collection: Path) -> None:
     assert out.exit_code == 0, out.output
     header = out.output.splitlines()[0].split()
     assert header == ["image", "true", "knn", "head:linear", "head:m"]
-    assert "accuracy 1.000 on 9 images" in out.output
+    assert "macro-F1 1.000  on 9 images" in out.output
     out = runner.invoke(main, ["predict", str(split_collection / "test"), "--index", "tr",
                                "--method", "zeroshot"])
     assert out.exit_code == 1 and "zero-shot needs a CLIP encoder" in out.output

@@ -148,9 +148,12 @@ def test_search_from_an_indexed_id_reuses_its_embedding(client: TestClient,
     ids = [n["id"] for n in r["neighbours"]]
     assert "green/green_003.jpg" not in ids and len(ids) == 12
     assert all(n["label"] == "green" for n in r["neighbours"][:7])
-    # Same neighbours as re-encoding the file: the cached row is the image's embedding.
+    # The image votes neither for itself by id nor as an upload of the same bytes; both
+    # say so. Same neighbours as re-encoding the file: the cached row is its embedding.
+    assert r["in_index"] == {"id": "green/green_003.jpg", "split": None, "excluded": 1}
     again = upload(client, (bundle_dir.parent / "images/green/green_003.jpg").read_bytes())
-    assert [n["id"] for n in again.json()["neighbours"]][1:6] == ids[:5]
+    assert [n["id"] for n in again.json()["neighbours"]][:5] == ids[:5]
+    assert again.json()["in_index"]["id"] == "green/green_003.jpg"
     assert bundle.items["id"].tolist().count("green/green_003.jpg") == 1
     # The same through a form field, as a plain HTML form would send it.
     form = client.post("/predict", data={"id": "green/green_003.jpg"}).json()

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import stat
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embedsearch.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Extensions that are read as images. Everything else is ignored, except the ones below.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -77,13 +82,19 @@ def scan(
     split_col: str | None = None,
     follow_symlinks: bool = False,
     skip_missing: bool = False,
+    split_map: str | dict[str, str] | None = None,
 ) -> Collection:
-    """Scan a folder (class sub-folders, optional train/val/test level) or a CSV/parquet file."""
+    """Scan a folder (class sub-folders, optional train/val/test level) or a CSV/parquet file.
+
+    ``split_map`` ("sample_train=train,holdout=test") names splits that are not recognised
+    from their words (see :func:`split_of`).
+    """
+    split_map = parse_split_map(split_map)
     src = Path(source)
     if not src.exists():
         raise InputError(f"{src}: no such file or folder", hint="give an image folder or a CSV")
     if src.is_dir():
-        return scan_folder(src, follow_symlinks=follow_symlinks)
+        return scan_folder(src, follow_symlinks=follow_symlinks, split_map=split_map)
     if src.suffix.lower() in {".csv", ".tsv", ".parquet", ".pq"}:
         return scan_table(
             src,
@@ -91,6 +102,7 @@ def scan(
             label_col=label_col,
             split_col=split_col,
             skip_missing=skip_missing,
+            split_map=split_map,
         )
     raise InputError(
         f"{src}: not a folder, CSV or parquet file",
@@ -98,23 +110,73 @@ def scan(
     )
 
 
-def _split_layout(root: Path) -> dict[str, Path]:
-    """Return {split: folder} when the top level is train/val/test, else {}."""
-    found: dict[str, Path] = {}
+#: Words that name a split inside a folder name or split value (``sample_train``,
+#: ``train2017``, ``imagenet-val``, ``dev``): a word equal to one of these, or starting with
+#: one of the ``SPLIT_PREFIXES``.
+SPLIT_WORDS = {"train": "train", "trn": "train", "val": "val", "valid": "val",
+               "validation": "val", "dev": "val", "test": "test", "tst": "test"}
+SPLIT_PREFIXES = {"train": "train", "valid": "val", "test": "test"}
+
+
+def parse_split_map(text: str | dict[str, str] | None) -> dict[str, str]:
+    """``"sample_train=train,holdout=test"`` → {"sample_train": "train", "holdout": "test"}."""
+    if not text:
+        return {}
+    pairs = text.items() if isinstance(text, dict) else (
+        part.split("=", 1) if "=" in part else (part, "") for part in text.split(",")
+        if part.strip())
+    out: dict[str, str] = {}
+    for name, split in pairs:
+        target = SPLIT_ALIASES.get(split.strip().lower())
+        if not name.strip() or target is None:
+            raise InputError(f"--split-map: cannot read {name}={split}",
+                             hint="write NAME=SPLIT pairs with SPLIT train, val or test, e.g. "
+                             "--split-map sample_train=train,sample_test=test")
+        out[name.strip()] = target
+    return out
+
+
+def split_of(name: str, split_map: dict[str, str] | None = None) -> str | None:
+    """The split ("train", "val" or "test") a folder name or split value stands for, or
+    None. ``split_map`` (exact names, case-insensitive) wins over the recognised words;
+    a name with words of two splits (``train_test``) is not a split."""
+    if split_map:
+        lowered = {k.lower(): v for k, v in split_map.items()}
+        if name.lower() in lowered:
+            return lowered[name.lower()]
+    found = set()
+    for word in re.findall(r"[a-z]+", name.lower()):
+        hit = SPLIT_WORDS.get(word) or next(
+            (split for prefix, split in SPLIT_PREFIXES.items() if word.startswith(prefix)), None)
+        if hit:
+            found.add(hit)
+    return found.pop() if len(found) == 1 else None
+
+
+def _split_layout(root: Path, split_map: dict[str, str] | None = None,
+                  follow_symlinks: bool = False) -> list[tuple[str, Path]]:
+    """[(split, folder)] when every top-level folder names a split (``train``,
+    ``sample_train``, ``val2017``… or a ``split_map`` name) and one is train or test, else
+    []. Split folders reached by a symlink count when ``follow_symlinks``."""
+    found: list[tuple[str, Path]] = []
     others = False
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_dir(follow_symlinks=False):
-            split = SPLIT_ALIASES.get(entry.name.lower())
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False) or (
+                follow_symlinks and entry.is_symlink() and entry.is_dir(follow_symlinks=True)):
+            split = split_of(entry.name, split_map)
             if split is None:
                 others = True
-            elif split not in found:
-                found[split] = Path(entry.path)
-    if found and not others and ("train" in found or "test" in found):
+            else:
+                found.append((split, Path(entry.path)))
+    if found and not others and any(s in ("train", "test") for s, _ in found):
         return found
-    return {}
+    return []
 
 
-def scan_folder(root: Path, *, follow_symlinks: bool = False) -> Collection:
+def scan_folder(root: Path, *, follow_symlinks: bool = False,
+                split_map: dict[str, str] | None = None) -> Collection:
     """Scan ``root`` recursively.
 
     Labels come from the first folder level below ``root`` (below ``root/<split>`` when the
@@ -123,16 +185,18 @@ def scan_folder(root: Path, *, follow_symlinks: bool = False) -> Collection:
     """
     root = root.resolve()
     try:
-        layout = _split_layout(root)
+        layout = _split_layout(root, split_map, follow_symlinks)
     except OSError as exc:
         raise InputError(f"{root}: cannot list the folder ({exc.strerror or exc})",
                          hint="check the folder's permissions") from exc
-    bases: Iterable[tuple[str | None, Path]] = layout.items() if layout else [(None, root)]
+    bases: Iterable[tuple[str | None, Path]] = layout or [(None, root)]
     records: list[Record] = []
     skipped: list[Skipped] = []
     seen_inodes: dict[tuple[int, int], str] = {}
+    # With split folders the root itself is never walked: a link back to it is a loop too.
+    walked = {(root.stat().st_dev, root.stat().st_ino)} if layout else set()
     for split, base in bases:
-        for path, rid in _walk(root, base, follow_symlinks, skipped):
+        for path, rid in _walk(root, base, follow_symlinks, skipped, walked):
             ext = path.suffix.lower()
             if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
                 skipped.append(Skipped(rid, "unsupported_format", f"{ext} files are not decoded"))
@@ -165,10 +229,12 @@ def scan_folder(root: Path, *, follow_symlinks: bool = False) -> Collection:
 
 
 def _walk(
-    root: Path, base: Path, follow_symlinks: bool, skipped: list[Skipped]
+    root: Path, base: Path, follow_symlinks: bool, skipped: list[Skipped],
+    visited: set[tuple[int, int]] | None = None,
 ) -> Iterable[tuple[Path, str]]:
-    """Yield (path, id) for regular files under ``base`` in sorted order, guarding loops."""
-    visited: set[tuple[int, int]] = set()
+    """Yield (path, id) for regular files under ``base`` in sorted order, guarding loops
+    (``visited``: folders already walked, shared between the split folders of a root)."""
+    visited = set() if visited is None else visited
     stack = [base]
     while stack:
         folder = stack.pop()
@@ -197,7 +263,10 @@ def _walk(
                 except (OSError, RuntimeError):
                     skipped.append(Skipped(_rel(root, path), "symlink_broken", "cannot resolve"))
                     continue
-                if not target.is_relative_to(root):
+                # Links to folders are followed wherever they point (split folders kept
+                # elsewhere): the user asked, and loops are caught below. A link to a file
+                # outside the root still is not.
+                if not target.is_relative_to(root) and not target.is_dir():
                     skipped.append(
                         Skipped(_rel(root, path), "symlink_outside_root", f"points to {target}")
                     )
@@ -300,6 +369,7 @@ def scan_table(
     label_col: str | None = None,
     split_col: str | None = None,
     skip_missing: bool = False,
+    split_map: dict[str, str] | None = None,
 ) -> Collection:
     """Read image paths (and optional labels and splits) from a CSV, TSV or parquet file."""
     import pandas as pd
@@ -318,9 +388,10 @@ def scan_table(
     lcol = _pick_column(columns, label_col, LABEL_COLUMNS, "label", table, required=False)
     scol = _pick_column(columns, split_col, ("split",), "split", table, required=False)
     root = table.parent
+    splits = _table_splits(df, scol, split_map, table) if scol else None
     records: list[Record] = []
     missing: list[Skipped] = []
-    for row in df.itertuples(index=False):
+    for n, row in enumerate(df.itertuples(index=False)):
         values = dict(zip(columns, row, strict=True))
         raw = values[pcol]
         if not isinstance(raw, str) or not raw.strip():
@@ -337,11 +408,7 @@ def scan_table(
             missing.append(Skipped(rid, "missing_file", str(path)))
             continue
         label = _label_text(values[lcol]) if lcol else None
-        split = None
-        if scol:
-            raw_split = _label_text(values[scol])
-            split = SPLIT_ALIASES.get(raw_split.lower(), raw_split) if raw_split else None
-        records.append(Record(rid, path, label, split))
+        records.append(Record(rid, path, label, splits[n] if splits else None))
     if missing and not skip_missing:
         shown = "\n".join(f"  {m.id}" for m in missing[:5])
         more = f"\n  … and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -355,3 +422,21 @@ def scan_table(
     records.sort(key=lambda r: r.id)
     _check_unique_ids(records)
     return Collection(root, records, missing, source=f"table:{table.name}")
+
+
+def _table_splits(df: pd.DataFrame, column: str, split_map: dict[str, str] | None,
+                  table: Path) -> list[str | None]:
+    """Each row's split from the split column: recognised words (``sample_test`` → test)
+    or ``split_map``; any other value is an error that lists them (a silently unknown
+    split would put test rows into the kNN reference)."""
+    raw = [_label_text(v) for v in df[column].tolist()]
+    mapped = {v: split_of(v, split_map) for v in set(raw) if v is not None}
+    unknown = {v: raw.count(v) for v, split in mapped.items() if split is None}
+    if unknown:
+        listed = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unknown.items()))
+        example = ",".join(f"{v}=test" for v in sorted(unknown)[:2])
+        raise InputError(
+            f"{table}: the split column {column!r} has values that are not train, val or "
+            f"test: {listed}",
+            hint=f"say what they are with --split-map, e.g. --split-map {example}")
+    return [mapped[v] if v is not None else None for v in raw]

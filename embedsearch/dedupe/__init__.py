@@ -4,7 +4,8 @@ Library API (the CLI's ``dedupe``, ``dedupe-undo`` and ``leakage`` commands call
 
 - :func:`find_duplicates` (arrays only) / :func:`dedupe_bundle` → :class:`DedupeResult`
 - :func:`sweep` / :func:`sweep_bundle`: group counts across thresholds from one search
-- :func:`leakage` / :func:`leakage_bundle` / :func:`leakage_folders`: duplicates across splits
+- :func:`leakage` / :func:`leakage_bundle` / :func:`leakage_folders` /
+  :func:`leakage_bundles`: duplicates across splits, two folders, or a folder and an index
 - :func:`group_labels`, :func:`grouped_split`, :func:`near_duplicate_pairs`: group-aware
   train/test splitting
 - :func:`write_report`: groups.csv/parquet, label_conflicts.csv, summary.json, report.html
@@ -34,6 +35,8 @@ _LAZY = {
     "leakage": "bundles",
     "leakage_bundle": "bundles",
     "leakage_folders": "bundles",
+    "leakage_bundles": "bundles",
+    "folder_bundle": "bundles",
     "items_root": "bundles",
     "build_removed": "bundles",
     "write_report": "report",

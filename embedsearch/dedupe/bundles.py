@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from embedsearch.bundle import Bundle
+    from embedsearch.pipeline import BuildResult
 
 
 def items_root(bundle: Bundle) -> Path:
@@ -157,20 +158,36 @@ def leakage_folders(folder_a: str | os.PathLike[str], folder_b: str | os.PathLik
                     index_root: str | os.PathLike[str] | None = None,
                     **build_kw: Any) -> pd.DataFrame:
     """Duplicates between two folders (e.g. train/ and test/), each embedded into a bundle
-    of its own (reused on the next run). Ids in the result are relative to each folder."""
+    of its own (reused on the next run; vectors any command already computed come from
+    the shared embedding cache). Ids in the result are relative to each folder."""
+    a, b = (folder_bundle(f, model=model, index_root=index_root, **build_kw)[0]
+            for f in (folder_a, folder_b))
+    return leakage_bundles(a, b, threshold=threshold,
+                           names=(Path(folder_a).name, Path(folder_b).name))
+
+
+def folder_bundle(folder: str | os.PathLike[str], *, model: str | None = None,
+                  index_root: str | os.PathLike[str] | None = None, **build_kw: Any
+                  ) -> tuple[Bundle, BuildResult]:
+    """A folder embedded into ``indexes/<name>-<hash of its path>`` (built or refreshed),
+    and what the build did (how many images it encoded)."""
     from embedsearch.bundle import DEFAULT_ROOT, load_bundle
     from embedsearch.pipeline import build_index
 
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder}: not a folder")
     root = Path(index_root) if index_root else DEFAULT_ROOT
-    bundles = []
-    for folder in (folder_a, folder_b):
-        if not Path(folder).is_dir():
-            raise InputError(f"{folder}: not a folder")
-        res = build_index(folder, out=root / folder_bundle_name(folder), model=model, **build_kw)
-        bundles.append(load_bundle(res.path))
-    a, b = bundles
+    res = build_index(folder, out=root / folder_bundle_name(folder), model=model, **build_kw)
+    return load_bundle(res.path), res
+
+
+def leakage_bundles(a: Bundle, b: Bundle, *, threshold: float = DEFAULT_THRESHOLD,
+                    names: tuple[str, str] | None = None) -> pd.DataFrame:
+    """Duplicates between the images of two bundles (a folder's and an index's, two
+    folders', …), from their cached vectors. Ids are each bundle's own."""
     a.check_vectors_from(b.encoder_identity, f"bundle {b.path}")
-    names = (Path(folder_a).name or "a", Path(folder_b).name or "b")
+    names = names or (a.name, b.name)
+    names = (names[0] or "a", names[1] or "b")
     if names[0] == names[1]:
         names = (f"{names[0]} (1)", f"{names[1]} (2)")
     vectors = np.concatenate([np.asarray(a.embeddings), np.asarray(b.embeddings)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -372,12 +371,12 @@ def _encoder_blocks(results: dict[str, Any], e: dict[str, Any], out: Path) -> li
     if enc.get("images_per_second"):
         txt = (f"Encoding: {enc['images']:,} images in {enc['seconds']:.0f} s, "
                f"{enc['images_per_second']:.1f} images/s")
-        txt += "" if enc.get("measured_now") else " (recorded when the bundle was built; this "\
-            "run reused every embedding)"
+        txt += "" if enc.get("measured_now") else " (recorded in the bundle's manifest when "\
+            "these embeddings were encoded; this run reused every one)"
         txt += " — one pass, shared by every method."
     else:
-        txt = "Encoding: every embedding was reused from an existing bundle (no throughput "\
-              "recorded)."
+        txt = "Encoding: every embedding was reused (a bundle or the shared embedding cache; "\
+              "no throughput recorded)."
     blocks.append(Para(txt))
     if e.get("notes"):
         blocks.append(Bullets(list(e["notes"])))
@@ -479,19 +478,7 @@ def write_report(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
     atomic_write(paths[2], lambda fh: fh.write(blob))
     atomic_write(paths[0], lambda fh: fh.write(md))
     atomic_write(paths[1], lambda fh: fh.write(page))
-    share_readable([*paths, out / "splits.csv", *out.glob(f"{FIGURES}/**/*.png")])
     return paths
-
-
-def share_readable(paths: list[Path]) -> None:
-    """Reports are for sharing: give them the usual file mode, not the temp file's 0600."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in paths:
-        with contextlib.suppress(OSError):
-            p.chmod(0o666 & ~umask)
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

@@ -210,6 +210,7 @@ def run_benchmark(
     path_col: str | None = None,
     label_col: str | None = None,
     split_col: str | None = None,
+    split_map: str | dict[str, str] | None = None,
     command: Sequence[str] | None = None,
     progress: Progress | None = None,
     on_stage: Callable[[str], None] | None = None,
@@ -224,7 +225,8 @@ def run_benchmark(
     k-fold cross-validation (every image is a test image once). ``head_options`` passes
     settings to a head, e.g. ``{"mlp": {"hidden": 256}}``. ``seed`` fixes the split,
     the heads' initialisation and the bootstrap: the same seed gives the same
-    results.json apart from its ``timings`` key. ``device`` is where images (and zero-shot
+    results.json apart from its ``timings`` key. ``split_map`` names splits that are not
+    recognised from their words ("holdout=test"). ``device`` is where images (and zero-shot
     prompts) are encoded ("auto", "cpu", "cuda[:N]", "mps").
     """
     t_start = time.perf_counter()
@@ -255,7 +257,7 @@ def run_benchmark(
     for choice, slug in zip(choices, slugs, strict=True):
         stage(f"encoding {data_path} with {choice.label}")
         enc = _encode(data_path, choice, slug, bundle_root, batch_size, num_workers,
-                      progress, path_col, label_col, split_col, device)
+                      progress, path_col, label_col, split_col, split_map, device)
         shared_spec = sum(c.spec == choice.spec for c in choices) > 1
         enc.label = choice.label if shared_spec else choice.spec
         encoded.append(enc)
@@ -348,36 +350,31 @@ def run_benchmark(
 # -- encoding -----------------------------------------------------------------------------
 def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: int | None,
             num_workers: int | None, progress: Progress | None, path_col: str | None,
-            label_col: str | None, split_col: str | None, device: str = "auto") -> _Encoded:
+            label_col: str | None, split_col: str | None,
+            split_map: str | dict[str, str] | None = None, device: str = "auto") -> _Encoded:
     from embedsearch.bundle import load_bundle
     from embedsearch.pipeline import build_index
-    from embedsearch.store.io import read_json, write_json
 
     path = root / slug
     res = build_index(data, out=path, model=choice.spec, weights=choice.weights,
                       batch_size=batch_size, num_workers=num_workers, progress=progress,
                       path_col=path_col, label_col=label_col, split_col=split_col,
-                      device=device)
-    sidecar = root / f"{slug}.encode.json"
+                      split_map=split_map, device=device)
     gen = res.manifest["generation"]
     if res.encoded > 0:
-        record = {"generation": gen, "images": res.encoded,
-                  "seconds": round(res.encode_seconds, 3),
-                  "images_per_second": round(res.images_per_second, 2),
-                  "batch_size": batch_size, "num_workers": num_workers}
-        write_json(sidecar, record)
-        build = {**record, "measured_now": True}
+        build = {"generation": gen, "images": res.encoded,
+                 "seconds": round(res.encode_seconds, 3),
+                 "images_per_second": round(res.images_per_second, 2),
+                 "batch_size": batch_size, "num_workers": num_workers, "measured_now": True}
     else:
+        # The manifest keeps the throughput measured when these vectors were encoded (by
+        # this bundle, or by whichever command first put them in the shared cache).
         build = {"generation": gen, "images": 0, "measured_now": False,
-                 "note": "every embedding was reused from the existing bundle"}
-        try:
-            old = read_json(sidecar)
-            if old.get("generation") == gen or old.get("images"):
-                build.update({k: old[k] for k in ("images", "seconds", "images_per_second")
-                              if k in old})
-                build["note"] += "; throughput as recorded when the bundle was built"
-        except (FileNotFoundError, EmbedsearchError):
-            pass
+                 "note": "every embedding was reused (bundle or shared embedding cache)"}
+        recorded = res.manifest.get("encoding") or {}
+        if recorded.get("images_per_second"):
+            build.update({k: recorded[k] for k in ("images", "seconds", "images_per_second")})
+            build["note"] += "; throughput as recorded when they were encoded"
     build["reused"] = res.reused
     bundle = load_bundle(path)
     bundle.device = device

@@ -191,7 +191,7 @@ class IndexService:
             raise QueryError(413, "upload_too_large", self._too_large(len(data)))
         t0 = time.perf_counter()
         vector, facts = self._embed(data, "the upload")
-        result = self._answer(vector, filename, k, n_neighbours)
+        result = self._answer(vector, filename, k, n_neighbours, facts["sha256"])
         result["query"] = {"kind": "upload", "filename": filename, **facts}
         result["timing_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return result
@@ -206,10 +206,9 @@ class IndexService:
         t0 = time.perf_counter()
         n = n_neighbours or self.n_neighbours
         vector = np.asarray(self.bundle.embeddings[row:row + 1], np.float32)
-        # Ask for one more neighbour: the image itself is its own nearest neighbour.
-        result = self._answer(vector, item_id, k, n + 1)
-        result["neighbours"] = [nb for nb in result["neighbours"] if nb["id"] != item_id][:n]
         it = self.bundle.items.iloc[row]
+        # The image and its copies are left out of its own neighbours and votes.
+        result = self._answer(vector, item_id, k, n, _clean(it.get("sha256")))
         result["query"] = {"kind": "id", "id": item_id, "label": _clean(it.get("label")),
                            "split": _clean(it.get("split")), "image": image_url(item_id)}
         result["timing_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -227,7 +226,7 @@ class IndexService:
         if isinstance(data, LoadFailure):
             raise QueryError(404, "unreadable", f"{raw}: {data.detail}")
         vector, facts = self._embed(data, raw)
-        result = self._answer(vector, raw, k, n_neighbours)
+        result = self._answer(vector, raw, k, n_neighbours, facts["sha256"])
         result["query"] = {"kind": "path", "path": raw, **facts}
         result["timing_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return result
@@ -318,15 +317,16 @@ class IndexService:
         return vector, facts
 
     def _predict(self, vectors: np.ndarray, ids: list[str], n: int,
-                 k: int | None = None) -> list[Prediction]:
+                 k: int | None = None, sha256: list[str | None] | None = None
+                 ) -> list[Prediction]:
         with self._model_lock:
             return self.bundle.predict_vectors(vectors, ids, k=k or self.k, n_neighbours=n,
-                                               method="all")
+                                               method="all", sha256=sha256)
 
     def _answer(self, vector: np.ndarray, qid: str, k: int | None,
-                n_neighbours: int | None) -> dict[str, Any]:
+                n_neighbours: int | None, sha256: str | None = None) -> dict[str, Any]:
         n = n_neighbours or self.n_neighbours
-        pred = self._predict(vector, [qid], n, k)[0]
+        pred = self._predict(vector, [qid], n, k, [sha256])[0]
         items = self.bundle.items
         neighbours = []
         for nb in pred.neighbours:
@@ -339,6 +339,8 @@ class IndexService:
             "method": pred.method,
             "methods": methods_of(pred, self.bundle.classes),
             "neighbours": neighbours,
+            # An indexed image (same bytes or embedding) is left out of its own votes.
+            "in_index": pred.in_index or None,
         }
 
 

@@ -48,8 +48,23 @@ def _write_error(path: Path, exc: OSError) -> BundleError:
     )
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the process umask."""
+    try:  # Linux tells the umask without changing it (os.umask is process-wide, racy)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``writer(file)`` atomically; a failure leaves no temp file."""
+    """Write ``path`` through ``writer(file)`` atomically; a failure leaves no temp file.
+
+    The file gets the user's normal permissions (umask), not the temp file's private 0600:
+    reports and bundles are meant to be shared like any file the user writes.
+    """
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +72,7 @@ def atomic_write(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()
+            os.fchmod(fh.fileno(), default_file_mode())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
