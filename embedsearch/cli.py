@@ -141,8 +141,9 @@ def models_cmd(as_json: bool) -> None:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--name", help="Bundle name under ./indexes/ (default: the folder's name).")
 @click.option("--out", type=click.Path(path_type=Path), help="Bundle folder (instead of --name).")
-@click.option("--model", "-m", help="Encoder spec (see `embedsearch models`). "
-              "Default: efficientnet-lite0, or the bundle's encoder when it exists.")
+@click.option("--model", "-m", multiple=True, help="Encoder spec (see `embedsearch models`). "
+              "Default: efficientnet-lite0, or the bundle's encoder when it exists. Repeat "
+              "(SPEC or SPEC=WEIGHTS) to concatenate several encoders' embeddings.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local weights file for the encoder (.safetensors or a tensor-only .pt).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -186,10 +187,13 @@ def models_cmd(as_json: bool) -> None:
               "(default 0.90).")
 @click.option("--dedupe-keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               help="Which image of a duplicate group --dedupe keeps (default: resolution).")
+@click.option("--views", help="Also embed augmented views of the labelled training images "
+              "for heads: flip and/or cropN, e.g. flip,crop2 (none: drop them). Sticks to "
+              "the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path | None,
-                    model: str | None, weights: Path | None, precision: str | None,
+                    model: tuple[str, ...], weights: Path | None, precision: str | None,
                     path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
                     split_map: str | None,
@@ -198,7 +202,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                     address: str | None,
                     num_workers: int, worker_cpus: float, worker_gpus: float,
                     dedupe: bool | None, dedupe_threshold: float | None,
-                    dedupe_keep: str | None, as_json: bool) -> None:
+                    dedupe_keep: str | None, views: str | None, as_json: bool) -> None:
     """Embed every image in DATA once and index it.
 
     DATA is a folder with one sub-folder per class (optionally below train/ val/ test/),
@@ -213,7 +217,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                              num_cpus=worker_cpus, num_gpus=worker_gpus,
                              quiet=not ctx.obj.get("debug"))
     result = build_index(
-        data, name=name, out=out, model=model, weights=weights, precision=precision,
+        data, name=name, out=out, model=list(model) or None, weights=weights,
+        precision=precision,
         path_col=path_col,
         label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
         skip_missing=skip_missing, split_map=split_map, overwrite=overwrite,
@@ -221,7 +226,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         batch_size=batch_size, num_workers=workers,
         progress=_progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
         dedupe=dedupe, dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
-        device=device,
+        views=views, device=device,
     )
     m = result.manifest
     if as_json:
@@ -256,6 +261,10 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         click.echo(f"dedupe   {d['removed']:,} duplicates left out ({d['groups']:,} groups, "
                    f"threshold {d['settings']['threshold']:g}); listed in "
                    f"{result.path / d['removed_file']}")
+    if "views" in m:
+        v = m["views"]
+        click.echo(f"views    {v['rows']:,} views ({v['spec']}) of {v['images']:,} training "
+                   f"images for heads, {result.views_encoded:,} newly encoded")
     for row in result.failures.head(10).itertuples():
         click.echo(f"  skipped {row.id}: {row.reason} {row.detail}", err=True)
     if len(result.failures) > 10:
@@ -325,6 +334,9 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
               "columns) to a .csv or .parquet file.")
 @click.option("--confusion", type=click.Path(path_type=Path, dir_okay=False),
               help="With true labels: draw the confusion matrix of the chosen method (PNG).")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Test-time augmentation: flip averages each image's embedding with its "
+              "mirror image's (twice the encoding time).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
@@ -332,7 +344,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
                 batch_size: int | None, workers: int | None, device: str, method: str,
                 head_name: str | None, classes: str | None,
                 template_set: str | None, templates: tuple[str, ...], allow_self: bool,
-                per_class: bool, output: Path | None, confusion: Path | None,
+                per_class: bool, output: Path | None, confusion: Path | None, tta: str,
                 as_json: bool) -> None:
     """Classify IMAGES (files, folders, or - for paths on stdin) with kNN, a trained head or
     CLIP zero-shot over an index.
@@ -355,7 +367,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
     preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
                            batch_size=batch_size, num_workers=workers, method=method,
                            head_name=head_name, classes=class_list, templates=prompt_templates,
-                           allow_self=allow_self)
+                           allow_self=allow_self, tta=tta)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
     else:
@@ -488,10 +500,12 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
 @click.option("--no-refit", is_flag=True, help="Keep the train-only model instead of refitting "
               "on train + validation with the chosen setting.")
 @click.option("-k", default=10, show_default=True, help="k of the kNN baseline shown beside it.")
+@click.option("--views/--no-views", "use_views", default=True, show_default=True,
+              help="Add the bundle's augmented views (build-index --views) as training rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: str, seed: int,
               C: float | None, hidden: int | None, max_epochs: int | None, no_refit: bool,
-              k: int, as_json: bool) -> None:
+              k: int, use_views: bool, as_json: bool) -> None:
     """Train a head on the bundle's cached embeddings (no image is re-encoded) and save it
     inside the bundle. Validation rows choose its settings; test rows are never used for
     training and are scored for the report only."""
@@ -506,8 +520,11 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
                                        f"a {kind} head")
             params[key] = value
     bundle = load_bundle(index_name)
+    from embedsearch.views import bundle_views
+
+    extra = bundle_views(bundle) if use_views else None
     res = fit_head(bundle, kind, name=head_name, class_weight=class_weight, seed=seed, k=k,
-                   **params)
+                   extra_train=extra, **params)
     if as_json:
         _echo_json(res.as_dict())
         return
@@ -533,7 +550,9 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
         click.echo(f"chose     {sel['best_epoch']} epochs by {sel['criterion']} on "
                    f"{sel['protocol']} ({sel['epochs_run']} run)")
     click.echo(f"refit     on {trained['rows']:,} rows"
-               + (" (train + validation)" if trained.get("refit_on_train_and_val") else ""))
+               + (" (train + validation)" if trained.get("refit_on_train_and_val") else "")
+               + (f", {trained['extra_rows']:,} extra views" if trained.get("extra_rows")
+                  else ""))
 
     def figures(f: dict[str, Any]) -> str:
         return (f"accuracy {f['accuracy']:.3f}  balanced accuracy {f['balanced_accuracy']:.3f}"
@@ -549,6 +568,66 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
                    "report only)")
         click.echo(f"  {k}-NN    {figures(res.knn_test)}")
     click.echo(f"took      {res.seconds:.1f} s to train")
+
+
+# -- finetune -------------------------------------------------------------------------
+@main.command("finetune")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for weights.safetensors + finetune.json.")
+@click.option("--model", "-m", help="Backbone: an encoder spec (default: the default encoder).")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="Local weights file for the backbone.")
+@click.option("--blocks", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="Train the last 2 stages (+ final conv) or the whole backbone.")
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--budget-minutes", type=float,
+              help="Stop training after this much wall time (the schedule is fitted to it).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="cuda trains with bf16 autocast.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=3e-4, show_default=True, help="Backbone learning rate (head: 10x).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--path-col", help="CSV/parquet column with image paths.")
+@click.option("--label-col", help="CSV/parquet column with labels.")
+@click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--json", "as_json", is_flag=True, help="Print finetune.json.")
+def finetune_cmd(data: Path, out: Path, model: str | None, weights: Path | None, blocks: str,
+                 epochs: int, budget_minutes: float | None, device: str, batch_size: int,
+                 lr: float, seed: int, path_col: str | None, label_col: str | None,
+                 split_col: str | None, as_json: bool) -> None:
+    """Fine-tune the encoder's backbone with a linear classifier on DATA (train images
+    train, val images pick the epoch, test images are scored): the trained-model baseline
+    that frozen embeddings + a head are compared with."""
+    from embedsearch.finetune import finetune
+
+    res = finetune(data, out=out, model=model, weights=weights, blocks=blocks, epochs=epochs,
+                   budget_minutes=budget_minutes, device=device, batch_size=batch_size, lr=lr,
+                   seed=seed, path_col=path_col, label_col=label_col, split_col=split_col,
+                   on_step=lambda msg: click.echo(msg, err=True))
+    info = res.info
+    if as_json:
+        _echo_json(info)
+        return
+    s, tm, n = info["settings"], info["timings"], info["parameters"]
+    click.echo(f"saved     {res.path}")
+    click.echo(f"backbone  {info['base_encoder']['spec']}, blocks {s['blocks']} "
+               f"({n['trainable']:,} of {n['total']:,} parameters trained), {s['device']}, "
+               f"{s['precision']}")
+    click.echo(f"trained   {info['epochs_run']:g} epochs ({info['steps']} steps, stopped by "
+               f"{info['stopped_by']}), best epoch {info['best_epoch']} on validation")
+    for h in info["history"]:
+        click.echo(f"  epoch {h['epoch']}: loss {h['train_loss']:.3f}"
+                   + (f", val accuracy {h['val_accuracy']:.3f}" if "val_accuracy" in h else ""))
+    if res.test:
+        t = res.test
+        click.echo(f"test      accuracy {t['accuracy']:.3f}  balanced accuracy "
+                   f"{t['balanced_accuracy']:.3f}  macro-F1 {t['macro_f1']:.3f}  "
+                   f"({t['n']} images)")
+    gpu = f", {tm['train_gpu_seconds']:.0f} GPU-s" if tm["train_gpu_seconds"] is not None else ""
+    click.echo(f"cost      {tm['train_wall_seconds']:.0f} s wall, "
+               f"{tm['train_cpu_seconds']:.0f} CPU-s{gpu}; "
+               f"model {info['model_bytes'] / 1e6:.1f} MB")
 
 
 # -- info -----------------------------------------------------------------------------
@@ -569,6 +648,9 @@ def info_cmd(index_name: str, as_json: bool) -> None:
     click.echo(f"source   {m['source']['path']}")
     click.echo(f"counts   {json.dumps(m['counts'])}")
     click.echo(f"index    {json.dumps(m['index'])}")
+    if "views" in m:
+        click.echo(f"views    {m['views']['rows']:,} ({m['views']['spec']}) of "
+                   f"{m['views']['images']:,} training images")
     for name, h in m.get("heads", {}).items():
         v = h.get("validation", {})
         figures = (f"val accuracy {v['accuracy']:.3f}, macro-F1 {v['macro_f1']:.3f}"
@@ -670,6 +752,15 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
 @click.option("--split-map", help="Name splits that are not recognised, e.g. holdout=test.")
+@click.option("--views", help="Embed augmented views of the training images (e.g. "
+              "flip,crop2) and add every head trained with them too.")
+@click.option("--finetune", "do_finetune", is_flag=True,
+              help="Also fine-tune the first encoder's backbone on the same splits (slow on "
+              "CPU: give it --budget-minutes).")
+@click.option("--finetune-blocks", type=click.Choice(["last", "all"]), default="last",
+              show_default=True, help="What --finetune trains.")
+@click.option("--finetune-epochs", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--budget-minutes", type=float, help="Wall-time budget of --finetune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
 @click.pass_context
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
@@ -678,7 +769,9 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
                   title: str | None, batch_size: int | None, workers: int | None, device: str,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  split_map: str | None, as_json: bool) -> None:
+                  split_map: str | None, views: str | None, do_finetune: bool,
+                  finetune_blocks: str, finetune_epochs: int,
+                  budget_minutes: float | None, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
     Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
@@ -699,7 +792,10 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
         split_map=split_map, command=sys.argv, progress=_progress_factory(ctx, "encoding"),
-        on_stage=stage, device=device)
+        on_stage=stage,
+        finetune={"blocks": finetune_blocks, "epochs": finetune_epochs,
+                  "budget_minutes": budget_minutes, "device": device} if do_finetune else None,
+        views=views, device=device)
     rows = result.rows()
     if as_json:
         for row in rows:

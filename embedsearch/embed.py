@@ -23,12 +23,16 @@ from embedsearch.data.images import DEFAULT_MAX_PIXELS, LoadFailure, load_image
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from embedsearch.encoders.base import Encoder
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
+#: An image transform applied after decoding, before the encoder's own preprocessing; it
+#: gets the file's sha256 so random augmentations can be seeded per image (see views.py).
+Augment = Callable[["Image.Image", str], "Image.Image"]
 
 
 @dataclass
@@ -47,17 +51,21 @@ class _Decoder:
     """Callable: source → (tensor or None, ItemInfo). Never raises for a bad image."""
 
     def __init__(self, transform: Callable[[Any], torch.Tensor], target_size: int,
-                 max_pixels: int) -> None:
+                 max_pixels: int, augment: Augment | None = None) -> None:
         self.transform = transform
         self.target_size = target_size
         self.max_pixels = max_pixels
+        self.augment = augment
 
     def __call__(self, source: Path | bytes) -> tuple[torch.Tensor | None, ItemInfo]:
         loaded = load_image(source, target_size=self.target_size, max_pixels=self.max_pixels)
         if isinstance(loaded, LoadFailure):
             return None, ItemInfo(loaded.reason, loaded.detail, loaded.sha256, loaded.size)
         try:
-            tensor = self.transform(loaded.image)
+            image = loaded.image
+            if self.augment is not None:
+                image = self.augment(image, loaded.sha256)
+            tensor = self.transform(image)
         except Exception as exc:  # a transform failing on one odd image must not stop a run
             return None, ItemInfo("decode_error", f"preprocessing failed: {exc}",
                                   loaded.sha256, loaded.size)
@@ -152,6 +160,7 @@ def embed_sources(
     num_workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: ProgressFn | None = None,
+    augment: Augment | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray, list[ItemInfo]]]:
     """Yield (indices, vectors of the decoded ones, infos of all) per batch, in order.
 
@@ -164,7 +173,8 @@ def embed_sources(
     the others at the next barrier (measured: 56 vs 60 images/s fp32, 100 vs 129 bf16 on 2
     cores; see benchmarks/results/throughput.md). On a GPU the model leaves the CPUs idle,
     so ``num_workers`` processes (default: all CPUs but one) decode ahead into pinned
-    memory while the GPU encodes; the uint8 batch is normalised on the GPU.
+    memory while the GPU encodes; the uint8 batch is normalised on the GPU. ``augment``
+    transforms each decoded image first.
     """
     from embedsearch.encoders.devices import (
         default_batch_size,
@@ -173,7 +183,7 @@ def embed_sources(
     )
 
     prep = encoder.preprocess
-    decode = _Decoder(prep.worker_transform, prep.resize, max_pixels)
+    decode = _Decoder(prep.worker_transform, prep.resize, max_pixels, augment)
     size = batch_size or default_batch_size(encoder.device)
     kind = device_type(encoder.device)
     if kind == "cpu":

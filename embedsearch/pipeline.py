@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from embedsearch.embed import ItemInfo
     from embedsearch.encoders.base import Encoder
     from embedsearch.engines.ray_engine import RayOptions
+    from embedsearch.views import ViewSet
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: Of ``reused``: vectors taken from the shared embedding cache (by content hash).
     from_shared: int = 0
+    views_encoded: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -132,7 +134,7 @@ def build_index(
     *,
     name: str | None = None,
     out: str | os.PathLike[str] | None = None,
-    model: str | None = None,
+    model: str | list[str] | None = None,
     weights: str | os.PathLike[str] | None = None,
     precision: str | None = None,
     path_col: str | None = None,
@@ -153,6 +155,7 @@ def build_index(
     dedupe: bool | None = None,
     dedupe_threshold: float | None = None,
     dedupe_keep: str | None = None,
+    views: str | None = None,
     device: str = "auto",
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
@@ -163,7 +166,11 @@ def build_index(
     ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
     the choice sticks to the bundle until ``dedupe=False``. ``split_map``
     ("sample_train=train,holdout=test") names split folders or values that are not
-    recognised from their words. ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
+    recognised from their words. ``views="flip,crop2"`` also embeds augmented views of the
+    training images for heads (see :mod:`embedsearch.views`); it sticks too, until
+    ``views="none"``. Several ``model`` specs (``SPEC`` or ``SPEC=FILE``) make one bundle of
+    their concatenated embeddings (see :mod:`embedsearch.combine`).
+    ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
     images are encoded; it is not part of the bundle's identity, the precision is.
     ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
     """
@@ -181,6 +188,18 @@ def build_index(
         from embedsearch.dedupe.bundles import build_settings
 
         dedupe_settings = build_settings(old, dedupe, dedupe_threshold, dedupe_keep)
+        if isinstance(model, list | tuple):
+            model = model[0] if len(model) == 1 else list(model)
+        if encoder is None and (isinstance(model, list) or (
+                not model and old is not None and "parts" in old["encoder"])):
+            from embedsearch.combine import combine, encoder_from_identity
+
+            if isinstance(model, list) and weights is not None:
+                raise EmbedsearchError("--weights is ambiguous with several --model",
+                                       hint="give each its file: --model SPEC=WEIGHTS")
+            encoder = combine(model, precision, device) if isinstance(model, list) \
+                else encoder_from_identity(old["encoder"], weights,  # type: ignore[index]
+                                           device)
         if encoder is None:
             from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
@@ -225,14 +244,35 @@ def build_index(
                         engine, ray_options, shared)
         encode_seconds = time.perf_counter() - t_enc
         encoding = _encoding_record(old, shared, len(todo), encode_seconds)
+        view_set = _encode_views(path, old, overwrite, collection, keys, cache, encoder, views,
+                                 batch_size, num_workers, progress)
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
-                                          fingerprint, index_type, dedupe_settings, encoding)
+                                          fingerprint, index_type, dedupe_settings, encoding,
+                                          view_set)
         shards.clear()
         _remove_stale_generations(path, manifest)
         if shared is not None:
             _seed_shared(shared, path, manifest)
     return BuildResult(path, manifest, len(todo), reused, failures,
-                       time.perf_counter() - t0, encode_seconds, from_shared=from_shared)
+                       time.perf_counter() - t0, encode_seconds, from_shared=from_shared,
+                       views_encoded=view_set.encoded if view_set else 0)
+
+
+def _encode_views(path: Path, old: dict[str, Any] | None, overwrite: bool,
+                  collection: Collection,
+                  keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
+                  views: str | None, batch_size: int, num_workers: int | None,
+                  progress: Callable[[int, int], Callable[[int], None]] | None
+                  ) -> ViewSet | None:
+    from embedsearch import views as views_mod
+
+    names = views_mod.settings(old, views)
+    if not names:
+        return None
+    metas = [cache.get(r, k) for r, k in zip(collection.records, keys, strict=True)]
+    return views_mod.encode_views(encoder, views_mod.training_images(collection.records, metas),
+                                  names, {} if overwrite else views_mod.previous(path, old),
+                                  batch_size, num_workers, progress)
 
 
 def _reuse_shared(shared: SharedCache, collection: Collection, keys: list[tuple[int, int]],
@@ -410,7 +450,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
                  keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
                  fingerprint: np.ndarray, index_type: str,
                  dedupe: dict[str, Any] | None = None,
-                 encoding: dict[str, Any] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+                 encoding: dict[str, Any] | None = None, views: ViewSet | None = None
+                 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Write a new generation of the bundle's files, then the manifest (the commit)."""
     import pandas as pd
 
@@ -461,6 +502,12 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     write_npy(path / roles["embeddings"], vectors)
     write_parquet(path / roles["items"], items)
     write_parquet(path / roles["failures"], failures)
+    views_record = None
+    if views is not None:
+        from embedsearch.views import write as write_views
+
+        view_roles, views_record = write_views(path, gen, views, items)
+        roles.update(view_roles)
     del vectors  # the index is filled from the written file, block by block
     index, index_info = make_index(read_npy(path / roles["embeddings"]), index_type)
     write_faiss(path / roles["index"], index)
@@ -506,6 +553,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
         manifest["encoding"] = encoding
     if dedupe_record is not None:
         manifest["dedupe"] = {**dedupe_record, "removed_file": roles["dedupe_removed"]}
+    if views_record is not None:
+        manifest["views"] = views_record
     write_json(path / "manifest.json", manifest)
     return manifest, failures
 

@@ -23,7 +23,7 @@ from embedsearch.errors import BundleError, EmbedsearchError
 
 if TYPE_CHECKING:
     from embedsearch.bundle import Bundle
-    from embedsearch.classify.heads import Head
+    from embedsearch.classify.heads import ExtraTrain, Head
     from embedsearch.classify.zeroshot import ZeroShotClassifier
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,16 @@ def knn_figures(X_ref: np.ndarray, y_ref: np.ndarray, X_query: np.ndarray, y_que
 
 def fit_head(bundle: Bundle | str | os.PathLike[str], kind: str = "linear", *,
              name: str | None = None, class_weight: str = "auto", seed: int = 0,
-             save: bool = True, k: int = 10, **params: Any) -> TrainResult:
+             save: bool = True, k: int = 10, extra_train: ExtraTrain | None = None,
+             **params: Any) -> TrainResult:
     """Train a ``linear`` or ``mlp`` head on a bundle's cached embeddings and save it.
 
     ``params`` go to the head's constructor (``C``, ``hidden``, ``dropout``, ``max_epochs``…).
     Test rows are never trained on; when they carry labels, the head and kNN(``k``) are
-    scored on them for the report only (nothing is chosen on them).
+    scored on them for the report only (nothing is chosen on them). ``extra_train`` adds
+    training-only rows (augmented views; see ``Head.fit``) as ``(vectors, labels)`` or
+    ``(vectors, labels, source)`` where ``source`` holds *bundle row numbers* (the row of
+    ``bundle.items`` each view was made from); views of validation or test rows are dropped.
     """
     from embedsearch.classify.heads import make_head
 
@@ -137,7 +141,7 @@ def fit_head(bundle: Bundle | str | os.PathLike[str], kind: str = "linear", *,
     y_val = labels[is_val] if is_val.any() else None
     head = make_head(kind, class_weight=class_weight, seed=seed, **params)
     log.info("training %s head on %d rows (%d validation)", kind, len(y), int(is_val.sum()))
-    head.fit(X, y, X_val, y_val)
+    head.fit(X, y, X_val, y_val, extra_train=_extra_for(extra_train, rows[~is_val]))
     if X_val is not None and y_val is not None:
         knn_val = knn_figures(X, y, X_val, y_val, k)
     else:
@@ -163,6 +167,22 @@ def fit_head(bundle: Bundle | str | os.PathLike[str], kind: str = "linear", *,
             "held_out_test": {"note": "scored after training; nothing was chosen on it",
                               "head": test, "knn": knn_test} if test else {}})
     return result
+
+
+def _extra_for(extra: ExtraTrain | None, train_rows: np.ndarray) -> ExtraTrain | None:
+    """``extra_train`` with bundle row numbers turned into rows of the training matrix
+    (views of rows outside it, i.e. validation or test images, dropped)."""
+    if extra is None or len(extra) == 2:
+        return extra
+    Xe, ye, src = extra[0], np.asarray(extra[1]), np.asarray(extra[2], np.int64)
+    pos = np.full(max(int(src.max(initial=-1)), int(train_rows.max(initial=-1))) + 1, -1,
+                  np.int64)
+    pos[train_rows] = np.arange(len(train_rows))
+    mapped = np.where(src >= 0, pos[np.clip(src, 0, None)], -1)
+    keep = (src < 0) | (mapped >= 0)
+    if not keep.all():
+        log.info("extra_train: %d views of validation/test images left out", int((~keep).sum()))
+    return np.asarray(Xe)[keep], ye[keep], mapped[keep]
 
 
 def save_head(bundle: Bundle, head: Head, name: str, extra: dict[str, Any] | None = None

@@ -94,7 +94,7 @@ def test_linear_chooses_C_on_validation_or_cross_validation() -> None:
     losses = {g["C"]: g["val_loss"] for g in sel["grid"]}
     assert sel["C"] == min(losses, key=losses.get) and len(losses) == 7
     assert with_val.info["trained_on"] == {"rows": len(ytr) + len(yva),
-                                           "refit_on_train_and_val": True}
+                                           "refit_on_train_and_val": True, "extra_rows": 0}
     cv = LinearHead().fit(Xtr, ytr)
     assert cv.info["selection"]["protocol"] == "5-fold cross-validation"
     assert cv.info["validation"]["n"] == len(ytr)  # out-of-fold predictions of every row
@@ -392,3 +392,18 @@ def test_heads_beat_knn_on_clothing(clothing_bundle) -> None:
                               test["id"].tolist(), k=10, method="knn")
     assert np.mean([p.label == t for p, t in zip(preds, test["label"], strict=True)]) \
         == pytest.approx(knn_acc, abs=1e-3)
+
+
+@pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
+def test_extra_train_rows_train_but_never_score(make) -> None:
+    X, y = blobs((40, 40, 40), spread=0.6, seed=13)
+    Xtr, ytr, Xva, yva, _, _ = split(X, y)
+    noise = np.random.default_rng(0).normal(scale=0.01, size=Xtr.shape).astype(np.float32)
+    views = (Xtr + noise, ytr, np.arange(len(ytr)))
+    with_val = make().fit(Xtr, ytr, Xva, yva, extra_train=views)
+    assert with_val.info["validation"]["n"] == len(yva)  # extras are never scored
+    assert with_val.info["trained_on"]["extra_rows"] == len(ytr)
+    held_out = make().fit(Xtr, ytr, extra_train=views[:2])  # no source: internal split safe
+    assert held_out.info["validation"]["n"] <= len(ytr)
+    with pytest.raises(EmbedsearchError, match="absent from training"):
+        make().fit(Xtr, ytr, extra_train=(Xtr[:2], np.array(["zz", "zz"])))

@@ -49,6 +49,8 @@ IMBALANCE_RATIO = 3.0
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 WEIGHTS_FILE = "weights.safetensors"
 HEAD_FILE = "head.json"
+#: ``extra_train``: (vectors, labels) or (vectors, labels, source row in the training matrix).
+ExtraTrain = tuple[np.ndarray, Any] | tuple[np.ndarray, Any, np.ndarray]
 
 
 def _as_matrix(X: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
@@ -172,7 +174,17 @@ class Head:
 
     # -- contract -------------------------------------------------------------------------
     def fit(self, X: np.ndarray, y: Sequence[str] | np.ndarray, X_val: np.ndarray | None = None,
-            y_val: Sequence[str] | np.ndarray | None = None) -> Head:
+            y_val: Sequence[str] | np.ndarray | None = None, *,
+            extra_train: ExtraTrain | None = None) -> Head:
+        """Fit on ``X``/``y``; ``X_val``/``y_val`` (optional) choose the settings.
+
+        ``extra_train`` = ``(X_extra, y_extra)`` or ``(X_extra, y_extra, source)``: more
+        training rows (e.g. embeddings of augmented views) used for training only, never
+        scored for selection or validation figures. ``source[i]`` is the row of ``X`` that
+        view ``i`` was made from (-1 when unknown); when the head holds rows of ``X`` out
+        for its own selection (no ``X_val``), views of held-out rows are left out of that
+        fit, and views without a source are used only when no row of ``X`` is held out.
+        """
         t0 = time.perf_counter()
         X = _as_matrix(X, "training vectors")
         labels = np.asarray(y).astype(str)
@@ -184,6 +196,7 @@ class Head:
                 f"a head needs at least two classes, found {len(self.classes_)} "
                 f"({', '.join(self.classes_) or 'none'})",
                 hint="kNN search still works; label more classes to train a head")
+        self._extra = self._extra_rows(extra_train, X.shape[1], len(X))
         if X_val is not None and y_val is not None and len(y_val) > 0:
             X_val = _as_matrix(X_val, "validation vectors", X.shape[1])
             val_labels = np.asarray(y_val).astype(str)
@@ -212,6 +225,46 @@ class Head:
         self._fit(X, y_idx, cw, X_val, val_idx, val_labels)
         self.info["train_seconds"] = round(time.perf_counter() - t0, 3)
         return self
+
+    def _extra_rows(self, extra: ExtraTrain | None, dim: int, n: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Checked ``extra_train``: (vectors, class indices, source rows with -1 unknown)."""
+        if extra is None:
+            return None
+        if len(extra) not in (2, 3):
+            raise EmbedsearchError(f"extra_train has {len(extra)} parts, expected "
+                                   "(vectors, labels) or (vectors, labels, source rows)")
+        Xe = _as_matrix(extra[0], "extra training vectors", dim)
+        ye = np.asarray(extra[1]).astype(str)
+        src = (np.asarray(extra[2], np.int64) if len(extra) == 3
+               else np.full(len(ye), -1, np.int64))
+        if not len(Xe) == len(ye) == len(src):
+            raise EmbedsearchError(f"extra_train: {len(Xe)} vectors, {len(ye)} labels, "
+                                   f"{len(src)} source rows; expected the same number")
+        unknown = sorted(set(ye) - set(self.classes_.tolist()))
+        if unknown:
+            raise EmbedsearchError(f"extra_train has classes absent from training: {unknown}",
+                                   hint="extra rows add views of training images, not classes")
+        if len(src) and (src.max() >= n or src.min() < -1):
+            raise EmbedsearchError(f"extra_train source rows must be -1 or 0..{n - 1}")
+        return Xe, np.searchsorted(self.classes_, ye), src
+
+    def _with_extra(self, X: np.ndarray, y_idx: np.ndarray, rows: np.ndarray | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """``X``/``y_idx`` plus the extra rows allowed in a fit on ``rows`` of the original
+        training matrix (None: all of it, so every extra row)."""
+        extra = getattr(self, "_extra", None)
+        if extra is None:
+            return X, y_idx
+        Xe, ye, src = extra
+        keep = np.ones(len(ye), bool) if rows is None else np.isin(src, rows) & (src >= 0)
+        if not keep.any():
+            return X, y_idx
+        return np.vstack([X, Xe[keep]]), np.concatenate([y_idx, ye[keep]])
+
+    def _extra_count(self) -> int:
+        extra = getattr(self, "_extra", None)
+        return 0 if extra is None else len(extra[1])
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Logits, one column per entry of ``classes_``."""
@@ -360,7 +413,8 @@ class LinearHead(Head):
         table: list[dict[str, Any]] = []
         if X_val is not None and val_idx is not None and val_labels is not None:
             protocol = "validation split"
-            path = self._path(X, y_idx, sw, grid)
+            Xa, ya = self._with_extra(X, y_idx, None)
+            path = self._path(Xa, ya, cw[ya], grid)
             losses = [self._score(p, X_val, val_idx, cw) for p in path]
             best = int(np.argmin(losses))
             for C, p, loss in zip(grid, path, losses, strict=True):
@@ -385,7 +439,8 @@ class LinearHead(Head):
                 fold = stratified_folds(y_idx, folds, self.seed)
                 for f in range(folds):
                     tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-                    for j, p in enumerate(self._path(X[tr], y_idx[tr], sw[tr], grid)):
+                    Xa, ya = self._with_extra(X[tr], y_idx[tr], tr)
+                    for j, p in enumerate(self._path(Xa, ya, cw[ya], grid)):
                         logits = self._logits(p, X[te])
                         if len(np.unique(y_idx[tr])) < len(self.classes_):
                             logits[:, np.setdiff1d(np.arange(len(self.classes_)),
@@ -407,6 +462,7 @@ class LinearHead(Head):
         chosen = grid[best]
         if self.refit or X_val is None:
             start = path[best] if X_val is not None else None
+            final_X, final_y = self._with_extra(final_X, final_y, None)
             final = self._path(final_X, final_y, cw[final_y], [chosen], start)[0]
         else:
             final = path[best]
@@ -418,7 +474,8 @@ class LinearHead(Head):
         self.info["validation"] = figures
         refit = bool(self.refit and X_val is not None)
         self.info["trained_on"] = {"rows": len(final_y) if refit or X_val is None else len(y_idx),
-                                   "refit_on_train_and_val": refit}
+                                   "refit_on_train_and_val": refit,
+                                   "extra_rows": self._extra_count()}
 
 
 class MLPHead(Head):
@@ -535,13 +592,13 @@ class MLPHead(Head):
              val_idx: np.ndarray | None, val_labels: np.ndarray | None) -> None:
         if X_val is not None and val_idx is not None and val_labels is not None:
             protocol = "validation split"
-            tr_X, tr_y = X, y_idx
+            tr_X, tr_y = self._with_extra(X, y_idx, None)
             all_X = np.vstack([X, X_val[val_idx >= 0]])
             all_y = np.concatenate([y_idx, val_idx[val_idx >= 0]])
         else:
             mask = stratified_holdout(y_idx, self.holdout, self.seed)
             protocol = f"stratified {self.holdout:.0%} hold-out of the training rows"
-            tr_X, tr_y = X[~mask], y_idx[~mask]
+            tr_X, tr_y = self._with_extra(X[~mask], y_idx[~mask], np.flatnonzero(~mask))
             X_val, val_idx = X[mask], y_idx[mask]
             val_labels = self.classes_[val_idx]
             all_X, all_y = X, y_idx
@@ -552,6 +609,7 @@ class MLPHead(Head):
                                                   self.max_epochs)
         figures = self._figures(params, X_val, val_labels)
         if self.refit:
+            all_X, all_y = self._with_extra(all_X, all_y, None)
             params, _, _ = self._train(all_X, all_y, cw, None, None, max(best_epoch, 1))
         self.params = params
         self.info["selection"] = {"protocol": protocol, "criterion": "validation loss",
@@ -559,7 +617,8 @@ class MLPHead(Head):
                                   "val_loss": history}
         self.info["validation"] = figures
         self.info["trained_on"] = {"rows": len(all_y) if self.refit else len(tr_y),
-                                   "refit_on_train_and_val": self.refit}
+                                   "refit_on_train_and_val": self.refit,
+                                   "extra_rows": self._extra_count()}
 
 
 class _AdamW:

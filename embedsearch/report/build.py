@@ -27,6 +27,7 @@ from embedsearch.report.render import (
     to_html,
     to_markdown,
 )
+from embedsearch.report.study import HEAD_METHODS
 
 if TYPE_CHECKING:
     from embedsearch.report.study import _Table
@@ -256,7 +257,7 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
         if "knn" not in methods:
             continue
         knn = methods["knn"]
-        for mid in ("linear", "mlp", "zeroshot"):
+        for mid in (*HEAD_METHODS, "zeroshot"):
             if mid not in methods:
                 continue
             parts = []
@@ -281,6 +282,8 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
                 f"{_ms(tm['knn']['predict_ms_per_image_batched'])} ms per image; "
                 f"{_bytes(m['model_bytes'])} vs {_bytes(knn['model_bytes'])} in memory.",
             ])
+        if "finetune" in methods:
+            out.append(_finetune_verdict(e, timings[e["slug"]]))
         maj = methods.get("majority")
         if maj:
             acc = maj["metrics"]["accuracy"]
@@ -300,6 +303,33 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
                        f"{_pts(c['difference'])} accuracy points (95 % CI {_pts(lo)} to "
                        f"{_pts(hi)}).")
     return out
+
+
+def _finetune_verdict(e: dict[str, Any], timing: dict[str, Any]) -> list[Any]:
+    """"Frozen embeddings + head reach X of the fine-tuned accuracy at Y of its cost"."""
+    methods, tm = e["methods"], timing["methods"]
+    ft, ft_tm = methods["finetune"], tm["finetune"]
+    frozen = [m for m in ("knn", *HEAD_METHODS) if m in methods]
+    best = max(frozen, key=lambda m: methods[m]["metrics"]["accuracy"])
+    acc, ft_acc = methods[best]["metrics"]["accuracy"], ft["metrics"]["accuracy"]
+    encode_s = float(timing.get("encode", {}).get("seconds") or 0.0)
+    frozen_s = encode_s + tm[best]["fit_seconds"]
+    ft_s = ft_tm["fit_seconds"]
+    gpu = ft_tm.get("train_gpu_seconds")
+    return [
+        Bold(f"{e['label']}: frozen embeddings + {methods[best]['name']} reach "
+             f"{acc / ft_acc:.0%} of the fine-tuned accuracy at {frozen_s / ft_s:.0%} of its "
+             "cost"),
+        f" ({acc:.3f} vs {ft_acc:.3f} accuracy; {_secs(frozen_s)} = {_secs(encode_s)} "
+        f"encoding once + {_secs(tm[best]['fit_seconds'])} training, vs {_secs(ft_s)} of "
+        f"fine-tuning, {ft_tm.get('train_cpu_seconds')} CPU-s"
+        + (f", {gpu} GPU-s" if gpu is not None else "") + "; "
+        f"{_bytes(methods[best]['model_bytes'])} vs {_bytes(ft['model_bytes'])} of trained "
+        f"weights). The fine-tune trained {ft['params'].get('blocks')} blocks on "
+        f"{ft['params'].get('device')} for {ft_tm.get('epochs_run')} epochs (stopped by "
+        f"{ft_tm.get('stopped_by')}; budget {ft['params'].get('budget_minutes')} min), so "
+        "it is a lower bound on what fine-tuning can reach.",
+    ]
 
 
 def _data_blocks(results: dict[str, Any]) -> list[Any]:

@@ -56,9 +56,14 @@ DEFAULT_HEADS = ("linear", "mlp")
 SINGLE_QUERIES = 64
 VOTES = {"plain": "uniform", "weighted": "similarity"}
 METHOD_NAMES = {"majority": "majority class", "knn": "kNN, k chosen on val",
-                "linear": "linear head", "mlp": "MLP head", "zeroshot": "CLIP zero-shot"}
+                "linear": "linear head", "mlp": "MLP head", "zeroshot": "CLIP zero-shot",
+                "finetune": "fine-tuned backbone", "linear-views": "linear head + views",
+                "mlp-views": "MLP head + views"}
 #: Methods shown in the headline table, bar chart and confusion matrices.
-HEADLINE = ("majority", "knn-1-plain", "knn", "linear", "mlp", "zeroshot")
+HEADLINE = ("majority", "knn-1-plain", "knn", "linear", "mlp", "linear-views", "mlp-views",
+            "zeroshot", "finetune")
+#: Trained heads compared with kNN (``-views``: trained with the augmented views too).
+HEAD_METHODS = ("linear", "mlp", "linear-views", "mlp-views")
 #: Methods that get a gallery of their most confident mistakes.
 GALLERY = ("knn", "linear", "mlp", "zeroshot")
 
@@ -182,6 +187,8 @@ class _Outcome:
     single_ms: float
     model_bytes: int
     selection: dict[str, Any] = field(default_factory=dict)
+    #: More wall/CPU/GPU figures, reported under results["timings"] only.
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 # -- the study ----------------------------------------------------------------------------
@@ -214,6 +221,8 @@ def run_benchmark(
     command: Sequence[str] | None = None,
     progress: Progress | None = None,
     on_stage: Callable[[str], None] | None = None,
+    finetune: dict[str, Any] | None = None,
+    views: str | None = None,
     device: str = "auto",
 ) -> BenchmarkResult:
     """Run the whole study on ``data`` and write ``out``/report.md, report.html,
@@ -226,8 +235,13 @@ def run_benchmark(
     settings to a head, e.g. ``{"mlp": {"hidden": 256}}``. ``seed`` fixes the split,
     the heads' initialisation and the bootstrap: the same seed gives the same
     results.json apart from its ``timings`` key. ``split_map`` names splits that are not
-    recognised from their words ("holdout=test"). ``device`` is where images (and zero-shot
-    prompts) are encoded ("auto", "cpu", "cuda[:N]", "mps").
+    recognised from their words ("holdout=test"). ``finetune`` (e.g. ``{"budget_minutes":
+    10}``, options of :func:`embedsearch.finetune.finetune_split`) adds the first encoder's
+    backbone fine-tuned on the same train/val images and scored on the same test images.
+    ``views`` (e.g. ``"flip,crop2"``) embeds augmented views of the training images into
+    each bundle and adds every head trained with them too (``linear-views``, ``mlp-views``).
+    ``device`` is where images (and zero-shot prompts) are encoded ("auto", "cpu",
+    "cuda[:N]", "mps").
     """
     t_start = time.perf_counter()
     load_start = _load_average()
@@ -257,7 +271,7 @@ def run_benchmark(
     for choice, slug in zip(choices, slugs, strict=True):
         stage(f"encoding {data_path} with {choice.label}")
         enc = _encode(data_path, choice, slug, bundle_root, batch_size, num_workers,
-                      progress, path_col, label_col, split_col, split_map, device)
+                      progress, path_col, label_col, split_col, split_map, views, device)
         shared_spec = sum(c.spec == choice.spec for c in choices) > 1
         enc.label = choice.label if shared_spec else choice.spec
         encoded.append(enc)
@@ -291,7 +305,8 @@ def run_benchmark(
         stage(f"evaluating methods on {enc.label}")
         res, tim, samples = _evaluate_encoder(enc, table, plan, ks_used, seed, heads,
                                               head_options or {}, zero_shot, n_bootstrap,
-                                              classes, test_rows)
+                                              classes, test_rows,
+                                              finetune if enc is encoded[0] else None)
         enc_results.append(res)
         timings_enc[enc.slug] = tim
         all_samples[enc.slug] = samples
@@ -308,7 +323,7 @@ def run_benchmark(
                  "near_duplicate_threshold": near_duplicate_threshold,
                  "heads": list(heads), "head_options": head_options or {},
                  "zero_shot": zero_shot, "fractions": list(fractions),
-                 "n_bootstrap": n_bootstrap},
+                 "n_bootstrap": n_bootstrap, "finetune": finetune, "views": views},
         "seed": seed,
         "dataset": _dataset_info(data_path, name, table, encoded, classes),
         "splits": {**plan.describe(table.labels), "duplicates": {**dup_info, **plan.duplicates},
@@ -351,7 +366,8 @@ def run_benchmark(
 def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: int | None,
             num_workers: int | None, progress: Progress | None, path_col: str | None,
             label_col: str | None, split_col: str | None,
-            split_map: str | dict[str, str] | None = None, device: str = "auto") -> _Encoded:
+            split_map: str | dict[str, str] | None = None, views: str | None = None,
+            device: str = "auto") -> _Encoded:
     from embedsearch.bundle import load_bundle
     from embedsearch.pipeline import build_index
 
@@ -359,7 +375,7 @@ def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: 
     res = build_index(data, out=path, model=choice.spec, weights=choice.weights,
                       batch_size=batch_size, num_workers=num_workers, progress=progress,
                       path_col=path_col, label_col=label_col, split_col=split_col,
-                      split_map=split_map, device=device)
+                      split_map=split_map, views=views, device=device)
     gen = res.manifest["generation"]
     if res.encoded > 0:
         build = {"generation": gen, "images": res.encoded,
@@ -594,7 +610,8 @@ def _select_knn(X: np.ndarray, y: np.ndarray, fold: Fold, ks: list[int]
 
 def _run_fold(X: np.ndarray, y: np.ndarray, fold: Fold, ks: list[int], seed: int,
               heads: Sequence[str], head_options: dict[str, dict[str, Any]],
-              zs: tuple[Any, float] | None, notes: list[str]) -> dict[str, _Outcome]:
+              zs: tuple[Any, float] | None, notes: list[str],
+              views: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, _Outcome]:
     from embedsearch.classify.knn import KNNClassifier
 
     ref = np.sort(np.concatenate([fold.train, fold.val]))
@@ -634,7 +651,7 @@ def _run_fold(X: np.ndarray, y: np.ndarray, fold: Fold, ks: list[int], seed: int
                      if scores else "no validation rows: default k",
          "k": chosen[0], "vote": chosen[1], "grid": scores})
 
-    for kind in heads:
+    for mid, kind, extra in _head_variants(heads, views, fold, y):
         from embedsearch.classify.heads import LinearHead, MLPHead
 
         cls = {"linear": LinearHead, "mlp": MLPHead}[kind]
@@ -643,16 +660,16 @@ def _run_fold(X: np.ndarray, y: np.ndarray, fold: Fold, ks: list[int], seed: int
         t = time.perf_counter()
         try:
             head.fit(X[fold.train], y[fold.train], X[fold.val] if has_val else None,
-                     y[fold.val] if has_val else None)
+                     y[fold.val] if has_val else None, extra_train=extra)
         except EmbedsearchError as exc:
-            notes.append(f"{METHOD_NAMES[kind]} skipped: {exc.message}")
+            notes.append(f"{METHOD_NAMES[mid]} skipped: {exc.message}")
             continue
         fit = time.perf_counter() - t
         pred, conf, bms, sms = _time_predict(_proba_fn(head), Xt)
         info = head.info
         selection = {k: info[k] for k in ("selection", "trained_on", "class_weight")
                      if k in info}
-        out[kind] = _Outcome(kind, METHOD_NAMES[kind], "head", head.hyperparameters(), pred,
+        out[mid] = _Outcome(mid, METHOD_NAMES[mid], "head", head.hyperparameters(), pred,
                              conf, fit, bms, sms,
                              int(sum(p.nbytes for p in head.params.values())), selection)
 
@@ -665,6 +682,35 @@ def _run_fold(X: np.ndarray, y: np.ndarray, fold: Fold, ks: list[int], seed: int
              "trained_on": "nothing (class names only)"},
             pred, conf, fit, bms, sms, int(clf.text_embeddings.nbytes))
     return out
+
+
+def _head_variants(heads: Sequence[str], views: tuple[np.ndarray, np.ndarray] | None,
+                   fold: Fold, y: np.ndarray) -> list[tuple[str, str, Any]]:
+    """(method id, head kind, extra_train) per head: plain, then with the views of the
+    fold's training images (``views`` = vectors, table row of each view)."""
+    out: list[tuple[str, str, Any]] = [(kind, kind, None) for kind in heads]
+    if views is not None:
+        vX, vrow = views
+        pos = np.full(int(max(vrow.max(initial=-1), fold.train.max(initial=-1))) + 1, -1)
+        pos[fold.train] = np.arange(len(fold.train))
+        keep = pos[vrow] >= 0
+        extra = (vX[keep], y[vrow[keep]], pos[vrow[keep]])
+        out += [(f"{kind}-views", kind, extra) for kind in heads]
+    return out
+
+
+def _table_views(enc: _Encoded, table: _Table) -> tuple[np.ndarray, np.ndarray] | None:
+    """The bundle's views as (vectors, row of their image in the study's table)."""
+    from embedsearch.views import bundle_views
+
+    got = bundle_views(enc.bundle)
+    if got is None:
+        return None
+    vX, _, brow = got
+    table_row = np.full(len(enc.bundle.items), -1)
+    table_row[table.rows[enc.slug]] = np.arange(len(table.rows[enc.slug]))
+    keep = table_row[brow] >= 0
+    return np.asarray(vX[keep], np.float32), table_row[brow[keep]]
 
 
 def _merge(per_fold: list[dict[str, _Outcome]], folds: list[Fold]) -> dict[str, _Outcome]:
@@ -708,19 +754,27 @@ def _zero_shot(enc: _Encoded, classes: list[str]) -> tuple[Any, float] | None:
 def _evaluate_encoder(enc: _Encoded, table: _Table, plan: SplitPlan, ks: list[int],
                       seed: int, heads: Sequence[str], head_options: dict[str, dict[str, Any]],
                       zero_shot: bool, n_boot: int,
-                      classes: list[str], test_rows: np.ndarray
+                      classes: list[str], test_rows: np.ndarray,
+                      finetune: dict[str, Any] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     X = np.ascontiguousarray(np.asarray(enc.bundle.embeddings)[table.rows[enc.slug]],
                              dtype=np.float32)
     y = table.labels
     notes: list[str] = []
     zs = _zero_shot(enc, classes) if zero_shot else None
-    per_fold = [_run_fold(X, y, f, ks, seed, heads, head_options, zs, notes)
+    views = _table_views(enc, table)
+    per_fold = [_run_fold(X, y, f, ks, seed, heads, head_options, zs, notes, views)
                 for f in plan.folds]
     outcomes = _merge(per_fold, plan.folds)
+    if finetune is not None:
+        if len(plan.folds) == 1:
+            outcomes["finetune"] = _finetune(enc, table, plan.folds[0], seed, finetune)
+        else:
+            notes.append("fine-tuned backbone skipped: it runs on a single train/val/test "
+                         "split, not per cross-validation fold")
     y_true = y[test_rows]
     order = ["majority", "knn", *(f"knn-{k}-{v}" for k in ks for v in ("plain", "weighted")),
-             "linear", "mlp", "zeroshot"]
+             *HEAD_METHODS, "zeroshot", "finetune"]
     methods, timings, samples, preds = {}, {}, {}, {}
     for mid in order:
         if mid not in outcomes:
@@ -733,7 +787,7 @@ def _evaluate_encoder(enc: _Encoded, table: _Table, plan: SplitPlan, ks: list[in
                         **({"selection": o.selection} if o.selection else {})}
         timings[mid] = {"fit_seconds": round(o.fit_seconds, 4),
                         "predict_ms_per_image_batched": round(o.batch_ms, 5),
-                        "predict_ms_per_image_single": round(o.single_ms, 4)}
+                        "predict_ms_per_image_single": round(o.single_ms, 4), **o.timings}
         preds[mid] = {"y_pred": [str(v) for v in o.pred],
                       "confidence": [round(float(c), 4) for c in o.conf]}
     ident = enc.bundle.encoder_identity
@@ -760,6 +814,33 @@ def _evaluate_encoder(enc: _Encoded, table: _Table, plan: SplitPlan, ks: list[in
     return result, timing, samples
 
 
+def _finetune(enc: _Encoded, table: _Table, fold: Fold, seed: int, options: dict[str, Any]
+              ) -> _Outcome:
+    """The encoder's backbone fine-tuned on the fold's train images (val picks the epoch),
+    predicting its test images in test-row order; costs from its own record."""
+    from embedsearch.finetune import finetune_split
+
+    def split(rows: np.ndarray) -> tuple[list[Path], list[str]]:
+        rows = np.sort(rows)
+        return [table.paths[i] for i in rows], [str(v) for v in table.labels[rows]]
+
+    res = finetune_split(split(fold.train), split(fold.val) if len(fold.val) else None,
+                         split(fold.test), model=enc.choice.spec, weights=enc.choice.weights,
+                         seed=seed, **options)
+    info, tm = res.info, res.info["timings"]
+    params = {**info["settings"], "parameters": info["parameters"],
+              "trained_on": "train (val picks the epoch)"}
+    conf = res.test_proba.max(1) if len(res.test_proba) else np.zeros(0)
+    ms = float(tm["test_ms_per_image"] or 0.0)
+    return _Outcome("finetune", METHOD_NAMES["finetune"], "finetune", params,
+                    res.test_pred.astype(str), conf, float(tm["train_wall_seconds"]), ms, ms,
+                    int(info["model_bytes"]), {},
+                    {"train_cpu_seconds": tm["train_cpu_seconds"],
+                     "train_gpu_seconds": tm["train_gpu_seconds"],
+                     "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
+                     "stopped_by": info["stopped_by"], "history": info["history"]})
+
+
 def _comparisons(enc_results: list[dict[str, Any]], samples: dict[str, Any]
                  ) -> list[dict[str, Any]]:
     """Paired-bootstrap differences: each head (and zero-shot) against the val-chosen kNN,
@@ -769,7 +850,7 @@ def _comparisons(enc_results: list[dict[str, Any]], samples: dict[str, Any]
         s, methods = samples[res["slug"]], res["methods"]
         if "knn" not in methods:
             continue
-        for mid in ("linear", "mlp", "zeroshot"):
+        for mid in (*HEAD_METHODS, "zeroshot"):
             if mid not in methods:
                 continue
             for metric in METRICS:
