@@ -87,14 +87,18 @@ def encoder_key(identity: dict[str, Any]) -> str:
     return key
 
 
+def identity_diffs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The parts of two encoder identities that differ (for messages)."""
+    return [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version",
+                        "config") if a.get(k) != b.get(k)]
+
+
 def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: str,
                        fix: str) -> None:
     """Refuse ``what`` when it was made with another encoder than ``expected``."""
     if encoder_key(expected) == encoder_key(found):
         return
-    diffs = [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version",
-                         "config")
-             if expected.get(k) != found.get(k)]
+    diffs = identity_diffs(expected, found)
     raise BundleMismatchError(
         f"{what} was made with encoder {found.get('spec')} ({found.get('dim')}-d), "
         f"not with {expected.get('spec')} ({expected.get('dim')}-d); differs in: "

@@ -23,9 +23,9 @@ from embedsearch.bundle import (
     HELD_OUT_SPLITS,
     SCHEMA_VERSION,
     bundle_path,
-    check_same_encoder,
     encoder_key,
     fingerprint_cosine,
+    identity_diffs,
     read_manifest,
 )
 from embedsearch.data.scan import Collection, Record, scan
@@ -365,11 +365,17 @@ def _previous_manifest(path: Path) -> dict[str, Any] | None:
 
 def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
                       fingerprint: np.ndarray) -> None:
-    # Names what differs: another model, or the same spec resolved to another
-    # configuration (e.g. a bundle from before the pretrained tag's config was recorded).
-    check_same_encoder(identity, old["encoder"], str(path),
-                       f"choose another --name/--out, or pass --overwrite to rebuild {path} "
-                       "with the new encoder")
+    if encoder_key(old["encoder"]) != encoder_key(identity):
+        # Names what differs: another model, or the same spec resolved to another
+        # configuration (e.g. a bundle from before the pretrained tag's config was recorded).
+        raise BundleMismatchError(
+            f"{path} was built with encoder {old['encoder']['spec']} "
+            f"({old['encoder']['dim']}-d); this build uses {identity['spec']} "
+            f"({identity['dim']}-d); differs in: "
+            f"{', '.join(identity_diffs(old['encoder'], identity)) or 'identity'}",
+            hint=f"choose another --name/--out, or pass --overwrite to rebuild {path} "
+            "with the new encoder",
+        )
     cos = fingerprint_cosine(fingerprint, old["fingerprint"])
     if cos < FINGERPRINT_MIN_COSINE:
         raise BundleMismatchError(
