@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--kinds", default="gaussian,clustered")
+    ap.add_argument("--out", type=Path, default=RESULTS / "dedupe_speed",
+                    help="results path without suffix (.json and .md are written)")
     args = ap.parse_args()
     from embedsearch.dedupe import DEFAULT_THRESHOLD
 
@@ -104,8 +107,9 @@ def main() -> None:
                           "cpus": os.cpu_count(), "load_average_1_5_15": [round(v, 2)
                                                                            for v in load]},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dedupe_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Dedupe speed: synthetic embeddings", "",
              f"Command: `{result['command']}` ({result['created']}); {os.cpu_count()} CPUs, "
              f"load average at the end {load[0]:.1f} (other work on the machine slows the "
@@ -119,7 +123,8 @@ def main() -> None:
                      f"| {r['cpu_seconds']} | {r['method']} "
                      f"| {r['planted_pairs_at_or_above_threshold']} | {r['recall_of_those']} "
                      f"| {r['removed']} ({r['removed_exact']}) |")
-    (RESULTS / "dedupe_speed.md").write_text("\n".join(lines) + "\n")
+    lines.append(f"\nPeak resident memory of the whole process: {result['peak_rss_gib']} GiB.")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

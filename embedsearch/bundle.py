@@ -150,6 +150,7 @@ class Bundle:
         #: Where queries are embedded ("auto", "cpu", "cuda[:N]", "mps"); not part of the
         #: encoder's identity.
         self.device = "auto"
+        self._light: Any = None
         #: Of the last :meth:`embed_files` call: files encoded, files whose vectors were
         #: reused (from this bundle or the shared embedding cache).
         self.embed_counts: dict[str, int] = {"encoded": 0, "reused": 0}
@@ -264,17 +265,34 @@ class Bundle:
                 enc = load_encoder(ident["spec"], weights,
                                    precision=ident.get("precision", "fp32"),
                                    device=device or self.device)
-            check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
-                               "use the encoder the bundle was built with, or "
-                               + self.rebuild_hint)
-            cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])
-            if cos < FINGERPRINT_MIN_COSINE:
-                raise BundleMismatchError(
-                    f"encoder {ident['spec']} now embeds the reference image differently "
-                    f"(cosine {cos:.4f}) than when {self.path} was built",
-                    hint="library versions or weights changed; " + self.rebuild_hint)
+            self._check_encoder(enc)
             self._encoder = enc
         return self._encoder
+
+    def _check_encoder(self, enc: Any) -> None:
+        ident = self.encoder_identity
+        check_same_encoder(ident, enc.identity(), f"bundle {self.path}",
+                           "use the encoder the bundle was built with, or rebuild the bundle")
+        cos = fingerprint_cosine(enc.fingerprint(), self.manifest["fingerprint"])
+        if cos < FINGERPRINT_MIN_COSINE:
+            raise BundleMismatchError(
+                f"encoder {ident['spec']} now embeds the reference image differently "
+                f"(cosine {cos:.4f}) than when {self.path} was built",
+                hint="library versions or weights changed; " + self.rebuild_hint)
+
+    def image_encoder(self, weights: str | os.PathLike[str] | None = None) -> Any:
+        """What embeds query images: a verified cached export when one exists and no other
+        weights are given (no torch import: ``encoders.backends.light_encoder``), checked
+        against the bundle like :meth:`encoder`; else :meth:`encoder`."""
+        if self._encoder is None and self._light is None and weights is None \
+                and self.device in ("auto", "cpu"):  # exports run on the CPU
+            from embedsearch.encoders.backends import light_encoder
+
+            light = light_encoder(self.encoder_identity)
+            if light is not None:
+                self._check_encoder(light)
+                self._light = light
+        return self._encoder or self._light or self.encoder(weights)
 
     def check_vectors_from(self, identity: dict[str, Any], what: str) -> None:
         check_same_encoder(self.encoder_identity, identity, what,
@@ -341,7 +359,7 @@ class Bundle:
         for i, sha in enumerate(shas):
             if sha in rows:
                 found[i] = np.asarray(self.embeddings[rows[sha][0]])
-        enc = self.encoder()
+        enc = self.image_encoder()
         shared = open_shared(enc.identity()) if len(found) < len(paths) else None
         if shared is not None:
             hits = shared.get_many([s for i, s in enumerate(shas) if s and i not in found])

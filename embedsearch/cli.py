@@ -50,13 +50,18 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="embedsearch")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]),
+              envvar="EMBEDSEARCH_BACKEND", default="auto", show_default=True,
+              help="Runtime of the encoder's forward pass for every command; auto: the "
+              "fastest installed (OpenVINO, then ONNX Runtime, else torch), checked against "
+              "torch on a reference image.")
 @click.option("--cache-dir", help="Shared embedding cache folder, used by every command so "
               "that no image is encoded twice (default: $EMBEDSEARCH_CACHE_DIR, else the user "
               "cache folder, ~/.cache/embedsearch on Linux; 'off' turns it off).")
 @click.option("--cache-size", help="Size limit of the shared embedding cache, e.g. 2GB "
               "(default: $EMBEDSEARCH_CACHE_SIZE, else 4GB); least recently used vectors go.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool, cache_dir: str | None,
+def main(ctx: click.Context, debug: bool, quiet: bool, backend: str, cache_dir: str | None,
          cache_size: str | None) -> None:
     """Classify, search and de-duplicate image collections with a frozen pretrained encoder
     and a FAISS index."""
@@ -72,6 +77,10 @@ def main(ctx: click.Context, debug: bool, quiet: bool, cache_dir: str | None,
         if cache_size is not None:
             parse_size(cache_size)  # a clear error now rather than at the first write
             os.environ[ENV_SIZE] = cache_size
+    if backend != "auto":
+        from embedsearch.encoders.backends import set_default_backend
+
+        set_default_backend(backend)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not debug:
@@ -359,7 +368,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
 
     bundle = load_bundle(index_name)
     bundle.device = device
-    bundle.encoder(weights)
+    bundle.image_encoder(weights)
     paths, truth = _collect_queries(images)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     prompt_templates = ([*([template_set] if template_set else []), *templates]

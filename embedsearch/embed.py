@@ -73,6 +73,15 @@ class _Decoder:
                                 loaded.height)
 
 
+def _stack(tensors: list[Any]) -> Any:
+    """One batch: numpy for the light encoder (no torch import), else a torch tensor."""
+    if isinstance(tensors[0], np.ndarray):
+        return np.stack(tensors)
+    import torch
+
+    return torch.stack(tensors)
+
+
 def default_workers() -> int:
     """Decoding threads: one per core (Pillow and hashlib release the GIL)."""
     return max(1, os.cpu_count() or 1)
@@ -95,10 +104,8 @@ class _DecodeDataset:
 def _collate(items: list[tuple[torch.Tensor | None, ItemInfo]]
              ) -> tuple[torch.Tensor | None, list[ItemInfo]]:
     """Stack a batch in the worker: one (uint8) tensor to pin and copy, not one per image."""
-    import torch
-
     tensors = [t for t, _ in items if t is not None]
-    return (torch.stack(tensors) if tensors else None), [info for _, info in items]
+    return (_stack(tensors) if tensors else None), [info for _, info in items]
 
 
 def _thread_batches(decode: _Decoder, sources: Sequence[Path | bytes], batch_size: int,
@@ -184,8 +191,9 @@ def embed_sources(
 
     prep = encoder.preprocess
     decode = _Decoder(prep.worker_transform, prep.resize, max_pixels, augment)
-    size = batch_size or default_batch_size(encoder.device)
-    kind = device_type(encoder.device)
+    device = getattr(encoder, "device", "cpu")  # light (exported, numpy) encoders: CPU
+    size = batch_size or default_batch_size(device)
+    kind = device_type(device)
     if kind == "cpu":
         workers = default_workers() if num_workers is None else num_workers
         batches = _thread_batches(decode, sources, size, workers)
@@ -197,8 +205,9 @@ def embed_sources(
     start = 0
     for stacked, infos in batches:
         if stacked is not None:
-            batch = stacked.to(encoder.device, non_blocking=True)
-            vectors = encoder.encode_tensors(prep.finish(batch))
+            if kind != "cpu":
+                stacked = stacked.to(device, non_blocking=True)
+            vectors = encoder.encode_tensors(prep.finish(stacked))
         else:
             vectors = np.zeros((0, encoder.dim), np.float32)
         if progress is not None:

@@ -548,7 +548,8 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
         "roles": roles,
         "files": {rel: {"bytes": (path / rel).stat().st_size, "sha256": file_digest(path / rel)}
                   for rel in roles.values()},
-        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "backend": encoder.backend},
     }
     if old:
         for key in ("heads", "dedupe"):

@@ -26,9 +26,18 @@ Two paths, both tiled so that no n×n matrix ever exists (a tile is at most
     practice (tests, benchmarks/dedupe_threshold.py) at 1/10 of the arithmetic: 100,000 ×
     1280-d in well under a minute on 2 cores (benchmarks/dedupe_speed.py).
 
-faiss is not used here: its flat range search scores both triangles and, measured on this
-project's 2-core machine, was several times slower than the tiled BLAS loop below; its
-approximate indexes (IVF, HNSW) lose recall on unstructured vectors.
+``ivf``
+    Above ``ivf_limit`` (200,000) rows, scoring every pair even in 128 dimensions is the
+    whole cost (1M × 1280-d: 2,025 s here). The projections are put into a faiss IVF
+    index (≈ 4·√n lists) and each row is range-searched in its ``nprobe`` nearest lists
+    only, so the work grows as n·√n; the candidates are re-scored exactly as above.
+    ``nprobe`` is calibrated on the collection itself: near-duplicates are planted at
+    exactly the threshold (sampled rows turned towards other rows), and the smallest
+    power of two that finds :data:`IVF_RECALL` of them is used.
+
+Below ``ivf_limit`` faiss is not used: its flat range search scores both triangles and,
+measured on this project's 2-core machine, was several times slower than the tiled BLAS
+loop below.
 """
 
 from __future__ import annotations
@@ -57,6 +66,13 @@ MAX_PAIRS = 50_000_000
 PCA_SAMPLE = 20_000
 #: Exponent of the signed power normalisation of embeddings before comparison (1 = raw).
 DEFAULT_POWER = 0.5
+#: Above this many vectors, candidates come from an IVF index over the projections instead
+#: of all pairs of them (n·√n instead of n² work; see :func:`_ivf_candidates`).
+IVF_LIMIT = 200_000
+#: Share of planted threshold-level near-duplicates the calibrated nprobe must find.
+IVF_RECALL = 0.995
+#: Planted pairs used to calibrate nprobe.
+CALIBRATION_PAIRS = 4000
 
 
 @dataclass
@@ -95,11 +111,19 @@ def as_unit_vectors(vectors: np.ndarray, power: float = 1.0) -> np.ndarray:
         for k in range(0, len(x), 65536):  # in place, block by block: no second copy
             blk = x[k:k + 65536]
             np.copysign(np.abs(blk) ** power, blk, out=blk)
-    norms = np.linalg.norm(x, axis=1)
+    # Norms and division block by block too: on the whole array each makes a temporary as
+    # large as the vectors (1M × 1280-d: 5 GB each; peak 14.5 GiB before, see
+    # benchmarks/results/dedupe_speed_1m.md). Row norms are the same numbers either way.
+    norms = np.empty(len(x), np.float32)
+    for k in range(0, len(x), 65536):
+        norms[k:k + 65536] = np.linalg.norm(x[k:k + 65536], axis=1)
     if len(x) and norms.min() == 0:
         raise EmbedsearchError("some vectors are all zero; their similarity is undefined")
     if len(x) and np.abs(norms - 1).max() > 1e-3:
-        x = x / norms[:, None]
+        if np.may_share_memory(x, vectors):
+            x = x.copy()
+        for k in range(0, len(x), 65536):
+            x[k:k + 65536] /= norms[k:k + 65536, None]
     return x
 
 
@@ -197,7 +221,7 @@ def rescore(x: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 16384) -> 
 def candidate_pairs(vectors: np.ndarray, threshold: float, *, power: float = DEFAULT_POWER,
                     exact_limit: int = EXACT_LIMIT, reduce_dim: int = REDUCE_DIM,
                     margin: float = MARGIN, tile: int = TILE,
-                    max_pairs: int = MAX_PAIRS) -> Pairs:
+                    max_pairs: int = MAX_PAIRS, ivf_limit: int = IVF_LIMIT) -> Pairs:
     """Every pair of rows whose descriptors (see module docstring) have cosine similarity
     >= ``threshold``."""
     if not 0 < threshold <= 1.0 + 1e-6:
@@ -220,8 +244,88 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, *, power: float = DEF
         y[k:k + 65536] = x[k:k + 65536] @ proj
     norms = np.linalg.norm(y, axis=1, keepdims=True)
     y /= np.maximum(norms, 1e-12)
-    i, j, _ = _tiled(y, max(t - margin, 1e-6), tile, max_pairs)
+    if n > ivf_limit:
+        i, j, method = *_ivf_candidates(x, y, proj, t, max(t - margin, 1e-6), max_pairs), "ivf"
+    else:
+        i, j, _ = _tiled(y, max(t - margin, 1e-6), tile, max_pairs)
+        method = "projected"
     s = rescore(x, i, j)
     keep = s >= t
-    log.debug("projected search: %d candidates, %d at or above %.3f", len(i), int(keep.sum()), t)
-    return Pairs(i[keep], j[keep], s[keep], f"projected-{reduce_dim}+rescore", threshold)
+    log.debug("%s search: %d candidates, %d at or above %.3f", method, len(i), int(keep.sum()),
+              t)
+    return Pairs(i[keep], j[keep], s[keep], f"{method}-{reduce_dim}+rescore", threshold)
+
+
+def _ivf_candidates(x: np.ndarray, y: np.ndarray, proj: np.ndarray, threshold: float,
+                    floor: float, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) whose projections ``y`` reach ``floor``, through an IVF index over ``y``.
+
+    Each row is range-searched in its ``nprobe`` nearest lists only, so the work grows as
+    n·√n, not n². A pair is found when either row's probed lists hold the other; nprobe is
+    calibrated on this collection (:func:`_calibrate_nprobe`), not fixed.
+    """
+    import faiss
+
+    from embedsearch.index.ivf import TRAIN_POINTS_PER_LIST, choose_nlist, range_search_blocks
+
+    n, dim = y.shape
+    rng = np.random.default_rng(0)
+    nlist = choose_nlist(n)
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 0
+    index.train(y[np.sort(rng.choice(n, min(n, nlist * TRAIN_POINTS_PER_LIST), replace=False))])
+    index.add(y)
+    index.nprobe = _calibrate_nprobe(x, proj, quantizer, threshold, rng)
+    keys: list[np.ndarray] = []
+    total = 0
+    for first, lims, _, ids in range_search_blocks(index, y, floor, block=16384):
+        rows = first + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
+        lo, hi = np.minimum(rows, ids), np.maximum(rows, ids)
+        k = lo[lo != hi] * n + hi[lo != hi]  # each pair once, from whichever side found it
+        keys.append(np.unique(k))
+        total += len(keys[-1])
+        if total > 2 * max_pairs:
+            raise EmbedsearchError(
+                f"more than {max_pairs:,} pairs of images are at least {floor:.3f} similar "
+                "in the candidate search: that threshold is far too low for duplicates",
+                hint="raise --threshold (see --sweep)")
+    pairs = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    log.debug("ivf candidates: nlist %d, nprobe %d, %d pairs", nlist, index.nprobe, len(pairs))
+    return pairs // n, pairs % n
+
+
+def _calibrate_nprobe(x: np.ndarray, proj: np.ndarray, quantizer: object, threshold: float,
+                      rng: np.random.Generator, sample: int = CALIBRATION_PAIRS) -> int:
+    """The smallest power-of-two nprobe that finds :data:`IVF_RECALL` of synthetic
+    near-duplicates planted at exactly ``threshold`` (the hardest ones to find).
+
+    Each planted copy is a sampled row turned, towards another row of the collection plus
+    a little noise, to cosine ``threshold`` with it (moving within the populated part of
+    the space, where lists are finest); the pair counts as found when one row's nprobe
+    nearest lists contain the other's list, which is what the range search needs.
+    """
+    u = x[np.sort(rng.choice(len(x), min(len(x), sample), replace=False))]
+    w = x[rng.choice(len(x), len(u))] + 0.5 * rng.standard_normal(u.shape).astype(np.float32) \
+        / np.sqrt(x.shape[1])
+    w -= np.einsum("ij,ij->i", w, u)[:, None] * u
+    w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    v = threshold * u + np.sqrt(1 - threshold ** 2) * w
+    pu, pv = u @ proj, v @ proj
+    pu /= np.maximum(np.linalg.norm(pu, axis=1, keepdims=True), 1e-12)
+    pv /= np.maximum(np.linalg.norm(pv, axis=1, keepdims=True), 1e-12)
+    nlist = quantizer.ntotal  # type: ignore[attr-defined]
+    top = min(nlist, 1024)
+    _, lu = quantizer.search(np.ascontiguousarray(pu, np.float32), top)  # type: ignore[attr-defined]
+    _, lv = quantizer.search(np.ascontiguousarray(pv, np.float32), top)  # type: ignore[attr-defined]
+    big = np.iinfo(np.int64).max
+
+    def rank(lists: np.ndarray, target: np.ndarray) -> np.ndarray:
+        hit = lists == target[:, None]
+        return np.where(hit.any(1), hit.argmax(1), big)
+
+    need = np.minimum(rank(lu, lv[:, 0]), rank(lv, lu[:, 0])) + 1  # nprobe that finds each
+    nprobe = 1
+    while nprobe < top and np.mean(need <= nprobe) < IVF_RECALL:
+        nprobe *= 2
+    return min(nprobe, top)

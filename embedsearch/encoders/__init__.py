@@ -108,12 +108,15 @@ def resolve(spec: str) -> tuple[EncoderEntry, str]:
 
 def load_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike[str] | None = None,
                  precision: str = "fp32", channels_last: bool = True,
-                 device: str = "auto") -> Encoder:
+                 device: str = "auto", backend: str | None = None) -> Encoder:
     """Build the encoder named by ``spec``, with weights from ``weights`` when given.
 
     ``precision`` is "fp32", or "bf16" / "fp16" (autocast); channels-last memory layout is
     on by default because it is faster for convolutional nets and changes nothing else.
     ``device`` is "auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:N" or "mps".
+    ``backend`` ("auto", "torch", "openvino", "onnxruntime"; None: the process default,
+    see :mod:`embedsearch.encoders.backends`) chooses the runtime of the forward pass
+    (exported runtimes run on the CPU: on another device the backend is torch).
     """
     from embedsearch.encoders.devices import resolve_device
 
@@ -124,4 +127,8 @@ def load_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike[str] | 
         raise EncoderError(f"weights file {path} does not exist")
     encoder = entry.build(spec, name, path)
     encoder.configure(precision, channels_last, device)
+    if encoder.device == "cpu":
+        from embedsearch.encoders.backends import use_backend
+
+        use_backend(encoder, backend)
     return encoder

@@ -201,6 +201,8 @@ class Encoder:
 
     #: True for encoders that can embed text into the image space (CLIP).
     supports_text = False
+    #: True where exporting to another runtime cannot pay off (``--backend auto`` skips it).
+    prefers_torch = False
 
     def __init__(self, spec: str, model: torch.nn.Module, preprocess: Preprocess,
                  weights: WeightsInfo) -> None:
@@ -218,6 +220,9 @@ class Encoder:
         #: The configuration the model and preprocessing were resolved from (pretrained tag,
         #: activation, resize mode, …), recorded in the identity; None for fixed encoders.
         self.config: dict[str, Any] | None = None
+        #: Set by :func:`embedsearch.encoders.backends.use_backend`: batch → features.
+        self.runtime: Callable[[np.ndarray], np.ndarray] | None = None
+        self.backend = "torch"
         with torch.inference_mode():
             probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
             self.dim = int(self._forward(probe).shape[-1])
@@ -245,6 +250,7 @@ class Encoder:
         self.precision = precision
         self.channels_last = channels_last
         self.device = resolve_device(device)
+        self.runtime, self.backend = None, "torch"  # an exported graph is of the old settings
         self.model = self.model.to(
             device=self.device,
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -261,14 +267,17 @@ class Encoder:
 
         from embedsearch.encoders.devices import device_type
 
-        batch = batch.to(self.device, non_blocking=True)
-        if self.channels_last and batch.dim() == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), _ieee_fp32_convolutions(
-                self.device.startswith("cuda") and self.precision == "fp32"), torch.autocast(
-                device_type(self.device), enabled=self.precision != "fp32",
-                dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16):
-            feats = self._forward(batch).float()
+        if self.runtime is not None:  # an exported graph (OpenVINO / ONNX Runtime), on CPU
+            feats = torch.from_numpy(self.runtime(batch.cpu().contiguous().numpy()))
+        else:
+            batch = batch.to(self.device, non_blocking=True)
+            if self.channels_last and batch.dim() == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), _ieee_fp32_convolutions(
+                    self.device.startswith("cuda") and self.precision == "fp32"), torch.autocast(
+                    device_type(self.device), enabled=self.precision != "fp32",
+                    dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16):
+                feats = self._forward(batch).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         out = feats.cpu().numpy().astype(np.float32, copy=False)
         if not np.isfinite(out).all():

@@ -516,6 +516,8 @@ class TinyEncoder(Encoder):
     pretrained weights. It separates colours and coarse shapes, nothing more.
     """
 
+    prefers_torch = True
+
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
         import torch.nn.functional as F
