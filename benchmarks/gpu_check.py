@@ -279,6 +279,8 @@ def main() -> int:
     # Every build must encode: the shared embedding cache would hand the CPU build the
     # GPU build's vectors (same encoder identity), and the comparison would prove nothing.
     os.environ["EMBEDSEARCH_CACHE_DIR"] = "off"
+    # The CPU reference is torch's fp32 forward (not an exported OpenVINO/ONNX graph).
+    os.environ["EMBEDSEARCH_BACKEND"] = "torch"
 
     import torch
 

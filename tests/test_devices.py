@@ -22,6 +22,13 @@ torch = pytest.importorskip("torch")
 ENCODING_COMMANDS = ["build-index", "predict", "dedupe", "leakage", "benchmark", "serve"]
 
 
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the torch models and their device; exported runtimes
+    (OpenVINO/ONNX, tests of their own) would only add export time."""
+    monkeypatch.setenv("EMBEDSEARCH_BACKEND", "torch")
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two CUDA devices that exist only for device resolution."""

@@ -53,6 +53,13 @@ OPENCLIP_SAMPLE = [
 NEEDS_TRANSFORMERS = ("roberta-ViT-B-32", "laion2b_s12b_b32k")
 
 
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the torch models and their device; exported runtimes
+    (OpenVINO/ONNX, tests of their own) would only add export time."""
+    monkeypatch.setenv("EMBEDSEARCH_BACKEND", "torch")
+
+
 def _family(arch: str, tag: str) -> tuple[Any, ...]:
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     return tuple((k, str(cfg[k])) for k in sorted(cfg) if k not in ("url", "hf_hub"))
@@ -293,6 +300,7 @@ def timm_encoders() -> dict[str, Any]:
 
     real = timm.create_model
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBEDSEARCH_BACKEND", "torch")  # module scope: before the autouse fixture
         mp.setattr(timm, "create_model",
                    lambda name, pretrained=False, **kw: real(name, pretrained=False, **kw))
         return {name: load_encoder(f"timm:{name}", device="cpu") for name in TIMM_TAGS}
