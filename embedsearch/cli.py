@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from embedsearch import __version__
+from embedsearch.classify import DEFAULT_SELECT_BY, SELECT_BY
 from embedsearch.errors import EmbedsearchError
 
 log = logging.getLogger("embedsearch")
@@ -494,27 +495,35 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
 # -- train ------------------------------------------------------------------------------
 @main.command("train")
 @click.option("--index", "index_name", required=True, help="Bundle name or path.")
-@click.option("--head", "kind", type=click.Choice(["linear", "mlp"]), default="linear",
-              show_default=True, help="linear: logistic regression; mlp: one hidden layer.")
+@click.option("--head", "kind", type=click.Choice(["linear", "mlp", "auto"]), default="linear",
+              show_default=True, help="linear: logistic regression; mlp: one hidden layer; "
+              "auto: train both, keep the better on the --select-by metric.")
 @click.option("--head-name", help="Name to save it under (default: the kind); several heads "
               "can live side by side.")
+@click.option("--select-by", type=click.Choice(list(SELECT_BY)), default=DEFAULT_SELECT_BY,
+              show_default=True, help="Metric every setting (C, epochs, class prior "
+              "correction) and --head auto are chosen by, on validation.")
 @click.option("--class-weight", type=click.Choice(["auto", "balanced", "none"]),
               default="auto", show_default=True,
-              help="auto = balanced when the largest class is over 3x the smallest.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("-C", "C", type=float, help="linear: fixed inverse regularisation strength "
-              "(default: chosen on validation).")
+              help="auto: search a post-hoc class-prior correction (0 = none … 1 = balanced) "
+              "by --select-by; balanced: scikit-learn's balanced weights; none: neither.")
+@click.option("--seed", default=0, show_default=True, help="Seed of splits and initialisation.")
+@click.option("-C", "C", type=float, help="linear: fixed inverse regularisation strength, "
+              "scikit-learn's C on standardised inputs (default: searched 0.003-0.3, "
+              "extended at an edge).")
 @click.option("--hidden", type=int, help="mlp: hidden units (default 512).")
-@click.option("--max-epochs", type=int, help="mlp: epoch limit for early stopping (default 100).")
+@click.option("--max-epochs", type=int, help="mlp: length of the cosine schedule (default: "
+              "about 600 optimizer steps, 15-40 epochs, doubled when the best is the last).")
 @click.option("--no-refit", is_flag=True, help="Keep the train-only model instead of refitting "
               "on train + validation with the chosen setting.")
 @click.option("-k", default=10, show_default=True, help="k of the kNN baseline shown beside it.")
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
               help="Add the bundle's augmented views (build-index --views) as training rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
-def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: str, seed: int,
-              C: float | None, hidden: int | None, max_epochs: int | None, no_refit: bool,
-              k: int, use_views: bool, as_json: bool) -> None:
+def train_cmd(index_name: str, kind: str, head_name: str | None, select_by: str,
+              class_weight: str, seed: int, C: float | None, hidden: int | None,
+              max_epochs: int | None, no_refit: bool, k: int, use_views: bool,
+              as_json: bool) -> None:
     """Train a head on the bundle's cached embeddings (no image is re-encoded) and save it
     inside the bundle. Validation rows choose its settings; test rows are never used for
     training and are scored for the report only."""
@@ -524,7 +533,7 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     params: dict[str, Any] = {"refit": not no_refit}
     for key, value in (("C", C), ("hidden", hidden), ("max_epochs", max_epochs)):
         if value is not None:
-            if (key == "C") != (kind == "linear"):
+            if kind != "auto" and (key == "C") != (kind == "linear"):
                 raise EmbedsearchError(f"--{key.lower().replace('_', '-')} does not apply to "
                                        f"a {kind} head")
             params[key] = value
@@ -532,13 +541,19 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     from embedsearch.views import bundle_views
 
     extra = bundle_views(bundle) if use_views else None
-    res = fit_head(bundle, kind, name=head_name, class_weight=class_weight, seed=seed, k=k,
-                   extra_train=extra, **params)
+    res = fit_head(bundle, kind, name=head_name, class_weight=class_weight,
+                   select_by=select_by, seed=seed, k=k, extra_train=extra, **params)
     if as_json:
         _echo_json(res.as_dict())
         return
+    _echo_train(res, k, select_by)
+
+
+def _echo_train(res: Any, k: int, select_by: str) -> None:
+    """The ``train`` summary: what was chosen, by what, and each figure's protocol."""
     info = res.head.info
     sel, cw, trained = info["selection"], info["class_weight"], info["trained_on"]
+    kind = res.head.kind
     click.echo(f"head      {res.name} ({kind}) saved in {res.path}")
     splits = [s for s in ("train", "val", "test") if s in res.counts]
     width = max(len(str(c)) for c in res.head.classes_)
@@ -547,17 +562,34 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     for c in res.head.classes_:
         click.echo(f"  {c:{width}s}" + "".join(f"{res.counts[s].get(str(c), 0):8d}"
                                                for s in splits))
+    default = " (the default; --select-by to change)" if select_by == DEFAULT_SELECT_BY else ""
+    click.echo(f"select    by validation {select_by}{default}, ties to the lower log loss, "
+               f"on {sel['protocol']}")
+    if res.choice:
+        scores = ", ".join(f"{kd} {v:.3f}" for kd, v in res.choice["scores"].items())
+        click.echo(f"head      kept {res.choice['chosen']} ({select_by}: {scores}; "
+                   "linear on a tie)")
     n = list(res.counts["train"].values())
-    why = f" (largest class {max(n)} is {max(n) / max(min(n), 1):.1f}x the smallest {min(n)})"
-    click.echo(f"weights   class weight {cw['used']}"
-               + (f", from auto{why}" if cw["requested"] == "auto" else ""))
-    if kind == "linear":
-        tried = ", ".join(f"{g['C']:g}" for g in sel["grid"])
-        click.echo(f"chose     C={sel['C']:g} by {sel['criterion']} on {sel['protocol']} "
-                   f"(tried {tried})" if tried else f"C         {sel['C']:g} ({sel['protocol']})")
+    ratio = f"largest class {max(n)} is {max(n) / max(min(n), 1):.1f}x the smallest {min(n)}"
+    if cw["used"] == "prior correction":
+        click.echo(f"classes   prior correction tau={sel['tau']:g} chosen from 0 (none) to 1 "
+                   f"(~balanced) by {select_by} ({ratio})")
     else:
-        click.echo(f"chose     {sel['best_epoch']} epochs by {sel['criterion']} on "
-                   f"{sel['protocol']} ({sel['epochs_run']} run)")
+        click.echo(f"classes   weighting {cw['used']} ({ratio})")
+    if kind == "linear":
+        tried = sorted({g["C"] for g in sel["grid"]})
+        click.echo(f"chose     C={sel['C']:g} (tried {', '.join(f'{c:g}' for c in tried)}; "
+                   "scikit-learn's C on standardised inputs)")
+    elif sel["best_epoch"] == 0:
+        click.echo(f"chose     epoch 0: its linear base alone (C={sel['C']:g}); no epoch of the "
+                   f"hidden layer's {sel['epochs']}-epoch schedule improved validation "
+                   f"{select_by}")
+    else:
+        base = f" over its linear base (C={sel['C']:g})" if "C" in sel else ""
+        click.echo(f"chose     epoch {sel['best_epoch']} of a {sel['epochs']}-epoch cosine "
+                   f"schedule{base} (epoch 0 and the annealed second half searched)")
+    for note in sel.get("notes", []):
+        click.echo(f"edge      {note}")
     click.echo(f"refit     on {trained['rows']:,} rows"
                + (" (train + validation)" if trained.get("refit_on_train_and_val") else "")
                + (f", {trained['extra_rows']:,} extra views" if trained.get("extra_rows")
@@ -568,15 +600,21 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
                 f"  macro-F1 {f['macro_f1']:.3f}") if f.get("n") else "n/a"
 
     if res.validation:
-        click.echo(f"val       {figures(res.validation)}  ({res.validation['n']} images)")
+        click.echo(f"val       {figures(res.validation)}  ({res.validation['n']} images, "
+                   f"{sel['protocol']}: models that never saw them)")
     if res.knn_validation:
         click.echo(f"  {k}-NN    {figures(res.knn_validation)}  "
                    f"({res.knn_validation['protocol']})")
     if res.test:
-        click.echo(f"test      {figures(res.test)}  ({res.test['n']} held-out images, "
+        click.echo(f"test      {figures(res.test)}  ({res.test['n']} held-out test images, "
                    "report only)")
-        click.echo(f"  {k}-NN    {figures(res.knn_test)}")
-    click.echo(f"took      {res.seconds:.1f} s to train")
+        click.echo(f"  {k}-NN    {figures(res.knn_test)}  ({res.knn_test['protocol']})")
+    if res.choice:
+        each = " + ".join(f"{kd} {t:.1f} s" for kd, t in res.choice["seconds"].items())
+        click.echo(f"took      {sum(res.choice['seconds'].values()):.1f} s to train ({each}), "
+                   "selection included")
+    else:
+        click.echo(f"took      {res.seconds:.1f} s to train, selection included")
 
 
 # -- finetune -------------------------------------------------------------------------
@@ -752,6 +790,8 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--near-threshold", type=float,
               help="Cosine similarity above which two images count as near duplicates.")
 @click.option("--no-heads", is_flag=True, help="Skip the trained heads.")
+@click.option("--select-by", type=click.Choice(list(SELECT_BY)), default=DEFAULT_SELECT_BY,
+              show_default=True, help="Metric the heads' settings are chosen by on validation.")
 @click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")
 @click.option("--title", help="Report title.")
 @click.option("--batch-size", type=click.IntRange(min=1), help=_BATCH_HELP)
@@ -775,8 +815,9 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   weights: tuple[Path, ...], out: Path | None, bundles: Path | None, seed: int,
                   ks: tuple[int, ...], cv_folds: int | None, no_dedupe: bool,
-                  near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
-                  title: str | None, batch_size: int | None, workers: int | None, device: str,
+                  near_threshold: float | None, no_heads: bool, select_by: str,
+                  no_zero_shot: bool, title: str | None, batch_size: int | None,
+                  workers: int | None, device: str,
                   path_col: str | None, label_col: str | None, split_col: str | None,
                   split_map: str | None, views: str | None, do_finetune: bool,
                   finetune_blocks: str, finetune_epochs: int,
@@ -798,6 +839,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         data, list(models) or ["efficientnet-lite0"], weights=list(weights) or None, out=out,
         bundles=bundles, seed=seed, ks=ks, cv_folds=cv_folds, dedupe=not no_dedupe,
         near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
+        head_options={kind: {"select_by": select_by} for kind in DEFAULT_HEADS},
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
         split_map=split_map, command=sys.argv, progress=_progress_factory(ctx, "encoding"),
@@ -851,14 +893,15 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
 @click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA; "
               "with DATA, DATA's images that it holds reuse its vectors.")
 @click.option("--threshold", "-t", type=float,
-              help="Cosine similarity at which two images are near-duplicates. Default: 0.90 "
-              "(chosen from planted copies of real photos with the default encoder: "
-              "benchmarks/results/dedupe_threshold.md). Check it with --sweep and the report.")
+              help="Cosine similarity at which two images are near-duplicates. Default: "
+              "calibrated on the collection (above its look-alike background; the value "
+              "and its evidence are printed). Check it with --sweep and the report.")
 @click.option("--keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               default="resolution", show_default=True,
               help="Which image of a group to keep: largest resolution, largest file, first "
               "in path order, or oldest modification time.")
-@click.option("--sweep", is_flag=True, help="Print group counts across thresholds and stop.")
+@click.option("--sweep", is_flag=True, help="Print pairs found, groups and precision proxies "
+              "across thresholds and stop.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Report folder (default: reports/dedupe-<bundle name>).")
 @click.option("--no-html", is_flag=True, help="Skip report.html (thumbnails).")
@@ -877,7 +920,8 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
 @click.option("--model", "-m", help="Encoder when DATA has to be embedded (default: the "
               "bundle's, else efficientnet-lite0).")
 @device_option
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per group "
+              "(members, kept, similarities, reasons), then the summary.")
 @click.pass_context
 def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
                threshold: float | None, keep: str, sweep: bool, out: Path | None,
@@ -894,8 +938,8 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
 
     check_action_args(move_to, copy_clean_to, delete)
     bundle = _dedupe_bundle_arg(ctx, data, index_name, model, device)
-    t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
     if leakage:
+        t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
         ctx.invoke(leakage_cmd, folders=(), index_names=(str(bundle.path),), between=None,
                    threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
                    device=device, as_json=as_json)
@@ -906,15 +950,22 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
             for row in table.to_dict("records"):
                 _echo_json(row)
             return
-        click.echo(f"{'threshold':>9s} {'groups':>7s} {'removed':>8s} {'exact':>6s} "
-                   f"{'near':>6s} {'largest':>8s} {'label conflicts':>16s}")
+        chosen = table.attrs.get("calibrated")
+        click.echo(f"{'threshold':>9s} {'pairs':>7s} {'hash ok':>7s} {'in-group':>8s} "
+                   f"{'groups':>7s} {'removed':>8s} {'largest':>8s} {'conflicts':>9s}")
         for r in table.itertuples():
-            mark = "  <- default" if abs(r.threshold - dd.DEFAULT_THRESHOLD) < 1e-9 else ""
-            click.echo(f"{r.threshold:9.2f} {r.groups:7d} {r.removed:8d} {r.removed_exact:6d} "
-                       f"{r.removed_near:6d} {r.largest_group:8d} "
-                       f"{r.label_conflict_groups:16d}{mark}")
+            mark = "  <- calibrated" if chosen is not None and abs(r.threshold - chosen) < 1e-9 \
+                else ""
+            click.echo(f"{r.threshold:9.3f} {r.pairs:7d} {r.hash_agrees:7.3f} "
+                       f"{r.pair_precision_proxy:8.3f} {r.groups:7d} {r.removed:8d} "
+                       f"{r.largest_group:8d} {r.label_conflict_groups:9d}{mark}")
+        click.echo("pairs: image pairs at or above the threshold; hash ok: share of them the "
+                   "perceptual hash also calls copies; in-group: share of the pairs whose two "
+                   "images end up in one group (both precision proxies: they fall where "
+                   "look-alikes start to pass)", err=True)
         return
-    result = dd.dedupe_bundle(bundle, threshold=t, keep=keep)
+    result = dd.dedupe_bundle(bundle, threshold=threshold, keep=keep)
+    t = result.threshold
     out = out or Path("reports") / f"dedupe-{bundle.name}"
     files = dd.write_report(result, out, html_page=not no_html,
                             title=f"Duplicates in {bundle.name} (threshold {t:g})")
@@ -926,13 +977,31 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     elif delete:
         action = dd.delete_in_place(result, out)
     s = result.summary()
+    calibration = result.extra.get("calibration")
     if as_json:
+        for group in dd.groups_as_records(result):
+            _echo_json(group)
         _echo_json({"summary": s, "files": {k: str(v) for k, v in files.items()},
                     "action": action.summary() if action else None})
         return
     click.echo(f"bundle     {bundle.path} ({s['images']:,} images, "
                f"{bundle.encoder_identity.get('spec')})")
-    click.echo(f"threshold  {t:g}, keep {keep}")
+    if calibration:
+        from embedsearch.dedupe.calibrate import Calibration
+
+        click.echo(f"threshold  {Calibration(t, calibration).describe()}; keep {keep} "
+                   "(override: --threshold)")
+    else:
+        click.echo(f"threshold  {t:g} (given), keep {keep}")
+    if s.get("links_by_hash") or s.get("links_by_rotation") or s.get("links_by_margin"):
+        click.echo(f"second     pairs below the threshold linked by the perceptual hash "
+                   f"{s['links_by_hash']:,} (greyscale, resized, mirrored copies), as rotated "
+                   f"copies {s['links_by_rotation']:,}, as lone matches "
+                   f"{s['links_by_margin']:,} (crops)")
+    if s.get("skipped") or s.get("not_indexed"):
+        click.echo(f"not read   {s.get('not_indexed', 0):,} undecodable, "
+                   f"{s.get('skipped', 0):,} skipped files: see the bundle's failures table "
+                   "(embedsearch info)")
     click.echo(f"groups     {s['groups']:,}; {s['removed']:,} duplicates to remove "
                f"({s['removed_exact']:,} exact, {s['removed_near']:,} near); largest group "
                f"{s['largest_group']}")

@@ -3,7 +3,11 @@
 Library API (the CLI's ``dedupe``, ``dedupe-undo`` and ``leakage`` commands call these):
 
 - :func:`find_duplicates` (arrays only) / :func:`dedupe_bundle` → :class:`DedupeResult`
-- :func:`sweep` / :func:`sweep_bundle`: group counts across thresholds from one search
+- :func:`sweep` / :func:`sweep_bundle`: pairs, precision proxies and group counts across
+  thresholds from one search
+- :func:`calibrate.calibrate`: the threshold read off the collection's look-alike background
+- :func:`bundle_hashes`: the second signal (perceptual hashes), cached in the bundle
+- :func:`groups_as_records`: one dict per group (what ``dedupe --json`` prints)
 - :func:`leakage` / :func:`leakage_bundle` / :func:`leakage_folders` /
   :func:`leakage_bundles`: duplicates across splits, two folders, or a folder and an index
 - :func:`group_labels`, :func:`grouped_split`, :func:`near_duplicate_pairs`: group-aware
@@ -27,6 +31,9 @@ _LAZY = {
     "find_duplicates": "group",
     "sweep": "group",
     "group_labels": "group",
+    "groups_as_records": "group",
+    "Calibration": "calibrate",
+    "bundle_hashes": "views",
     "grouped_split": "group",
     "near_duplicate_pairs": "group",
     "candidate_pairs": "search",
