@@ -77,6 +77,8 @@ class CombinedEncoder:
         self.dim = sum(p.dim for p in parts)
         self.precision = parts[0].precision
         self.device = parts[0].device  # every part loads on the same device
+        #: Recorded with the build's throughput: each part's runtime, e.g. "openvino+torch".
+        self.backend = "+".join(dict.fromkeys(p.backend for p in parts))
         self._fingerprint: np.ndarray | None = None
 
     def transform(self, image: Image.Image) -> torch.Tensor:
