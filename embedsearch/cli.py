@@ -114,6 +114,20 @@ def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
 
+F = Callable[..., Any]
+
+
+def device_option(f: F) -> F:
+    """``--device``, shared by every command that encodes images."""
+    return click.option(
+        "--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N|mps",
+        help="Where images are encoded: auto picks a CUDA GPU, else Apple's MPS, else the CPU. "
+        "Not part of a bundle's identity: a bundle built on a GPU is queried on a CPU.")(f)
+
+
+_BATCH_HELP = "Images per batch (default: 32 on CPU, 256 on CUDA)."
+
+
 # -- models ---------------------------------------------------------------------------
 @main.command("models")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per encoder.")
@@ -142,9 +156,10 @@ def models_cmd(as_json: bool) -> None:
               "(SPEC or SPEC=WEIGHTS) to concatenate several encoders' embeddings.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local weights file for the encoder (.safetensors or a tensor-only .pt).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
-              help="Encoder arithmetic: fp32, or bf16 autocast (faster on CPUs with AVX-512 "
-              "BF16; vectors differ slightly). Default: fp32, or the bundle's.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Encoder arithmetic: fp32, or bf16 / fp16 autocast (bf16: faster on CPUs "
+              "with AVX-512 BF16; fp16: on GPUs; vectors differ slightly, and the bundle is "
+              "always queried at its precision). Default: fp32, or the bundle's.")
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
@@ -160,8 +175,10 @@ def models_cmd(as_json: bool) -> None:
               default="auto", show_default=True,
               help="faiss index: exact flat; IVF (recall@10 measured and recorded); IVF-PQ "
               "(compressed); HNSW. auto: flat up to 200,000 images, then IVF, then IVF-PQ.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
+@click.option("--batch-size", type=click.IntRange(min=1), help=_BATCH_HELP)
+@click.option("--workers", type=int, help="Image decoding threads on CPU, processes on a GPU "
+              "(default: one per core; on a GPU all cores but one).")
+@device_option
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="Where images are encoded: this process, or a Ray "
               "cluster (needs the `ray` extra; same bundle).")
@@ -194,8 +211,9 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                     path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
                     split_map: str | None,
-                    skip_missing: bool, overwrite: bool, index_type: str, batch_size: int,
-                    workers: int | None, engine: str, address: str | None,
+                    skip_missing: bool, overwrite: bool, index_type: str,
+                    batch_size: int | None, workers: int | None, device: str, engine: str,
+                    address: str | None,
                     num_workers: int, worker_cpus: float, worker_gpus: float,
                     dedupe: bool | None, dedupe_threshold: float | None,
                     dedupe_keep: str | None, exclude: Path | None, views: str | None,
@@ -209,7 +227,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     from embedsearch.engines.ray_engine import RayOptions
     from embedsearch.pipeline import build_index
 
-    ray_options = RayOptions(address=address, num_workers=num_workers, batch_size=batch_size,
+    ray_options = RayOptions(address=address, num_workers=num_workers,
+                             batch_size=batch_size or RayOptions.batch_size,
                              num_cpus=worker_cpus, num_gpus=worker_gpus,
                              quiet=not ctx.obj.get("debug"))
     result = build_index(
@@ -223,7 +242,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         progress=_progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
         dedupe=dedupe, dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
         exclude=exclude,
-        views=views,
+        views=views, device=device,
     )
     m = result.manifest
     if as_json:
@@ -307,8 +326,9 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
               default="similarity", show_default=True, help="kNN vote weighting.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="The encoder's weights file, if it moved since the build.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help=_BATCH_HELP)
 @click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
+@device_option
 @click.option("--method", type=click.Choice(["auto", "knn", "head", "zeroshot", "all"]),
               default="auto", show_default=True,
               help="auto: the best available (a trained head that beat kNN on validation, "
@@ -336,8 +356,9 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
-                n_neighbours: int, weighting: str, weights: Path | None, batch_size: int,
-                workers: int | None, method: str, head_name: str | None, classes: str | None,
+                n_neighbours: int, weighting: str, weights: Path | None,
+                batch_size: int | None, workers: int | None, device: str, method: str,
+                head_name: str | None, classes: str | None,
                 template_set: str | None, templates: tuple[str, ...], allow_self: bool,
                 per_class: bool, output: Path | None, confusion: Path | None, tta: str,
                 as_json: bool) -> None:
@@ -353,6 +374,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
     from embedsearch.bundle import load_bundle
 
     bundle = load_bundle(index_name)
+    bundle.device = device
     bundle.image_encoder(weights)
     paths, truth = _collect_queries(images)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
@@ -707,10 +729,11 @@ def info_cmd(index_name: str, as_json: bool) -> None:
               type=click.IntRange(1), help="Largest accepted image (width × height).")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="The encoder's weights file, if it moved since the build.")
+@device_option
 @click.pass_context
 def serve_cmd(ctx: click.Context, index_name: str, host: str, port: int, k: int,
               n_neighbours: int, max_upload_mb: float, max_pixels: int,
-              weights: Path | None) -> None:
+              weights: Path | None, device: str) -> None:
     """Serve an index: a web page and HTTP API to classify an image and browse its
     nearest neighbours (API docs at /docs)."""
     try:
@@ -721,7 +744,11 @@ def serve_cmd(ctx: click.Context, index_name: str, host: str, port: int, k: int,
         raise EmbedsearchError(f"serving needs FastAPI and uvicorn ({exc.name} is missing)",
                                hint='pip install -e ".[serve]"') from exc
 
-    app = create_app(index_name, k=k, n_neighbours=n_neighbours, weights=weights,
+    from embedsearch.bundle import load_bundle
+
+    bundle = load_bundle(index_name)
+    bundle.device = device
+    app = create_app(bundle, k=k, n_neighbours=n_neighbours, weights=weights,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
     # Load the model before binding the port, so a broken bundle is a clear CLI error.
     app.state.service.load()
@@ -773,8 +800,9 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
               show_default=True, help="Metric the heads' settings are chosen by on validation.")
 @click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")
 @click.option("--title", help="Report title.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help=_BATCH_HELP)
 @click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
+@device_option
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
@@ -790,19 +818,18 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
               show_default=True, help="What --finetune trains.")
 @click.option("--finetune-epochs", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--budget-minutes", type=float, help="Wall-time budget of --finetune.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Device of --finetune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
 @click.pass_context
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   weights: tuple[Path, ...], out: Path | None, bundles: Path | None, seed: int,
                   ks: tuple[int, ...], cv_folds: int | None, no_dedupe: bool,
                   near_threshold: float | None, no_heads: bool, select_by: str,
-                  no_zero_shot: bool, title: str | None, batch_size: int, workers: int | None,
+                  no_zero_shot: bool, title: str | None, batch_size: int | None,
+                  workers: int | None, device: str,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  split_map: str | None, exclude: Path | None, views: str | None,
-                  do_finetune: bool, finetune_blocks: str, finetune_epochs: int,
-                  budget_minutes: float | None, device: str, as_json: bool) -> None:
+                  split_map: str | None, exclude: Path | None, views: str | None, do_finetune: bool,
+                  finetune_blocks: str, finetune_epochs: int,
+                  budget_minutes: float | None, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
     Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
@@ -827,7 +854,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         on_stage=stage,
         finetune={"blocks": finetune_blocks, "epochs": finetune_epochs,
                   "budget_minutes": budget_minutes, "device": device} if do_finetune else None,
-        views=views, exclude=exclude)
+        views=views, device=device, exclude=exclude)
     rows = result.rows()
     if as_json:
         for row in rows:
@@ -845,7 +872,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
 
 # -- dedupe ---------------------------------------------------------------------------
 def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | None,
-                       model: str | None) -> Any:
+                       model: str | None, device: str = "auto") -> Any:
     """The bundle to deduplicate: --index NAME, or DATA embedded (or refreshed) first; with
     both, DATA reuses the vectors NAME holds for the same images."""
     from embedsearch.bundle import load_bundle
@@ -863,7 +890,8 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
         source = load_bundle(index_name)
         share_bundle_vectors(source)
         encoder = _same_encoder(source, model)
-    result = build_index(data, progress=_progress_factory(ctx, "encoding"), **encoder)
+    result = build_index(data, progress=_progress_factory(ctx, "encoding"), device=device,
+                         **encoder)
     _echo_reuse(result)
     return load_bundle(result.path)
 
@@ -899,13 +927,15 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
               help="Report duplicates across splits (train/val/test) instead.")
 @click.option("--model", "-m", help="Encoder when DATA has to be embedded (default: the "
               "bundle's, else efficientnet-lite0).")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per group "
               "(members, kept, similarities, reasons), then the summary.")
 @click.pass_context
 def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
                threshold: float | None, keep: str, sweep: bool, out: Path | None,
                no_html: bool, move_to: Path | None, copy_clean_to: Path | None, link: str,
-               delete: bool, leakage: bool, model: str | None, as_json: bool) -> None:
+               delete: bool, leakage: bool, model: str | None, device: str,
+               as_json: bool) -> None:
     """Find exact and near-duplicate images in DATA (or an index) and report them.
 
     Writes groups.csv/parquet, label_conflicts.csv and report.html (thumbnails side by
@@ -915,12 +945,12 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     from embedsearch.dedupe.actions import check_action_args
 
     check_action_args(move_to, copy_clean_to, delete)
-    bundle = _dedupe_bundle_arg(ctx, data, index_name, model)
+    bundle = _dedupe_bundle_arg(ctx, data, index_name, model, device)
     if leakage:
         t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
         ctx.invoke(leakage_cmd, folders=(), index_names=(str(bundle.path),), between=None,
                    threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
-                   as_json=as_json)
+                   device=device, as_json=as_json)
         return
     if sweep:
         table = dd.sweep_bundle(bundle, keep=keep)
@@ -1057,12 +1087,14 @@ def _echo_reuse(res: Any) -> None:
               help="Report folder (default: reports/leakage-<name>).")
 @click.option("--no-html", is_flag=True)
 @click.option("--model", "-m", help="Encoder when folders have to be embedded.")
+@device_option
 @click.option("--fail-on-leak", is_flag=True, help="Exit with status 1 when a pair is found.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per pair.")
 @click.pass_context
 def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tuple[str, ...],
                 between: str | None, threshold: float | None, out: Path | None,
-                no_html: bool, model: str | None, fail_on_leak: bool, as_json: bool) -> None:
+                no_html: bool, model: str | None, device: str, fail_on_leak: bool,
+                as_json: bool) -> None:
     """Duplicates that sit on both sides of a train/test split.
 
     Two sides: two folders (TRAIN_DIR TEST_DIR), a folder and --index NAME, or --index A
@@ -1085,7 +1117,7 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
         for side in sides:  # a folder's images that the index holds are not encoded again
             share_bundle_vectors(side)
         encoder = _same_encoder(sides[0], model) if sides else {"model": model}
-        sides += [_folder_bundle(ctx, f, encoder) for f in folders]
+        sides += [_folder_bundle(ctx, f, {**encoder, "device": device}) for f in folders]
         pairs = dd.leakage_bundles(sides[0], sides[1], threshold=t,
                                    names=(sides[0].name, sides[1].name) if index_names
                                    else (folders[0].name, folders[1].name))

@@ -25,6 +25,7 @@ from embedsearch.bundle import (
     bundle_path,
     encoder_key,
     fingerprint_cosine,
+    identity_diffs,
     read_manifest,
 )
 from embedsearch.data.scan import Collection, Record, scan
@@ -145,7 +146,7 @@ def build_index(
     split_map: str | dict[str, str] | None = None,
     overwrite: bool = False,
     index_type: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     encoder: Encoder | None = None,
@@ -156,6 +157,7 @@ def build_index(
     dedupe_threshold: float | None = None,
     dedupe_keep: str | None = None,
     views: str | None = None,
+    device: str = "auto",
     exclude: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
@@ -169,9 +171,12 @@ def build_index(
     recognised from their words. ``views="flip,crop2"`` also embeds augmented views of the
     training images for heads (see :mod:`embedsearch.views`); it sticks too, until
     ``views="none"``. Several ``model`` specs (``SPEC`` or ``SPEC=FILE``) make one bundle of
-    their concatenated embeddings (see :mod:`embedsearch.combine`). ``exclude`` names a
-    reviewed list of ids to leave out (:mod:`embedsearch.audit.exclude`), recorded as
-    skipped.
+    their concatenated embeddings (see :mod:`embedsearch.combine`).
+    ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
+    images are encoded; it is not part of the bundle's identity, the precision is.
+    ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
+    ``exclude`` names a reviewed list of ids to leave out
+    (:mod:`embedsearch.audit.exclude`), recorded as skipped.
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
@@ -200,8 +205,9 @@ def build_index(
             if isinstance(model, list) and weights is not None:
                 raise EmbedsearchError("--weights is ambiguous with several --model",
                                        hint="give each its file: --model SPEC=WEIGHTS")
-            encoder = combine(model, precision) if isinstance(model, list) \
-                else encoder_from_identity(old["encoder"], weights)  # type: ignore[index]
+            encoder = combine(model, precision, device) if isinstance(model, list) \
+                else encoder_from_identity(old["encoder"], weights,  # type: ignore[index]
+                                           device)
         if encoder is None:
             from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
@@ -212,7 +218,7 @@ def build_index(
             if precision is None:
                 precision = old["encoder"].get("precision", "fp32") if old and not model \
                     else DEFAULT_PRECISION
-            encoder = load_encoder(spec, weights, precision=precision)
+            encoder = load_encoder(spec, weights, precision=precision, device=device)
         identity = encoder.identity()
         fingerprint = encoder.fingerprint()
         if old is not None and not overwrite:
@@ -368,10 +374,13 @@ def _previous_manifest(path: Path) -> dict[str, Any] | None:
 def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
                       fingerprint: np.ndarray) -> None:
     if encoder_key(old["encoder"]) != encoder_key(identity):
+        # Names what differs: another model, or the same spec resolved to another
+        # configuration (e.g. a bundle from before the pretrained tag's config was recorded).
         raise BundleMismatchError(
             f"{path} was built with encoder {old['encoder']['spec']} "
             f"({old['encoder']['dim']}-d); this build uses {identity['spec']} "
-            f"({identity['dim']}-d)",
+            f"({identity['dim']}-d); differs in: "
+            f"{', '.join(identity_diffs(old['encoder'], identity)) or 'identity'}",
             hint=f"choose another --name/--out, or pass --overwrite to rebuild {path} "
             "with the new encoder",
         )
@@ -384,7 +393,7 @@ def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
         )
 
 
-def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int,
+def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int | None,
                   num_workers: int | None, tick: Callable[[int], None] | None
                   ) -> Iterator[tuple[np.ndarray, list[ItemInfo]]]:
     """Per chunk: (vectors of the images that decoded, one ItemInfo per path, in order)."""
@@ -409,7 +418,7 @@ def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_si
 
 
 def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[int, int]],
-                    todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int,
+                    todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int | None,
                     num_workers: int | None, shard_size: int,
                     tick: Callable[[int], None] | None, engine: str = "local",
                     ray_options: RayOptions | None = None,
@@ -419,7 +428,7 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
     if engine == "ray":
         from embedsearch.engines.ray_engine import RayOptions, encode_chunks
 
-        opts = ray_options or RayOptions(batch_size=batch_size)
+        opts = ray_options or RayOptions(batch_size=batch_size or RayOptions.batch_size)
         chunks = encode_chunks(encoder, paths, shard_size, opts, progress=tick)
     else:
         chunks = _local_chunks(encoder, paths, shard_size, batch_size, num_workers, tick)
