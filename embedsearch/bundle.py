@@ -75,14 +75,33 @@ def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
     return DEFAULT_ROOT / p
 
 
+#: Encoder families whose resolved configuration is part of the key (see encoder_key).
+CONFIG_CHECKED_FAMILIES = ("openclip",)
+
+
 def encoder_key(identity: dict[str, Any]) -> str:
     """The parts of an encoder identity that decide its vectors, as one comparable string."""
     w = identity.get("weights", {})
-    return "|".join(str(x) for x in (
+    key = "|".join(str(x) for x in (
         identity.get("spec"), identity.get("dim"), w.get("sha256"), identity.get("impl_version"),
         identity.get("precision", "fp32"),
         sorted(identity.get("preprocess", {}).items()),
     ))
+    # The resolved model configuration (pretrained tag, activation, resize mode) of open_clip
+    # encoders: one built before it was recorded lacks it and is refused (those were built
+    # with the architecture's defaults, e.g. GELU for OpenAI's QuickGELU tags). timm and
+    # torchvision resolved theirs from the spec the same way before it was recorded, and
+    # EfficientNet-Lite has none: their keys, and their existing bundles, are unchanged.
+    config = identity.get("config")
+    if config is not None and config.get("family") in CONFIG_CHECKED_FAMILIES:
+        key += "|" + json.dumps(config, sort_keys=True)
+    return key
+
+
+def identity_diffs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The parts of two encoder identities that differ (for messages)."""
+    return [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version",
+                        "config") if a.get(k) != b.get(k)]
 
 
 def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: str,
@@ -90,8 +109,7 @@ def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: st
     """Refuse ``what`` when it was made with another encoder than ``expected``."""
     if encoder_key(expected) == encoder_key(found):
         return
-    diffs = [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version")
-             if expected.get(k) != found.get(k)]
+    diffs = identity_diffs(expected, found)
     raise BundleMismatchError(
         f"{what} was made with encoder {found.get('spec')} ({found.get('dim')}-d), "
         f"not with {expected.get('spec')} ({expected.get('dim')}-d); differs in: "
@@ -140,6 +158,9 @@ class Bundle:
         self.path = path
         self.manifest = manifest
         self._encoder: Encoder | None = None
+        #: Where queries are embedded ("auto", "cpu", "cuda[:N]", "mps"); not part of the
+        #: encoder's identity.
+        self.device = "auto"
         self._light: Any = None
         #: Of the last :meth:`embed_files` call: files encoded, files whose vectors were
         #: reused (from this bundle or the shared embedding cache).
@@ -250,8 +271,13 @@ class Bundle:
         return labels.to_numpy()
 
     # -- encoder ----------------------------------------------------------------------
-    def encoder(self, weights: str | os.PathLike[str] | None = None) -> Encoder:
-        """The bundle's encoder, rebuilt from its identity and checked by fingerprint."""
+    def encoder(self, weights: str | os.PathLike[str] | None = None,
+                device: str | None = None) -> Encoder:
+        """The bundle's encoder, rebuilt from its identity and checked by fingerprint.
+
+        ``device`` (default: :attr:`device`, "auto") is where it runs; a bundle built on a
+        GPU is queried on a CPU and the other way round, at the precision it was built with.
+        """
         if self._encoder is None:
             from embedsearch.encoders import load_encoder
 
@@ -266,10 +292,11 @@ class Bundle:
             if "parts" in ident:  # several encoders, concatenated (embedsearch.combine)
                 from embedsearch.combine import encoder_from_identity
 
-                enc = encoder_from_identity(ident, weights)
+                enc = encoder_from_identity(ident, weights, device or self.device)
             else:
                 enc = load_encoder(ident["spec"], weights,
-                                   precision=ident.get("precision", "fp32"))
+                                   precision=ident.get("precision", "fp32"),
+                                   device=device or self.device)
             self._check_encoder(enc)
             self._encoder = enc
         return self._encoder
@@ -289,7 +316,8 @@ class Bundle:
         """What embeds query images: a verified cached export when one exists and no other
         weights are given (no torch import: ``encoders.backends.light_encoder``), checked
         against the bundle like :meth:`encoder`; else :meth:`encoder`."""
-        if self._encoder is None and self._light is None and weights is None:
+        if self._encoder is None and self._light is None and weights is None \
+                and self.device in ("auto", "cpu"):  # exports run on the CPU
             from embedsearch.encoders.backends import light_encoder
 
             light = light_encoder(self.encoder_identity)
@@ -318,7 +346,7 @@ class Bundle:
                                    hint="it still supports similar-image search")
         return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)
 
-    def embed_paths(self, paths: list[Path], batch_size: int = 32,
+    def embed_paths(self, paths: list[Path], batch_size: int | None = None,
                     num_workers: int | None = None, tta: str | None = None
                     ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
         """Embed query files. Returns (vectors for readable files, statuses of all files).
@@ -348,7 +376,7 @@ class Bundle:
         out = vectors + mirrored
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
-    def embed_files(self, paths: list[Path], batch_size: int = 32,
+    def embed_files(self, paths: list[Path], batch_size: int | None = None,
                     num_workers: int | None = None
                     ) -> tuple[np.ndarray, list[tuple[str, str, str]], list[str | None]]:
         """Embed query files, reusing vectors this bundle or the shared embedding cache
@@ -500,7 +528,7 @@ class Bundle:
         return out
 
     def predict(self, paths: list[Path], k: int = 10, n_neighbours: int = 5,
-                weighting: str = "similarity", batch_size: int = 32,
+                weighting: str = "similarity", batch_size: int | None = None,
                 num_workers: int | None = None, method: str = "auto",
                 head_name: str | None = None, classes: list[str] | None = None,
                 templates: str | list[str] | None = None,

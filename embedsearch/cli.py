@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from embedsearch import __version__
+from embedsearch.classify import DEFAULT_SELECT_BY, SELECT_BY
 from embedsearch.errors import EmbedsearchError
 
 log = logging.getLogger("embedsearch")
@@ -113,6 +114,20 @@ def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
 
+F = Callable[..., Any]
+
+
+def device_option(f: F) -> F:
+    """``--device``, shared by every command that encodes images."""
+    return click.option(
+        "--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N|mps",
+        help="Where images are encoded: auto picks a CUDA GPU, else Apple's MPS, else the CPU. "
+        "Not part of a bundle's identity: a bundle built on a GPU is queried on a CPU.")(f)
+
+
+_BATCH_HELP = "Images per batch (default: 32 on CPU, 256 on CUDA)."
+
+
 # -- models ---------------------------------------------------------------------------
 @main.command("models")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per encoder.")
@@ -141,9 +156,10 @@ def models_cmd(as_json: bool) -> None:
               "(SPEC or SPEC=WEIGHTS) to concatenate several encoders' embeddings.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local weights file for the encoder (.safetensors or a tensor-only .pt).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
-              help="Encoder arithmetic: fp32, or bf16 autocast (faster on CPUs with AVX-512 "
-              "BF16; vectors differ slightly). Default: fp32, or the bundle's.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Encoder arithmetic: fp32, or bf16 / fp16 autocast (bf16: faster on CPUs "
+              "with AVX-512 BF16; fp16: on GPUs; vectors differ slightly, and the bundle is "
+              "always queried at its precision). Default: fp32, or the bundle's.")
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
@@ -159,8 +175,10 @@ def models_cmd(as_json: bool) -> None:
               default="auto", show_default=True,
               help="faiss index: exact flat; IVF (recall@10 measured and recorded); IVF-PQ "
               "(compressed); HNSW. auto: flat up to 200,000 images, then IVF, then IVF-PQ.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
+@click.option("--batch-size", type=click.IntRange(min=1), help=_BATCH_HELP)
+@click.option("--workers", type=int, help="Image decoding threads on CPU, processes on a GPU "
+              "(default: one per core; on a GPU all cores but one).")
+@device_option
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="Where images are encoded: this process, or a Ray "
               "cluster (needs the `ray` extra; same bundle).")
@@ -179,6 +197,10 @@ def models_cmd(as_json: bool) -> None:
               "(default 0.90).")
 @click.option("--dedupe-keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               help="Which image of a duplicate group --dedupe keeps (default: resolution).")
+@click.option("--exclude", type=click.Path(path_type=Path, dir_okay=False),
+              help="Leave out the images a reviewed list names (CSV with an id column, "
+              "e.g. from `embedsearch audit`; rows with a decision column count only when "
+              "it says exclude). Listed as skipped with reason 'excluded'.")
 @click.option("--views", help="Also embed augmented views of the labelled training images "
               "for heads: flip and/or cropN, e.g. flip,crop2 (none: drop them). Sticks to "
               "the bundle.")
@@ -189,11 +211,13 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                     path_col: str | None,
                     label_col: str | None, split_col: str | None, follow_symlinks: bool,
                     split_map: str | None,
-                    skip_missing: bool, overwrite: bool, index_type: str, batch_size: int,
-                    workers: int | None, engine: str, address: str | None,
+                    skip_missing: bool, overwrite: bool, index_type: str,
+                    batch_size: int | None, workers: int | None, device: str, engine: str,
+                    address: str | None,
                     num_workers: int, worker_cpus: float, worker_gpus: float,
                     dedupe: bool | None, dedupe_threshold: float | None,
-                    dedupe_keep: str | None, views: str | None, as_json: bool) -> None:
+                    dedupe_keep: str | None, exclude: Path | None, views: str | None,
+                    as_json: bool) -> None:
     """Embed every image in DATA once and index it.
 
     DATA is a folder with one sub-folder per class (optionally below train/ val/ test/),
@@ -203,7 +227,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     from embedsearch.engines.ray_engine import RayOptions
     from embedsearch.pipeline import build_index
 
-    ray_options = RayOptions(address=address, num_workers=num_workers, batch_size=batch_size,
+    ray_options = RayOptions(address=address, num_workers=num_workers,
+                             batch_size=batch_size or RayOptions.batch_size,
                              num_cpus=worker_cpus, num_gpus=worker_gpus,
                              quiet=not ctx.obj.get("debug"))
     result = build_index(
@@ -216,7 +241,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
         batch_size=batch_size, num_workers=workers,
         progress=_progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
         dedupe=dedupe, dedupe_threshold=dedupe_threshold, dedupe_keep=dedupe_keep,
-        views=views,
+        exclude=exclude,
+        views=views, device=device,
     )
     m = result.manifest
     if as_json:
@@ -301,8 +327,9 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
               default="similarity", show_default=True, help="kNN vote weighting.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="The encoder's weights file, if it moved since the build.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help=_BATCH_HELP)
 @click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
+@device_option
 @click.option("--method", type=click.Choice(["auto", "knn", "head", "zeroshot", "all"]),
               default="auto", show_default=True,
               help="auto: the best available (a trained head that beat kNN on validation, "
@@ -330,8 +357,9 @@ def _collect_queries(inputs: tuple[str, ...]) -> tuple[list[Path], dict[str, str
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per image.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k: int,
-                n_neighbours: int, weighting: str, weights: Path | None, batch_size: int,
-                workers: int | None, method: str, head_name: str | None, classes: str | None,
+                n_neighbours: int, weighting: str, weights: Path | None,
+                batch_size: int | None, workers: int | None, device: str, method: str,
+                head_name: str | None, classes: str | None,
                 template_set: str | None, templates: tuple[str, ...], allow_self: bool,
                 per_class: bool, output: Path | None, confusion: Path | None, tta: str,
                 as_json: bool) -> None:
@@ -347,6 +375,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
     from embedsearch.bundle import load_bundle
 
     bundle = load_bundle(index_name)
+    bundle.device = device
     bundle.image_encoder(weights)
     paths, truth = _collect_queries(images)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
@@ -473,20 +502,27 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
 # -- train ------------------------------------------------------------------------------
 @main.command("train")
 @click.option("--index", "index_name", required=True, help="Bundle name or path.")
-@click.option("--head", "kind", type=click.Choice(["linear", "mlp"]), default="linear",
-              show_default=True, help="linear: logistic regression; mlp: one hidden layer.")
+@click.option("--head", "kind", type=click.Choice(["linear", "mlp", "auto"]), default="linear",
+              show_default=True, help="linear: logistic regression; mlp: one hidden layer; "
+              "auto: train both, keep the better on the --select-by metric.")
 @click.option("--head-name", help="Name to save it under (default: the kind); several heads "
               "can live side by side.")
+@click.option("--select-by", type=click.Choice(list(SELECT_BY)), default=DEFAULT_SELECT_BY,
+              show_default=True, help="Metric every setting (C, epochs, class prior "
+              "correction) and --head auto are chosen by, on validation.")
 @click.option("--class-weight", type=click.Choice(["auto", "balanced", "none"]),
               default="auto", show_default=True,
-              help="auto = balanced when the largest class is over 3x the smallest.")
-@click.option("--seed", default=0, show_default=True)
+              help="auto: search a post-hoc class-prior correction (0 = none … 1 = balanced) "
+              "by --select-by; balanced: scikit-learn's balanced weights; none: neither.")
+@click.option("--seed", default=0, show_default=True, help="Seed of splits and initialisation.")
 @click.option("-C", "C", type=click.FloatRange(min=0, min_open=True),
-              help="linear: fixed inverse regularisation strength "
-              "(default: chosen on validation).")
+              help="linear: fixed inverse regularisation strength, "
+              "scikit-learn's C on standardised inputs (default: searched 0.003-0.3, "
+              "extended at an edge).")
 @click.option("--hidden", type=click.IntRange(min=1), help="mlp: hidden units (default 512).")
 @click.option("--max-epochs", type=click.IntRange(min=1),
-              help="mlp: epoch limit for early stopping (default 100).")
+              help="mlp: length of the cosine schedule (default: "
+              "about 600 optimizer steps, 15-40 epochs, doubled when the best is the last).")
 @click.option("--no-refit", is_flag=True, help="Keep the train-only model instead of refitting "
               "on train + validation with the chosen setting.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(min=1),
@@ -494,9 +530,10 @@ def _print_side_by_side(preds: list[Any], truth: dict[str, str]) -> None:
 @click.option("--views/--no-views", "use_views", default=True, show_default=True,
               help="Add the bundle's augmented views (build-index --views) as training rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
-def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: str, seed: int,
-              C: float | None, hidden: int | None, max_epochs: int | None, no_refit: bool,
-              k: int, use_views: bool, as_json: bool) -> None:
+def train_cmd(index_name: str, kind: str, head_name: str | None, select_by: str,
+              class_weight: str, seed: int, C: float | None, hidden: int | None,
+              max_epochs: int | None, no_refit: bool, k: int, use_views: bool,
+              as_json: bool) -> None:
     """Train a head on the bundle's cached embeddings (no image is re-encoded) and save it
     inside the bundle. Validation rows choose its settings; test rows are never used for
     training and are scored for the report only."""
@@ -506,7 +543,7 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     params: dict[str, Any] = {"refit": not no_refit}
     for key, value in (("C", C), ("hidden", hidden), ("max_epochs", max_epochs)):
         if value is not None:
-            if (key == "C") != (kind == "linear"):
+            if kind != "auto" and (key == "C") != (kind == "linear"):
                 raise EmbedsearchError(f"--{key.lower().replace('_', '-')} does not apply to "
                                        f"a {kind} head")
             params[key] = value
@@ -514,13 +551,19 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     from embedsearch.views import bundle_views
 
     extra = bundle_views(bundle) if use_views else None
-    res = fit_head(bundle, kind, name=head_name, class_weight=class_weight, seed=seed, k=k,
-                   extra_train=extra, **params)
+    res = fit_head(bundle, kind, name=head_name, class_weight=class_weight,
+                   select_by=select_by, seed=seed, k=k, extra_train=extra, **params)
     if as_json:
         _echo_json(res.as_dict())
         return
+    _echo_train(res, k, select_by)
+
+
+def _echo_train(res: Any, k: int, select_by: str) -> None:
+    """The ``train`` summary: what was chosen, by what, and each figure's protocol."""
     info = res.head.info
     sel, cw, trained = info["selection"], info["class_weight"], info["trained_on"]
+    kind = res.head.kind
     click.echo(f"head      {res.name} ({kind}) saved in {res.path}")
     splits = [s for s in ("train", "val", "test") if s in res.counts]
     width = max(len(str(c)) for c in res.head.classes_)
@@ -529,17 +572,34 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
     for c in res.head.classes_:
         click.echo(f"  {c:{width}s}" + "".join(f"{res.counts[s].get(str(c), 0):8d}"
                                                for s in splits))
+    default = " (the default; --select-by to change)" if select_by == DEFAULT_SELECT_BY else ""
+    click.echo(f"select    by validation {select_by}{default}, ties to the lower log loss, "
+               f"on {sel['protocol']}")
+    if res.choice:
+        scores = ", ".join(f"{kd} {v:.3f}" for kd, v in res.choice["scores"].items())
+        click.echo(f"head      kept {res.choice['chosen']} ({select_by}: {scores}; "
+                   "linear on a tie)")
     n = list(res.counts["train"].values())
-    why = f" (largest class {max(n)} is {max(n) / max(min(n), 1):.1f}x the smallest {min(n)})"
-    click.echo(f"weights   class weight {cw['used']}"
-               + (f", from auto{why}" if cw["requested"] == "auto" else ""))
-    if kind == "linear":
-        tried = ", ".join(f"{g['C']:g}" for g in sel["grid"])
-        click.echo(f"chose     C={sel['C']:g} by {sel['criterion']} on {sel['protocol']} "
-                   f"(tried {tried})" if tried else f"C         {sel['C']:g} ({sel['protocol']})")
+    ratio = f"largest class {max(n)} is {max(n) / max(min(n), 1):.1f}x the smallest {min(n)}"
+    if cw["used"] == "prior correction":
+        click.echo(f"classes   prior correction tau={sel['tau']:g} chosen from 0 (none) to 1 "
+                   f"(~balanced) by {select_by} ({ratio})")
     else:
-        click.echo(f"chose     {sel['best_epoch']} epochs by {sel['criterion']} on "
-                   f"{sel['protocol']} ({sel['epochs_run']} run)")
+        click.echo(f"classes   weighting {cw['used']} ({ratio})")
+    if kind == "linear":
+        tried = sorted({g["C"] for g in sel["grid"]})
+        click.echo(f"chose     C={sel['C']:g} (tried {', '.join(f'{c:g}' for c in tried)}; "
+                   "scikit-learn's C on standardised inputs)")
+    elif sel["best_epoch"] == 0:
+        click.echo(f"chose     epoch 0: its linear base alone (C={sel['C']:g}); no epoch of the "
+                   f"hidden layer's {sel['epochs']}-epoch schedule improved validation "
+                   f"{select_by}")
+    else:
+        base = f" over its linear base (C={sel['C']:g})" if "C" in sel else ""
+        click.echo(f"chose     epoch {sel['best_epoch']} of a {sel['epochs']}-epoch cosine "
+                   f"schedule{base} (epoch 0 and the annealed second half searched)")
+    for note in sel.get("notes", []):
+        click.echo(f"edge      {note}")
     click.echo(f"refit     on {trained['rows']:,} rows"
                + (" (train + validation)" if trained.get("refit_on_train_and_val") else "")
                + (f", {trained['extra_rows']:,} extra views" if trained.get("extra_rows")
@@ -550,15 +610,21 @@ def train_cmd(index_name: str, kind: str, head_name: str | None, class_weight: s
                 f"  macro-F1 {f['macro_f1']:.3f}") if f.get("n") else "n/a"
 
     if res.validation:
-        click.echo(f"val       {figures(res.validation)}  ({res.validation['n']} images)")
+        click.echo(f"val       {figures(res.validation)}  ({res.validation['n']} images, "
+                   f"{sel['protocol']}: models that never saw them)")
     if res.knn_validation:
         click.echo(f"  {k}-NN    {figures(res.knn_validation)}  "
                    f"({res.knn_validation['protocol']})")
     if res.test:
-        click.echo(f"test      {figures(res.test)}  ({res.test['n']} held-out images, "
+        click.echo(f"test      {figures(res.test)}  ({res.test['n']} held-out test images, "
                    "report only)")
-        click.echo(f"  {k}-NN    {figures(res.knn_test)}")
-    click.echo(f"took      {res.seconds:.1f} s to train")
+        click.echo(f"  {k}-NN    {figures(res.knn_test)}  ({res.knn_test['protocol']})")
+    if res.choice:
+        each = " + ".join(f"{kd} {t:.1f} s" for kd, t in res.choice["seconds"].items())
+        click.echo(f"took      {sum(res.choice['seconds'].values()):.1f} s to train ({each}), "
+                   "selection included")
+    else:
+        click.echo(f"took      {res.seconds:.1f} s to train, selection included")
 
 
 # -- finetune -------------------------------------------------------------------------
@@ -667,10 +733,11 @@ def info_cmd(index_name: str, as_json: bool) -> None:
               type=click.IntRange(1), help="Largest accepted image (width × height).")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="The encoder's weights file, if it moved since the build.")
+@device_option
 @click.pass_context
 def serve_cmd(ctx: click.Context, index_name: str, host: str, port: int, k: int,
               n_neighbours: int, max_upload_mb: float, max_pixels: int,
-              weights: Path | None) -> None:
+              weights: Path | None, device: str) -> None:
     """Serve an index: a web page and HTTP API to classify an image and browse its
     nearest neighbours (API docs at /docs)."""
     try:
@@ -681,7 +748,11 @@ def serve_cmd(ctx: click.Context, index_name: str, host: str, port: int, k: int,
         raise EmbedsearchError(f"serving needs FastAPI and uvicorn ({exc.name} is missing)",
                                hint='pip install -e ".[serve]"') from exc
 
-    app = create_app(index_name, k=k, n_neighbours=n_neighbours, weights=weights,
+    from embedsearch.bundle import load_bundle
+
+    bundle = load_bundle(index_name)
+    bundle.device = device
+    app = create_app(bundle, k=k, n_neighbours=n_neighbours, weights=weights,
                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
     # Load the model before binding the port, so a broken bundle is a clear CLI error.
     app.state.service.load()
@@ -730,13 +801,18 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
 @click.option("--near-threshold", type=float,
               help="Cosine similarity above which two images count as near duplicates.")
 @click.option("--no-heads", is_flag=True, help="Skip the trained heads.")
+@click.option("--select-by", type=click.Choice(list(SELECT_BY)), default=DEFAULT_SELECT_BY,
+              show_default=True, help="Metric the heads' settings are chosen by on validation.")
 @click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")
 @click.option("--title", help="Report title.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help=_BATCH_HELP)
 @click.option("--workers", type=int, help="Image decoding threads (default: one per core).")
+@device_option
 @click.option("--path-col", help="CSV/parquet column with image paths.")
 @click.option("--label-col", help="CSV/parquet column with labels.")
 @click.option("--split-col", help="CSV/parquet column with train/val/test splits.")
+@click.option("--exclude", type=click.Path(path_type=Path, dir_okay=False),
+              help="Leave out the images a reviewed list names (as build-index --exclude).")
 @click.option("--split-map", help="Name splits that are not recognised, e.g. holdout=test.")
 @click.option("--views", help="Embed augmented views of the training images (e.g. "
               "flip,crop2) and add every head trained with them too.")
@@ -747,19 +823,18 @@ def _parse_ks(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
               show_default=True, help="What --finetune trains.")
 @click.option("--finetune-epochs", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--budget-minutes", type=float, help="Wall-time budget of --finetune.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Device of --finetune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary rows as JSON lines.")
 @click.pass_context
 def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
                   weights: tuple[Path, ...], out: Path | None, bundles: Path | None, seed: int,
                   ks: tuple[int, ...], cv_folds: int | None, no_dedupe: bool,
-                  near_threshold: float | None, no_heads: bool, no_zero_shot: bool,
-                  title: str | None, batch_size: int, workers: int | None,
+                  near_threshold: float | None, no_heads: bool, select_by: str,
+                  no_zero_shot: bool, title: str | None, batch_size: int | None,
+                  workers: int | None, device: str,
                   path_col: str | None, label_col: str | None, split_col: str | None,
-                  split_map: str | None, views: str | None, do_finetune: bool,
+                  split_map: str | None, exclude: Path | None, views: str | None, do_finetune: bool,
                   finetune_blocks: str, finetune_epochs: int,
-                  budget_minutes: float | None, device: str, as_json: bool) -> None:
+                  budget_minutes: float | None, as_json: bool) -> None:
     """Benchmark kNN against trained heads (and CLIP zero-shot) on a labelled collection.
 
     Encodes DATA once per --model, then compares a majority baseline, a kNN k sweep (plain
@@ -777,13 +852,14 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
         data, list(models) or ["efficientnet-lite0"], weights=list(weights) or None, out=out,
         bundles=bundles, seed=seed, ks=ks, cv_folds=cv_folds, dedupe=not no_dedupe,
         near_duplicate_threshold=near_threshold, heads=() if no_heads else DEFAULT_HEADS,
+        head_options={kind: {"select_by": select_by} for kind in DEFAULT_HEADS},
         zero_shot=not no_zero_shot, title=title, batch_size=batch_size,
         num_workers=workers, path_col=path_col, label_col=label_col, split_col=split_col,
         split_map=split_map, command=sys.argv, progress=_progress_factory(ctx, "encoding"),
         on_stage=stage,
         finetune={"blocks": finetune_blocks, "epochs": finetune_epochs,
                   "budget_minutes": budget_minutes, "device": device} if do_finetune else None,
-        views=views)
+        views=views, device=device, exclude=exclude)
     rows = result.rows()
     if as_json:
         for row in rows:
@@ -801,7 +877,7 @@ def benchmark_cmd(ctx: click.Context, data: Path, models: tuple[str, ...],
 
 # -- dedupe ---------------------------------------------------------------------------
 def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | None,
-                       model: str | None) -> Any:
+                       model: str | None, device: str = "auto") -> Any:
     """The bundle to deduplicate: --index NAME, or DATA embedded (or refreshed) first; with
     both, DATA reuses the vectors NAME holds for the same images."""
     from embedsearch.bundle import load_bundle
@@ -819,7 +895,8 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
         source = load_bundle(index_name)
         share_bundle_vectors(source)
         encoder = _same_encoder(source, model)
-    result = build_index(data, progress=_progress_factory(ctx, "encoding"), **encoder)
+    result = build_index(data, progress=_progress_factory(ctx, "encoding"), device=device,
+                         **encoder)
     _echo_reuse(result)
     return load_bundle(result.path)
 
@@ -829,14 +906,15 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
 @click.option("--index", "index_name", help="Use this bundle (name or path) instead of DATA; "
               "with DATA, DATA's images that it holds reuse its vectors.")
 @click.option("--threshold", "-t", type=float,
-              help="Cosine similarity at which two images are near-duplicates. Default: 0.90 "
-              "(chosen from planted copies of real photos with the default encoder: "
-              "benchmarks/results/dedupe_threshold.md). Check it with --sweep and the report.")
+              help="Cosine similarity at which two images are near-duplicates. Default: "
+              "calibrated on the collection (above its look-alike background; the value "
+              "and its evidence are printed). Check it with --sweep and the report.")
 @click.option("--keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               default="resolution", show_default=True,
               help="Which image of a group to keep: largest resolution, largest file, first "
               "in path order, or oldest modification time.")
-@click.option("--sweep", is_flag=True, help="Print group counts across thresholds and stop.")
+@click.option("--sweep", is_flag=True, help="Print pairs found, groups and precision proxies "
+              "across thresholds and stop.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Report folder (default: reports/dedupe-<bundle name>).")
 @click.option("--no-html", is_flag=True, help="Skip report.html (thumbnails).")
@@ -854,12 +932,15 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
               help="Report duplicates across splits (train/val/test) instead.")
 @click.option("--model", "-m", help="Encoder when DATA has to be embedded (default: the "
               "bundle's, else efficientnet-lite0).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per group "
+              "(members, kept, similarities, reasons), then the summary.")
 @click.pass_context
 def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
                threshold: float | None, keep: str, sweep: bool, out: Path | None,
                no_html: bool, move_to: Path | None, copy_clean_to: Path | None, link: str,
-               delete: bool, leakage: bool, model: str | None, as_json: bool) -> None:
+               delete: bool, leakage: bool, model: str | None, device: str,
+               as_json: bool) -> None:
     """Find exact and near-duplicate images in DATA (or an index) and report them.
 
     Writes groups.csv/parquet, label_conflicts.csv and report.html (thumbnails side by
@@ -869,12 +950,12 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     from embedsearch.dedupe.actions import check_action_args
 
     check_action_args(move_to, copy_clean_to, delete)
-    bundle = _dedupe_bundle_arg(ctx, data, index_name, model)
-    t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
+    bundle = _dedupe_bundle_arg(ctx, data, index_name, model, device)
     if leakage:
+        t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
         ctx.invoke(leakage_cmd, folders=(), index_names=(str(bundle.path),), between=None,
                    threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
-                   as_json=as_json)
+                   device=device, as_json=as_json)
         return
     if sweep:
         table = dd.sweep_bundle(bundle, keep=keep)
@@ -882,15 +963,22 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
             for row in table.to_dict("records"):
                 _echo_json(row)
             return
-        click.echo(f"{'threshold':>9s} {'groups':>7s} {'removed':>8s} {'exact':>6s} "
-                   f"{'near':>6s} {'largest':>8s} {'label conflicts':>16s}")
+        chosen = table.attrs.get("calibrated")
+        click.echo(f"{'threshold':>9s} {'pairs':>7s} {'hash ok':>7s} {'in-group':>8s} "
+                   f"{'groups':>7s} {'removed':>8s} {'largest':>8s} {'conflicts':>9s}")
         for r in table.itertuples():
-            mark = "  <- default" if abs(r.threshold - dd.DEFAULT_THRESHOLD) < 1e-9 else ""
-            click.echo(f"{r.threshold:9.2f} {r.groups:7d} {r.removed:8d} {r.removed_exact:6d} "
-                       f"{r.removed_near:6d} {r.largest_group:8d} "
-                       f"{r.label_conflict_groups:16d}{mark}")
+            mark = "  <- calibrated" if chosen is not None and abs(r.threshold - chosen) < 1e-9 \
+                else ""
+            click.echo(f"{r.threshold:9.3f} {r.pairs:7d} {r.hash_agrees:7.3f} "
+                       f"{r.pair_precision_proxy:8.3f} {r.groups:7d} {r.removed:8d} "
+                       f"{r.largest_group:8d} {r.label_conflict_groups:9d}{mark}")
+        click.echo("pairs: image pairs at or above the threshold; hash ok: share of them the "
+                   "perceptual hash also calls copies; in-group: share of the pairs whose two "
+                   "images end up in one group (both precision proxies: they fall where "
+                   "look-alikes start to pass)", err=True)
         return
-    result = dd.dedupe_bundle(bundle, threshold=t, keep=keep)
+    result = dd.dedupe_bundle(bundle, threshold=threshold, keep=keep)
+    t = result.threshold
     out = out or Path("reports") / f"dedupe-{bundle.name}"
     files = dd.write_report(result, out, html_page=not no_html,
                             title=f"Duplicates in {bundle.name} (threshold {t:g})")
@@ -902,13 +990,31 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     elif delete:
         action = dd.delete_in_place(result, out)
     s = result.summary()
+    calibration = result.extra.get("calibration")
     if as_json:
+        for group in dd.groups_as_records(result):
+            _echo_json(group)
         _echo_json({"summary": s, "files": {k: str(v) for k, v in files.items()},
                     "action": action.summary() if action else None})
         return
     click.echo(f"bundle     {bundle.path} ({s['images']:,} images, "
                f"{bundle.encoder_identity.get('spec')})")
-    click.echo(f"threshold  {t:g}, keep {keep}")
+    if calibration:
+        from embedsearch.dedupe.calibrate import Calibration
+
+        click.echo(f"threshold  {Calibration(t, calibration).describe()}; keep {keep} "
+                   "(override: --threshold)")
+    else:
+        click.echo(f"threshold  {t:g} (given), keep {keep}")
+    if s.get("links_by_hash") or s.get("links_by_rotation") or s.get("links_by_margin"):
+        click.echo(f"second     pairs below the threshold linked by the perceptual hash "
+                   f"{s['links_by_hash']:,} (greyscale, resized, mirrored copies), as rotated "
+                   f"copies {s['links_by_rotation']:,}, as lone matches "
+                   f"{s['links_by_margin']:,} (crops)")
+    if s.get("skipped") or s.get("not_indexed"):
+        click.echo(f"not read   {s.get('not_indexed', 0):,} undecodable, "
+                   f"{s.get('skipped', 0):,} skipped files: see the bundle's failures table "
+                   "(embedsearch info)")
     click.echo(f"groups     {s['groups']:,}; {s['removed']:,} duplicates to remove "
                f"({s['removed_exact']:,} exact, {s['removed_near']:,} near); largest group "
                f"{s['largest_group']}")
@@ -986,12 +1092,14 @@ def _echo_reuse(res: Any) -> None:
               help="Report folder (default: reports/leakage-<name>).")
 @click.option("--no-html", is_flag=True)
 @click.option("--model", "-m", help="Encoder when folders have to be embedded.")
+@device_option
 @click.option("--fail-on-leak", is_flag=True, help="Exit with status 1 when a pair is found.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one per pair.")
 @click.pass_context
 def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tuple[str, ...],
                 between: str | None, threshold: float | None, out: Path | None,
-                no_html: bool, model: str | None, fail_on_leak: bool, as_json: bool) -> None:
+                no_html: bool, model: str | None, device: str, fail_on_leak: bool,
+                as_json: bool) -> None:
     """Duplicates that sit on both sides of a train/test split.
 
     Two sides: two folders (TRAIN_DIR TEST_DIR), a folder and --index NAME, or --index A
@@ -1014,7 +1122,7 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
         for side in sides:  # a folder's images that the index holds are not encoded again
             share_bundle_vectors(side)
         encoder = _same_encoder(sides[0], model) if sides else {"model": model}
-        sides += [_folder_bundle(ctx, f, encoder) for f in folders]
+        sides += [_folder_bundle(ctx, f, {**encoder, "device": device}) for f in folders]
         pairs = dd.leakage_bundles(sides[0], sides[1], threshold=t,
                                    names=(sides[0].name, sides[1].name) if index_names
                                    else (folders[0].name, folders[1].name))
@@ -1040,6 +1148,92 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
                f"threshold {t:g}; {files['leakage_csv']}", err=True)
     if fail_on_leak and len(pairs):
         ctx.exit(1)
+
+
+# -- audit ----------------------------------------------------------------------------
+def _issue_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, ...]:
+    from embedsearch.audit.core import ISSUE_TYPES
+
+    chosen = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in chosen if v not in ISSUE_TYPES]
+    if bad or not chosen:
+        raise click.BadParameter(f"{', '.join(bad) or value!r}: choose from "
+                                 f"{', '.join(ISSUE_TYPES)}")
+    return chosen
+
+
+@main.command("audit")
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--index", "index_name", help="Audit this bundle (name or path) instead of DATA.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Report folder (default: reports/audit-<bundle name>).")
+@click.option("--no-html", is_flag=True, help="Skip report.html (thumbnails).")
+@click.option("--relabel-csv", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the likely label errors with their suggested labels as a CSV to "
+              "review (fill in its decision column; pass it to build-index --exclude).")
+@click.option("--quarantine-to", type=click.Path(path_type=Path),
+              help="Move the flagged images here, keeping relative paths (never deletes); "
+              "undo with embedsearch dedupe-undo MANIFEST.")
+@click.option("--quarantine-issues", default="outlier,spurious,duplicate", show_default=True,
+              callback=_issue_list, help="Which issue types --quarantine-to moves "
+              "(label, outlier, spurious, duplicate, conflict, leak).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 50),
+              help="Folds of the out-of-fold linear head.")
+@click.option("-k", default=20, show_default=True, type=click.IntRange(1, 200),
+              help="Neighbours that vote on each image's label.")
+@click.option("--dup-threshold", type=float,
+              help="Near-duplicate cosine (default: the dedupe default, 0.90).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--model", "-m", help="Encoder when DATA has to be embedded (default: the "
+              "bundle's, else efficientnet-lite0).")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines, one per flagged image (with --all: every image).")
+@click.option("--all", "all_rows", is_flag=True, help="With --json: every image.")
+@click.pass_context
+def audit_cmd(ctx: click.Context, data: Path | None, index_name: str | None, out: Path | None,
+              no_html: bool, relabel_csv: Path | None, quarantine_to: Path | None,
+              quarantine_issues: tuple[str, ...], folds: int, k: int,
+              dup_threshold: float | None, seed: int, model: str | None, as_json: bool,
+              all_rows: bool) -> None:
+    """Find what is wrong with a labelled collection before anyone trains on it.
+
+    From cached embeddings (DATA is embedded first, re-encoding only what is new) and
+    pixel statistics stored at decode time: likely label errors with suggested labels,
+    outliers / off-topic images, low-information images (flat colour, noise, one texture,
+    text only, dark, bright, blurry, tiny, extreme aspect), duplicates, label conflicts,
+    cross-split leakage and class imbalance. Writes issues.csv/.parquet (one row per image,
+    a score column per issue type), summary.json and report.html. Nothing on disk changes
+    unless --quarantine-to is given.
+    """
+    from embedsearch.audit import audit, quarantine, write_audit, write_relabel_csv
+    from embedsearch.audit.report import json_records, summary_lines
+
+    result = audit(data, index=index_name, model=model,
+                   progress=_progress_factory(ctx, "encoding"), folds=folds, k=k,
+                   dup_threshold=dup_threshold, seed=seed)
+    out = out or Path("reports") / f"audit-{result.name}"
+    files = write_audit(result, out, html_page=not no_html)
+    relabel = write_relabel_csv(result, relabel_csv) if relabel_csv else None
+    action = quarantine(result, quarantine_to, quarantine_issues) if quarantine_to else None
+    if as_json:
+        for rec in json_records(result, all_rows):
+            _echo_json(rec)
+    else:
+        s = result.summary
+        click.echo(f"bundle   {result.extra['bundle']} ({s['images']:,} images, "
+                   f"{s['labelled']:,} labelled, {result.extra['encoder']})")
+        for line in summary_lines(result):
+            click.echo(line)
+    click.echo(f"report   {files.get('html', files['issues_csv'])}", err=True)
+    click.echo(f"         {files['issues_csv']}", err=True)
+    if relabel:
+        click.echo(f"relabel  {relabel} (fill in the decision column)", err=True)
+    if action is not None:
+        a = action.summary()
+        click.echo(f"moved    {a['done']:,} files to {quarantine_to}, {a['skipped']:,} "
+                   f"skipped; undo: embedsearch dedupe-undo {a['log']}", err=True)
+        for ex in a["skipped_examples"]:
+            click.echo(f"  skipped {ex}", err=True)
 
 
 if __name__ == "__main__":

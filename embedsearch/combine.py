@@ -76,6 +76,9 @@ class CombinedEncoder:
         self.spec = PREFIX + "+".join(p.spec for p in parts)
         self.dim = sum(p.dim for p in parts)
         self.precision = parts[0].precision
+        self.device = parts[0].device  # every part loads on the same device
+        #: Recorded with the build's throughput: each part's runtime, e.g. "openvino+torch".
+        self.backend = "+".join(dict.fromkeys(p.backend for p in parts))
         self._fingerprint: np.ndarray | None = None
 
     def transform(self, image: Image.Image) -> torch.Tensor:
@@ -122,19 +125,21 @@ def _join(vectors: list[np.ndarray]) -> np.ndarray:
     return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
-def combine(models: list[str], precision: str | None = None) -> CombinedEncoder:
+def combine(models: list[str], precision: str | None = None,
+            device: str = "auto") -> CombinedEncoder:
     """``["efficientnet-lite0", "torchvision:mobilenet_v2@IMAGENET1K_V1=FILE"]`` → one
     encoder (``SPEC=FILE`` gives a part's weights file)."""
     from embedsearch.encoders import DEFAULT_PRECISION, load_encoder
     from embedsearch.report.study import parse_models
 
     return CombinedEncoder([load_encoder(c.spec, c.weights,
-                                         precision=precision or DEFAULT_PRECISION)
+                                         precision=precision or DEFAULT_PRECISION, device=device)
                             for c in parse_models(models)])
 
 
 def encoder_from_identity(identity: dict[str, Any],
-                          weights: str | os.PathLike[str] | None = None) -> CombinedEncoder:
+                          weights: str | os.PathLike[str] | None = None,
+                          device: str = "auto") -> CombinedEncoder:
     """Rebuild a bundle's combination from its recorded parts (their weights files where
     they were files; ``weights`` is not accepted: parts keep their own)."""
     from embedsearch.encoders import load_encoder
@@ -149,5 +154,6 @@ def encoder_from_identity(identity: dict[str, Any],
         if path and not Path(path).is_file():
             raise EncoderError(f"the weights {path} of part {part['spec']} are gone",
                                hint="put the file back, or rebuild the bundle with --overwrite")
-        parts.append(load_encoder(part["spec"], path, precision=part.get("precision", "fp32")))
+        parts.append(load_encoder(part["spec"], path, precision=part.get("precision", "fp32"),
+                                  device=device))
     return CombinedEncoder(parts)

@@ -453,7 +453,7 @@ def finetune(data: str | os.PathLike[str], *, out: str | os.PathLike[str] | None
     the epoch (without them a stratified 15 % of train is held out), ``test`` images are
     scored at the end. ``options`` go to :func:`finetune_split` (model, weights, blocks,
     epochs, budget_minutes, device, batch_size, lr…)."""
-    from embedsearch.classify.heads import stratified_holdout
+    from embedsearch.classify.base import stratified_holdout
     from embedsearch.data.scan import scan
 
     coll = scan(data, path_col=path_col, label_col=label_col, split_col=split_col)

@@ -25,6 +25,7 @@ from embedsearch.bundle import (
     bundle_path,
     encoder_key,
     fingerprint_cosine,
+    identity_diffs,
     read_manifest,
     verify_files,
     write_manifest,
@@ -101,9 +102,10 @@ def _stat_key(path: Path) -> tuple[int, int]:
 def _meta_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
+    from embedsearch.audit.pixels import STAT_COLUMNS
     from embedsearch.store.cache import META_COLUMNS
 
-    return pd.DataFrame(rows, columns=list(META_COLUMNS))
+    return pd.DataFrame(rows, columns=[*META_COLUMNS, *STAT_COLUMNS])
 
 
 class _Cache:
@@ -153,7 +155,7 @@ def build_index(
     split_map: str | dict[str, str] | None = None,
     overwrite: bool = False,
     index_type: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     encoder: Encoder | None = None,
@@ -164,6 +166,8 @@ def build_index(
     dedupe_threshold: float | None = None,
     dedupe_keep: str | None = None,
     views: str | None = None,
+    device: str = "auto",
+    exclude: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
@@ -177,6 +181,11 @@ def build_index(
     training images for heads (see :mod:`embedsearch.views`); it sticks too, until
     ``views="none"``. Several ``model`` specs (``SPEC`` or ``SPEC=FILE``) make one bundle of
     their concatenated embeddings (see :mod:`embedsearch.combine`).
+    ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
+    images are encoded; it is not part of the bundle's identity, the precision is.
+    ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
+    ``exclude`` names a reviewed list of ids to leave out
+    (:mod:`embedsearch.audit.exclude`), recorded as skipped.
     """
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
@@ -185,6 +194,10 @@ def build_index(
     collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
                       follow_symlinks=follow_symlinks, skip_missing=skip_missing,
                       split_map=split_map)
+    if exclude is not None:
+        from embedsearch.audit.exclude import exclude_records
+
+        collection = exclude_records(collection, exclude)
     path = Path(out) if out else bundle_path(name or Path(source).stem)
     with exclusive_lock(path):
         remove_temp_files(path)
@@ -201,8 +214,9 @@ def build_index(
             if isinstance(model, list) and weights is not None:
                 raise EmbedsearchError("--weights is ambiguous with several --model",
                                        hint="give each its file: --model SPEC=WEIGHTS")
-            encoder = combine(model, precision) if isinstance(model, list) \
-                else encoder_from_identity(old["encoder"], weights)  # type: ignore[index]
+            encoder = combine(model, precision, device) if isinstance(model, list) \
+                else encoder_from_identity(old["encoder"], weights,  # type: ignore[index]
+                                           device)
         if encoder is None:
             from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
@@ -213,7 +227,7 @@ def build_index(
             if precision is None:
                 precision = old["encoder"].get("precision", "fp32") if old and not model \
                     else DEFAULT_PRECISION
-            encoder = load_encoder(spec, weights, precision=precision)
+            encoder = load_encoder(spec, weights, precision=precision, device=device)
         identity = encoder.identity()
         fingerprint = encoder.fingerprint()
         if old is not None and not overwrite:
@@ -385,10 +399,13 @@ def _reusable(path: Path, old: dict[str, Any]) -> bool:
 def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
                       fingerprint: np.ndarray) -> None:
     if encoder_key(old["encoder"]) != encoder_key(identity):
+        # Names what differs: another model, or the same spec resolved to another
+        # configuration (e.g. a bundle from before the pretrained tag's config was recorded).
         raise BundleMismatchError(
             f"{path} was built with encoder {old['encoder']['spec']} "
             f"({old['encoder']['dim']}-d); this build uses {identity['spec']} "
-            f"({identity['dim']}-d)",
+            f"({identity['dim']}-d); differs in: "
+            f"{', '.join(identity_diffs(old['encoder'], identity)) or 'identity'}",
             hint=f"choose another --name/--out, or pass --overwrite to rebuild {path} "
             "with the new encoder",
         )
@@ -401,7 +418,7 @@ def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
         )
 
 
-def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int,
+def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int | None,
                   num_workers: int | None, tick: Callable[[int], None] | None
                   ) -> Iterator[tuple[np.ndarray, list[ItemInfo]]]:
     """Per chunk: (vectors of the images that decoded, one ItemInfo per path, in order)."""
@@ -412,7 +429,7 @@ def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_si
     vectors = np.zeros((0, encoder.dim), np.float32)
     infos: list[ItemInfo] = []
     stream = embed_sources(encoder, paths, batch_size=batch_size, num_workers=num_workers,
-                           progress=tick)
+                           progress=tick, pixel_stats=True)
     for _, v, batch_infos in stream:
         vectors = np.concatenate([vectors, v])
         infos.extend(batch_infos)
@@ -426,7 +443,7 @@ def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_si
 
 
 def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[int, int]],
-                    todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int,
+                    todo: list[int], shards: ShardCache, cache: _Cache, batch_size: int | None,
                     num_workers: int | None, shard_size: int,
                     tick: Callable[[int], None] | None, engine: str = "local",
                     ray_options: RayOptions | None = None,
@@ -436,7 +453,7 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
     if engine == "ray":
         from embedsearch.engines.ray_engine import RayOptions, encode_chunks
 
-        opts = ray_options or RayOptions(batch_size=batch_size)
+        opts = ray_options or RayOptions(batch_size=batch_size or RayOptions.batch_size)
         chunks = encode_chunks(encoder, paths, shard_size, opts, progress=tick)
     else:
         chunks = _local_chunks(encoder, paths, shard_size, batch_size, num_workers, tick)
@@ -454,7 +471,8 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
                 rows.append({"id": rec.id, "size": size, "mtime_ns": mtime,
                              "sha256": info.sha256, "status": info.status,
                              "detail": info.detail, "width": info.width,
-                             "height": info.height, "row": n_ok if ok else -1})
+                             "height": info.height, "row": n_ok if ok else -1,
+                             **(info.stats or {})})
                 n_ok += ok
             if n_ok != len(vectors):
                 raise EmbedsearchError(f"engine {engine} returned {len(vectors)} vectors for "
@@ -477,6 +495,7 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     """Write a new generation of the bundle's files, then the manifest (the commit)."""
     import pandas as pd
 
+    from embedsearch.audit.pixels import STAT_COLUMNS
     from embedsearch.index import make_index, write_faiss
 
     ok_rows, failed_rows = [], []
@@ -490,7 +509,9 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
     ok_rows.sort(key=lambda r: r["split"] in held_out)
     vectors = np.stack([cache.vector(r["id"]) for r in ok_rows]) if ok_rows \
         else np.zeros((0, encoder.dim), np.float32)
-    columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height"]
+    # px_*: pixel statistics for the audit (NaN for images encoded before they existed).
+    columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height",
+               *STAT_COLUMNS]
     items = pd.DataFrame(ok_rows, columns=[*columns, "status", "detail", "row"])
     items["row"] = np.arange(len(items))
     items = items[[*columns, "row"]]

@@ -45,6 +45,8 @@ class TrainResult:
     knn_validation: dict[str, Any]
     test: dict[str, Any] = field(default_factory=dict)
     knn_test: dict[str, Any] = field(default_factory=dict)
+    #: With ``kind="auto"``: the metric, both kinds' validation scores and the one kept.
+    choice: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -56,7 +58,8 @@ class TrainResult:
                 "class_weight": self.head.info.get("class_weight"),
                 "selection": self.head.info.get("selection"),
                 "validation": self.validation, "knn_validation": self.knn_validation,
-                "test": self.test, "knn_test": self.knn_test}
+                "test": self.test, "knn_test": self.knn_test,
+                **({"head_choice": self.choice} if self.choice else {})}
 
 
 def _bundle(bundle: Bundle | str | os.PathLike[str]) -> Bundle:
@@ -105,43 +108,65 @@ def knn_figures(X_ref: np.ndarray, y_ref: np.ndarray, X_query: np.ndarray, y_que
         neigh = Neighbours(ids, sims)
     proba = vote(neigh, y_idx, len(classes))
     out = classification_figures(y_query, classes[proba.argmax(1)], proba, classes)
-    return {"k": k, "protocol": "leave-one-out" if leave_one_out else "train → validation",
-            **out}
+    return {"k": k, "protocol": "leave-one-out over the training rows" if leave_one_out
+            else "validation split, train as reference", **out}
 
 
 def fit_head(bundle: Bundle | str | os.PathLike[str], kind: str = "linear", *,
-             name: str | None = None, class_weight: str = "auto", seed: int = 0,
-             save: bool = True, k: int = 10, extra_train: ExtraTrain | None = None,
-             **params: Any) -> TrainResult:
-    """Train a ``linear`` or ``mlp`` head on a bundle's cached embeddings and save it.
+             name: str | None = None, class_weight: str = "auto",
+             select_by: str | None = None, seed: int = 0, save: bool = True, k: int = 10,
+             extra_train: ExtraTrain | None = None, **params: Any) -> TrainResult:
+    """Train a ``linear``, ``mlp`` or ``auto`` head on a bundle's cached embeddings and save it.
 
     ``params`` go to the head's constructor (``C``, ``hidden``, ``dropout``, ``max_epochs``…).
-    Test rows are never trained on; when they carry labels, the head and kNN(``k``) are
-    scored on them for the report only (nothing is chosen on them). ``extra_train`` adds
-    training-only rows (augmented views; see ``Head.fit``) as ``(vectors, labels)`` or
-    ``(vectors, labels, source)`` where ``source`` holds *bundle row numbers* (the row of
-    ``bundle.items`` each view was made from); views of validation or test rows are dropped.
+    ``select_by`` (accuracy, balanced_accuracy or macro_f1; default ``DEFAULT_SELECT_BY``)
+    is the metric every setting is chosen by. ``auto`` trains both kinds and keeps the one
+    with the better validation ``select_by`` (the linear head on a tie: it is cheaper);
+    ``result.choice`` says what was compared. Test rows are never trained on; when they
+    carry labels, the head and kNN(``k``) are scored on them for the report only (nothing
+    is chosen on them). ``extra_train`` adds training-only rows (augmented views; see
+    ``Head.fit``) as ``(vectors, labels)`` or ``(vectors, labels, source)`` where ``source``
+    holds *bundle row numbers* (the row of ``bundle.items`` each view was made from);
+    views of validation or test rows are dropped.
     """
-    from embedsearch.classify.heads import make_head
+    from embedsearch.classify import DEFAULT_SELECT_BY
+    from embedsearch.classify.heads import HEAD_KINDS, check_choice, make_head
 
     b = _bundle(bundle)
-    name = name or kind
-    if not _NAME.match(name):
+    check_choice(kind, (*HEAD_KINDS, "auto"), "head")
+    if name is not None and not _NAME.match(name):
         raise EmbedsearchError(f"head name {name!r} is not a simple name",
                                hint="use letters, digits, '_', '-' or '.', e.g. linear-balanced")
     if not b.labelled:
         raise EmbedsearchError(f"bundle {b.name} has no labels, so no head can be trained",
                                hint="zero-shot (--method zeroshot --classes a,b,c) needs no "
                                "labels with a CLIP encoder")
+    select_by = select_by or DEFAULT_SELECT_BY
     rows, labels, is_val = _labelled_rows(b)
     emb = b.embeddings
     X = np.asarray(emb[rows[~is_val]], np.float32)
     y = labels[~is_val]
     X_val = np.asarray(emb[rows[is_val]], np.float32) if is_val.any() else None
     y_val = labels[is_val] if is_val.any() else None
-    head = make_head(kind, class_weight=class_weight, seed=seed, **params)
-    log.info("training %s head on %d rows (%d validation)", kind, len(y), int(is_val.sum()))
-    head.fit(X, y, X_val, y_val, extra_train=_extra_for(extra_train, rows[~is_val]))
+    extra = _extra_for(extra_train, rows[~is_val])
+    heads = []
+    for kind_ in (HEAD_KINDS if kind == "auto" else (kind,)):
+        own = {p: v for p, v in params.items() if kind == kind_ or p in _accepts(kind_)}
+        head = make_head(kind_, class_weight=class_weight, select_by=select_by, seed=seed,
+                         **own)
+        log.info("training %s head on %d rows (%d validation)", kind_, len(y),
+                 int(is_val.sum()))
+        heads.append(head.fit(X, y, X_val, y_val, extra_train=extra))
+    head = heads[0]
+    choice: dict[str, Any] = {}
+    if len(heads) > 1:
+        scores = {h.kind: float(h.info["validation"].get(select_by, -1.0)) for h in heads}
+        head = max(heads, key=lambda h: scores[h.kind])  # first max: linear on a tie
+        choice = {"metric": select_by, "scores": scores, "chosen": head.kind,
+                  "protocols": {h.kind: h.info["selection"]["protocol"] for h in heads},
+                  "seconds": {h.kind: h.info["train_seconds"] for h in heads}}
+        head.info["head_choice"] = choice
+    name = name or head.kind
     if X_val is not None and y_val is not None:
         knn_val = knn_figures(X, y, X_val, y_val, k)
     else:
@@ -158,15 +183,26 @@ def fit_head(bundle: Bundle | str | os.PathLike[str], kind: str = "linear", *,
                                       head.classes_)
         ref_X = np.asarray(emb[rows], np.float32)
         knn_test = knn_figures(ref_X, labels, Xt, test_labels, k)
+        knn_test["protocol"] = "train + validation as reference" if X_val is not None \
+            else "train as reference"
         counts["test"] = class_counts(test_labels)
     result = TrainResult(name, head, None, counts, dict(head.info.get("validation", {})),
-                         knn_val, test, knn_test)
+                         knn_val, test, knn_test, choice)
     if save:
         result.path = save_head(b, head, name, extra={
             "knn_validation": knn_val,
             "held_out_test": {"note": "scored after training; nothing was chosen on it",
                               "head": test, "knn": knn_test} if test else {}})
     return result
+
+
+def _accepts(kind: str) -> set[str]:
+    """Constructor parameters of a head kind (``auto`` routes each option to its kind)."""
+    import inspect
+
+    from embedsearch.classify.heads import HEAD_CLASSES
+
+    return set(inspect.signature(HEAD_CLASSES[kind].__init__).parameters) - {"self"}
 
 
 def _extra_for(extra: ExtraTrain | None, train_rows: np.ndarray) -> ExtraTrain | None:
@@ -207,6 +243,7 @@ def save_head(bundle: Bundle, head: Head, name: str, extra: dict[str, Any] | Non
             "bundle_generation": manifest.get("generation"),
             "train_seconds": head.info.get("train_seconds"),
             "validation": head.info.get("validation", {}),
+            "select_by": head.info.get("selection", {}).get("metric"),
             "knn_validation": (extra or {}).get("knn_validation", {}),
             "files": {f"{rel}/{fname}": meta for fname, meta in files.items()},
         }
@@ -280,7 +317,8 @@ def _encoder_digest(identity: dict[str, Any]) -> str:
 
 
 def best_head_name(bundle: Bundle) -> str | None:
-    """The registered head with the best validation macro-F1 (then accuracy), or None.
+    """The registered head with the best validation figure, or None: by the metric the
+    heads were selected by when they all share one, else macro-F1 (then accuracy).
 
     Heads trained before the bundle was rebuilt with another encoder are passed over (they
     are refused when asked for by name).
@@ -291,9 +329,12 @@ def best_head_name(bundle: Bundle) -> str | None:
     if not heads:
         return None
 
+    metrics = {e.get("select_by") for e in heads.values()}
+    metric = metrics.pop() if len(metrics) == 1 and None not in metrics else "macro_f1"
+
     def score(item: tuple[str, dict[str, Any]]) -> tuple[float, float]:
         v = item[1].get("validation", {})
-        return float(v.get("macro_f1", -1.0)), float(v.get("accuracy", -1.0))
+        return float(v.get(metric, -1.0)), float(v.get("accuracy", -1.0))
 
     return max(heads.items(), key=score)[0]
 

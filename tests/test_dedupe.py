@@ -127,16 +127,19 @@ def test_chain_does_not_merge_its_ends() -> None:
     x = _chain(3, 0.93)  # A~B, B~C at 0.93; A vs C at 0.73
     assert float(x[0] @ x[2]) < 0.8
     res = find_duplicates(x, ["A", "B", "C"], threshold=0.9, power=1.0)
-    assert res.groups["id"].tolist() == ["A", "B"]  # A kept (path order), C left alone
-    assert "C" not in set(res.groups["id"])
+    # B is linked to both: the centre; A and C join it, though A is the one kept (path
+    # order): groups are not built around the kept file any more.
+    g = res.groups.set_index("id")
+    assert set(g["centre_id"]) == {"B"} and res.kept_ids == ["A"]
+    assert g.loc["C", "reason"].startswith("near-duplicate of B (cosine 0.930")
     # A long chain: connected components would make one group of 8.
     long = _chain(8, 0.95)
     res = find_duplicates(long, [f"c{k}" for k in range(8)], threshold=0.9, power=1.0)
     for _, grp in res.groups.groupby("group"):
-        kept = int(grp.loc[grp["kept"], "id"].item()[1:])
+        centre = int(grp["centre_id"].iloc[0][1:])
         members = [int(i[1:]) for i in grp["id"]]
-        # every member is a near-duplicate of the kept vector, not just of a neighbour
-        assert all(float(long[kept] @ long[m]) >= 0.9 for m in members)
+        # every member is a near-duplicate of the centre, not just of a neighbour
+        assert all(float(long[centre] @ long[m]) >= 0.9 for m in members)
     assert res.groups.groupby("group").size().max() <= 3
     # ...while the split helper treats the whole chain as one unit.
     assert len(set(group_labels(res))) == 1
@@ -193,8 +196,14 @@ def test_projected_search_finds_the_same_pairs_as_exact() -> None:
 def test_sweep_counts_fall_as_the_threshold_rises() -> None:
     x = np.concatenate([_chain(8, 0.97), np.eye(32, dtype=np.float32)[:5]])
     table = sweep(x, [0.8, 0.9, 0.95, 0.99], power=1.0)
-    assert table["threshold"].tolist() == [0.8, 0.9, 0.95, 0.99]
+    # the calibrated threshold is swept too, and named
+    assert table["threshold"].tolist() == sorted({0.8, 0.9, 0.95, 0.99,
+                                                  table.attrs["calibrated"]})
     assert table["pairs"].is_monotonic_decreasing
+    # the chain's pairs at 0.8 (cosine down to 0.79 across 7 steps) do not all fit in
+    # groups: the in-group share of pairs is below 1 there, and 1 once only copies pass
+    assert table["pair_precision_proxy"].iloc[0] < 1.0
+    assert table["pair_precision_proxy"].iloc[-1] == 1.0
     assert table["removed"].iloc[0] > 0 and table["removed"].iloc[-1] == 0
 
 
@@ -216,9 +225,18 @@ def test_cli_dedupe_writes_report_and_changes_nothing(dup_folder: Path, tmp_path
                                                       ) -> None:
     before = sha_tree(dup_folder)
     out = tmp_path / "report"
-    data = json.loads(run_cli("dedupe", str(dup_folder), "--model", TINY, "--out", str(out),
-                              "--json"))
+    lines = [json.loads(line) for line in run_cli(
+        "dedupe", str(dup_folder), "--model", TINY, "--out", str(out), "--json").splitlines()]
+    data = lines[-1]
     assert data["summary"]["removed"] == 7 and data["action"] is None
+    # one object per group before the summary: members, kept, similarities, reasons
+    by_kept = {g["kept"]: g for g in lines[:-1]}
+    assert len(by_kept) == 2
+    copy = by_kept["cats/p03.jpg"]["members"]
+    assert [(m["id"], m["match"]) for m in copy] == [("cats/p03.jpg", "kept"),
+                                                    ("dogs/p03_copy.jpg", "exact")]
+    assert all(m["reason"] and 0 < m["similarity"] <= 1 for g in by_kept.values()
+               for m in g["members"])
     assert sha_tree(dup_folder) == before  # report only
     groups = pd.read_csv(out / "groups.csv")
     assert list(groups.columns[:6]) == ["group", "id", "kept", "match", "similarity",
@@ -227,7 +245,10 @@ def test_cli_dedupe_writes_report_and_changes_nothing(dup_folder: Path, tmp_path
     conflicts = pd.read_csv(out / "label_conflicts.csv")
     assert {"cats", "dogs"} <= set(conflicts["label"])
     page = (out / "report.html").read_text()
-    assert page.count("data:image/jpeg;base64,") == len(groups)
+    groups_part, near_part = page.split("id='near-misses'")
+    assert groups_part.count("data:image/jpeg;base64,") == len(groups)
+    near = pd.read_csv(out / "near_misses.csv")
+    assert near_part.count("data:image/jpeg;base64,") == 2 * min(len(near), 40)
     assert "LABEL CONFLICT" in page
     text = run_cli("dedupe", "--index", "photos", "--out", str(out))
     assert "7 duplicates to remove (1 exact, 6 near)" in text
@@ -265,7 +286,7 @@ def test_sweep_cli_and_unlabelled_folder(tmp_path: Path) -> None:
         picture(k).save(root / f"{k}.jpg")
     picture(2).save(root / "2-again.png")
     text = run_cli("dedupe", str(root), "--model", TINY, "--sweep")
-    assert "<- default" in text
+    assert "<- calibrated" in text
     res = dedupe_bundle(load_bundle("flat"))
     assert res.groups["label"].isna().all() and len(res.removed_ids) == 1
     assert res.label_conflicts.empty
@@ -273,7 +294,7 @@ def test_sweep_cli_and_unlabelled_folder(tmp_path: Path) -> None:
 
 def test_default_threshold_is_the_documented_one() -> None:
     text = run_cli("dedupe", "--help")
-    assert f"Default: {DEFAULT_THRESHOLD:.2f}" in " ".join(text.split())
+    assert "Default: calibrated on the collection" in " ".join(text.split())
     doc = (REPO / "benchmarks" / "results" / "dedupe_threshold.json")
     if doc.exists():
         assert json.loads(doc.read_text())["chosen_threshold"] == DEFAULT_THRESHOLD

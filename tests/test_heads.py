@@ -74,7 +74,7 @@ def test_noisy_problem_better_than_chance_not_perfect(make) -> None:
 
 
 def test_linear_head_matches_scikit_learn() -> None:
-    """Same objective as LogisticRegression(C) on standardised inputs."""
+    """C is LogisticRegression's C on standardised inputs (the standardisation folded in)."""
     from sklearn.linear_model import LogisticRegression
 
     X, y = blobs((80, 50, 70), spread=0.7, seed=5)
@@ -82,41 +82,77 @@ def test_linear_head_matches_scikit_learn() -> None:
     Z = (X - X.mean(0)) / X.std(0)
     ref = LogisticRegression(C=0.05, max_iter=2000, tol=1e-8).fit(Z, y)
     np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(Z), atol=2e-3)
-    assert head.info["selection"]["protocol"] == "fixed C"
+    assert head.info["selection"]["C"] == 0.05 and len(head.info["selection"]["grid"]) == 1
 
 
-def test_linear_chooses_C_on_validation_or_cross_validation() -> None:
+def test_heads_are_scikit_learn_estimators() -> None:
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+
+    X, y = blobs((40, 40, 40), spread=0.3, seed=21)
+    for head in (LinearHead(C=0.1, select_by="accuracy"), MLPHead(hidden=16)):
+        twin = clone(head)
+        assert twin.get_params() == head.get_params() and twin is not head
+        scores = cross_val_score(head, X, y, cv=3)
+        assert scores.shape == (3,) and scores.min() > 0.8, scores
+    assert LinearHead(C=0.3).set_params(C=1.0).C == 1.0
+
+
+@pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
+def test_settings_chosen_by_the_declared_metric(make) -> None:
     X, y = blobs((60, 60, 60), spread=0.8, seed=7)
     Xtr, ytr, Xva, yva, _, _ = split(X, y)
-    with_val = LinearHead().fit(Xtr, ytr, Xva, yva)
-    sel = with_val.info["selection"]
-    assert sel["protocol"] == "validation split"
-    losses = {g["C"]: g["val_loss"] for g in sel["grid"]}
-    assert sel["C"] == min(losses, key=losses.get) and len(losses) == 7
-    assert with_val.info["trained_on"] == {"rows": len(ytr) + len(yva),
-                                           "refit_on_train_and_val": True, "extra_rows": 0}
-    cv = LinearHead().fit(Xtr, ytr)
+    head = make(select_by="balanced_accuracy").fit(Xtr, ytr, Xva, yva)
+    sel = head.info["selection"]
+    assert sel["protocol"] == "validation split" and sel["metric"] == "balanced_accuracy"
+    scored = [(g["val_balanced_accuracy"], -g["val_loss"]) for g in sel["grid"]]
+    chosen = [g for g in sel["grid"] if g.get("tau", 0.0) == sel.get("tau", 0.0)
+              and all(g[k] == sel[k] for k in ("C", "best_epoch") if k in sel)]
+    assert len(chosen) == 1
+    assert (chosen[0]["val_balanced_accuracy"], -chosen[0]["val_loss"]) == max(scored)
+    assert head.info["validation"]["balanced_accuracy"] == pytest.approx(
+        chosen[0]["val_balanced_accuracy"], abs=1e-4)
+    assert head.info["trained_on"] == {"rows": len(ytr) + len(yva),
+                                       "refit_on_train_and_val": True, "extra_rows": 0}
+    with pytest.raises(EmbedsearchError, match="selection metric"):
+        make(select_by="auc").fit(Xtr, ytr)
+
+
+def test_linear_cross_validates_without_validation_rows() -> None:
+    X, y = blobs((60, 60, 60), spread=0.8, seed=7)
+    cv = LinearHead().fit(X, y)
     assert cv.info["selection"]["protocol"] == "5-fold cross-validation"
-    assert cv.info["validation"]["n"] == len(ytr)  # out-of-fold predictions of every row
+    assert cv.info["validation"]["n"] == len(y)  # out-of-fold predictions of every row
 
 
-def test_class_weight_auto_balances_a_rare_class() -> None:
-    # 400 vs 25 rows (16x): "auto" turns balancing on, which finds more of the rare class.
+def test_C_at_the_edge_of_its_grid_extends_the_grid() -> None:
+    X, y = blobs((40, 40, 40), spread=0.3, seed=8)
+    head = LinearHead(grid=(1e-5, 3e-5), select_by="accuracy").fit(X, y)
+    sel = head.info["selection"]
+    tried = sorted({g["C"] for g in sel["grid"]})
+    assert len(tried) > 2 and tried[-1] > 3e-5 and sel["C"] == pytest.approx(sel["C"])
+    assert any("extended" in n for n in sel["notes"])
+
+
+def test_class_weight_auto_corrects_for_a_rare_class() -> None:
+    # 400 vs 25 rows (16x): "auto" searches a prior correction; chosen by balanced accuracy
+    # it finds more of the rare class than no weighting at all.
     X, y = blobs((400, 25), spread=0.9, seed=11)
     Xte, yte = blobs((400, 400), spread=0.9, seed=11)  # same centres, balanced test
     Xte, yte = Xte[np.r_[0:100, 400:500]], yte[np.r_[0:100, 400:500]]
-    auto = LinearHead(C=0.1).fit(X, y)
+    auto = LinearHead(C=0.1, select_by="balanced_accuracy").fit(X, y)
     none = LinearHead(C=0.1, class_weight="none").fit(X, y)
-    assert auto.info["class_weight"]["used"] == "balanced"
+    balanced = LinearHead(C=0.1, class_weight="balanced").fit(X, y)
+    assert auto.info["class_weight"]["used"] == "prior correction"
+    assert auto.info["selection"]["tau"] > 0
     assert auto.info["counts"]["train"] == {"c0": 400, "c1": 25}
-    assert none.info["class_weight"]["used"] == "none"
+    assert none.info["class_weight"]["used"] == "none" and "tau" not in none.info["selection"]
+    assert balanced.info["class_weight"]["weights"]["c1"] > 1
     rare = yte == "c1"
-    recall_auto = np.mean(auto.predict(Xte[rare]) == "c1")
-    recall_none = np.mean(none.predict(Xte[rare]) == "c1")
-    assert recall_auto > recall_none + 0.1, (recall_auto, recall_none)
-    # A mildly uneven set (2x) stays unweighted under "auto".
-    X2, y2 = blobs((100, 50), spread=0.5, seed=12)
-    assert LinearHead(C=1.0).fit(X2, y2).info["class_weight"]["used"] == "none"
+    recall = {n: np.mean(h.predict(Xte[rare]) == "c1")
+              for n, h in (("auto", auto), ("none", none), ("balanced", balanced))}
+    assert recall["auto"] > recall["none"] + 0.1, recall
+    assert recall["balanced"] > recall["none"] + 0.1, recall
 
 
 def test_mlp_is_deterministic_for_a_seed() -> None:
@@ -129,7 +165,25 @@ def test_mlp_is_deterministic_for_a_seed() -> None:
     assert not np.array_equal(a.params["w1"], c.params["w1"])
     sel = a.info["selection"]
     assert sel["protocol"].startswith("stratified 15%")
-    assert 1 <= sel["best_epoch"] <= sel["epochs_run"] <= 100
+    # Epoch 0 (its linear base alone) or one in the annealed half of the cosine schedule:
+    # never a collapse to one epoch.
+    assert sel["best_epoch"] == 0 or sel["epochs"] // 2 < sel["best_epoch"] <= sel["epochs"]
+    assert sel["grid"][0]["best_epoch"] == 0 and sel["grid"][-1]["best_epoch"] == sel["epochs"]
+
+
+def test_mlp_is_never_below_its_linear_base_on_validation() -> None:
+    X, y = blobs((120, 60, 30), spread=0.9, seed=17, flip=0.1)
+    Xtr, ytr, Xva, yva, Xte, _ = split(X, y)
+    lin = LinearHead().fit(Xtr, ytr, Xva, yva)
+    mlp = MLPHead(hidden=32).fit(Xtr, ytr, Xva, yva)
+    assert mlp.info["selection"]["C"] == lin.info["selection"]["C"]
+    assert mlp.info["validation"]["macro_f1"] >= lin.info["validation"]["macro_f1"]
+    assert "w0" in mlp.params  # the linear base, folded into the saved weights
+    if mlp.info["selection"]["best_epoch"] == 0:  # no better: exactly the linear head
+        np.testing.assert_allclose(mlp.decision_function(Xte), lin.decision_function(Xte),
+                                   atol=1e-3)
+    plain = MLPHead(hidden=32, base="none").fit(Xtr, ytr, Xva, yva)
+    assert "w0" not in plain.params and plain.info["selection"]["best_epoch"] > 0
 
 
 @pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
@@ -291,7 +345,8 @@ def test_cli_train_and_predict_all(split_collection: Path) -> None:
                                "--head-name", "m", "--json"])
     assert out.exit_code == 0, out.output
     summary = json.loads(out.output)
-    assert summary["kind"] == "mlp" and summary["selection"]["best_epoch"] >= 1
+    assert summary["kind"] == "mlp" and summary["selection"]["best_epoch"] >= 0
+    assert summary["selection"]["C"] > 0  # of its linear base
     out = runner.invoke(main, ["predict", str(split_collection / "test"), "--index", "tr",
                                "--method", "all"])
     assert out.exit_code == 0, out.output
@@ -407,3 +462,21 @@ def test_extra_train_rows_train_but_never_score(make) -> None:
     assert held_out.info["validation"]["n"] <= len(ytr)
     with pytest.raises(EmbedsearchError, match="absent from training"):
         make().fit(Xtr, ytr, extra_train=(Xtr[:2], np.array(["zz", "zz"])))
+
+
+def test_cli_train_auto_names_metric_protocols_and_choice(tiny_bundle) -> None:
+    out = CliRunner().invoke(main, ["train", "--index", "tb", "--head", "auto",
+                                    "--select-by", "accuracy", "--hidden", "16"])
+    assert out.exit_code == 0, out.output
+    text = out.output
+    assert "select    by validation accuracy, ties to the lower log loss, on validation " \
+        "split" in text
+    assert "kept linear (accuracy: linear 1.000, mlp 1.000; linear on a tie)" in text
+    assert "(validation split, train as reference)" in text
+    assert "held-out test images, report only" in text and "scikit-learn's C on " \
+        "standardised inputs" in text
+    b = load_bundle("tb")
+    assert b.manifest["heads"]["linear"]["select_by"] == "accuracy"
+    meta = json.loads((b.path / "heads" / "linear" / "head.json").read_text())
+    assert meta["selection"]["metric"] == "accuracy"
+    assert meta["head_choice"]["chosen"] == "linear"

@@ -28,7 +28,7 @@ from embedsearch.report.splits import connected_groups, group_split, plan_splits
 CLASSES = {"red": (200, 50, 40), "orange": (205, 115, 40), "blue": (40, 70, 200),
            "navy & <dark>|": (45, 45, 140)}
 KS = (1, 3, 10, 30, 100)
-FAST = {"mlp": {"max_epochs": 12, "patience": 3, "hidden": 64}}
+FAST = {"mlp": {"max_epochs": 12, "hidden": 64}}
 
 
 def draw(colour: tuple[int, int, int], seed: int) -> Image.Image:

@@ -22,7 +22,9 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from embedsearch.data.jpeg_guard import scan_work_problem
 
 #: Formats Pillow may open. Everything else (EPS via Ghostscript, PSD, ...) is refused.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: PPM covers the Netpbm family (.ppm/.pgm/.pbm/.pnm). A camera's multi-picture JPEG (MPO)
+#: opens through the JPEG plugin.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 #: Above this many pixels (width × height, from the header) an image is refused undecoded.
 DEFAULT_MAX_PIXELS = 100_000_000
 #: Files larger than this are not read at all (a video or disk image renamed to .jpg).
@@ -67,6 +69,21 @@ class LoadFailure:
     detail: str
     sha256: str | None = None
     size: int | None = None
+
+
+def sniff_format(path: Path) -> str | None:
+    """The image format Pillow reads from a file's header (no pixels decoded), or None when
+    it is not an image. Used for files whose extension says nothing (or something wrong)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    return None
+                with Image.open(fh) as img:
+                    return "JPEG" if img.format == "MPO" else img.format
+    except Exception:  # not an image, unreadable, or a plugin choking on the header
+        return None
 
 
 def read_bytes(path: Path) -> bytes | LoadFailure:

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from embedsearch.data.images import ALLOWED_FORMATS, sniff_format
 from embedsearch.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: Extensions that are read as images. Everything else is ignored, except the ones below.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm", ".pnm", ".mpo"})
 #: Image-like files we cannot decode safely: reported as skipped, not silently ignored.
 UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
     {".svg", ".svgz", ".heic", ".heif", ".avif", ".ico", ".psd", ".jxl", ".raw", ".cr2", ".nef"}
@@ -203,11 +205,19 @@ def scan_folder(root: Path, *, follow_symlinks: bool = False,
     for split, base in bases:
         for path, rid in _walk(root, base, follow_symlinks, skipped, walked):
             ext = path.suffix.lower()
-            if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
-                skipped.append(Skipped(rid, "unsupported_format", f"{ext} files are not decoded"))
-                continue
             if ext not in IMAGE_EXTENSIONS:
-                continue
+                # The extension may lie (a JPEG saved as .svg or .dat): the header decides.
+                fmt = sniff_format(path)
+                if fmt is None and ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+                    skipped.append(Skipped(rid, "unsupported_format",
+                                           f"{ext} files are not decoded"))
+                    continue
+                if fmt is None:
+                    continue  # not an image at all (notes, CSVs…)
+                if fmt not in ALLOWED_FORMATS:
+                    skipped.append(Skipped(rid, "unsupported_format",
+                                           f"{fmt} images are not decoded"))
+                    continue
             try:
                 st = path.stat() if follow_symlinks else path.lstat()
             except OSError as exc:

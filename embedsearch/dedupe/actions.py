@@ -132,12 +132,14 @@ def _safe_to_remove(root: Path, entry: dict[str, Any],
         return "changed since it was indexed (sha256 differs); rebuild the index"
     entry["sha256"] = digest
     entry["bytes"] = src.stat().st_size
-    kept, mine = _file_identity(_resolve(root, entry["kept_id"])), _file_identity(src)
-    if kept is None or kept in removed:
-        return f"its kept image {entry['kept_id']} is gone; not removing the last copy"
-    if kept == mine:
-        return (f"it is the same file as its kept image {entry['kept_id']} (a symlink, hard "
-                "link or aliased folder); not removing the last copy")
+    mine = _file_identity(src)
+    if entry.get("kept_id"):  # entries without a kept image (e.g. audit moves) skip this
+        kept = _file_identity(_resolve(root, entry["kept_id"]))
+        if kept is None or kept in removed:
+            return f"its kept image {entry['kept_id']} is gone; not removing the last copy"
+        if kept == mine:
+            return (f"it is the same file as its kept image {entry['kept_id']} (a symlink, "
+                    "hard link or aliased folder); not removing the last copy")
     if mine is not None:
         removed.add(mine)
     return None
@@ -187,9 +189,20 @@ def move_to(result: DedupeResult, dest: str | os.PathLike[str],
     """Move every removed duplicate to ``dest/<its id>``; returns the report whose ``log``
     is the undo manifest (pass it to :func:`undo`)."""
     base = _root_of(result, root)
+    return move_files(_plan(result, base), dest, base,
+                      {"threshold": result.threshold, "keep": result.keep})
+
+
+def move_files(entries: list[dict[str, Any]], dest: str | os.PathLike[str],
+               root: str | os.PathLike[str], record: dict[str, Any] | None = None,
+               what: str = "--move-to") -> ActionReport:
+    """Move files ``{"id", "sha256"[, "kept_id"]}`` (ids relative to ``root``) to
+    ``dest/<id>``, writing the undo manifest (for :func:`undo`) before the first move;
+    ``record`` adds fields to it. An entry with a ``kept_id`` moves only while that
+    image still exists."""
+    base = Path(root)
     dest = Path(dest)
-    _check_outside(base, dest, "--move-to")
-    entries = _plan(result, base)
+    _check_outside(base, dest, what)
     report = ActionReport("move", dest / f"embedsearch-undo-{_stamp()}.json")
     ready: list[dict[str, Any]] = []
     removed: set[tuple[int, int]] = set()
@@ -203,7 +216,7 @@ def move_to(result: DedupeResult, dest: str | os.PathLike[str],
         (ready.append(e) if why is None else report.skipped.append((e["id"], why)))
     manifest = {"format": MOVES_FORMAT, "schema_version": SCHEMA_VERSION, "created": _now(),
                 "state": "planned", "root": str(base.resolve()), "dest": str(dest.resolve()),
-                "threshold": result.threshold, "keep": result.keep, "moves": entries}
+                **(record or {}), "moves": entries}
     write_json(report.log, manifest)  # the undo record exists before anything moves
     try:
         _apply_each(ready, report, "moved",

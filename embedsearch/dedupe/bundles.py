@@ -50,23 +50,49 @@ def item_facts(items: pd.DataFrame) -> dict[str, Any]:
             "labels": obj("label"), "splits": obj("split")}
 
 
-def dedupe_bundle(bundle: Bundle, *, threshold: float = DEFAULT_THRESHOLD,
-                  keep: str = "resolution") -> DedupeResult:
-    """Duplicate groups among a bundle's images, from its cached embeddings."""
-    res = find_duplicates(np.asarray(bundle.embeddings), threshold=threshold, keep=keep,
-                          **item_facts(bundle.items))
+def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
+                  keep: str = "resolution", hashes: bool = True) -> DedupeResult:
+    """Duplicate groups among a bundle's images, from its cached embeddings.
+
+    ``threshold=None`` calibrates it on the bundle (see :mod:`embedsearch.dedupe.calibrate`).
+    With ``hashes`` (default), images in pairs at or above ``HASH_FLOOR`` get the second
+    signal's perceptual hash (:func:`embedsearch.dedupe.views.bundle_hashes`: decoded once,
+    then cached in the bundle).
+    """
+    from embedsearch.dedupe.group import HASH_FLOOR
+    from embedsearch.dedupe.views import bundle_hashes
+
+    vectors = np.asarray(bundle.embeddings)
+    facts = item_facts(bundle.items)
+    floor = HASH_FLOOR if threshold is None or hashes else threshold
+    pairs = candidate_pairs(vectors, min(floor, threshold or 1.0))
+    h = None
+    if hashes:
+        h = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
+        facts["grey"] = h.edited
+    res = find_duplicates(vectors, threshold=threshold, keep=keep, pairs=pairs, hashes=h,
+                          **facts)
     res.extra.update({"bundle": str(bundle.path), "root": str(items_root(bundle)),
                       "encoder": bundle.encoder_identity.get("spec")})
     # Files that exist but could not be decoded: not compared, but a clean copy keeps them.
+    # Files the scan skipped (unsupported formats, symlinks…) are counted apart.
     failed = bundle.failures
     res.extra["not_indexed"] = failed.loc[failed["row"] == -1, "id"].tolist()
+    res.extra["skipped"] = failed.loc[failed["row"] != -1, "id"].tolist()
     return res
 
 
 def sweep_bundle(bundle: Bundle, thresholds: Sequence[float] = SWEEP_THRESHOLDS,
-                 keep: str = "resolution") -> pd.DataFrame:
-    """:func:`sweep` over a bundle's embeddings."""
-    return sweep(np.asarray(bundle.embeddings), thresholds, keep=keep,
+                  keep: str = "resolution") -> pd.DataFrame:
+    """:func:`sweep` over a bundle's embeddings, with the second signal's hashes."""
+    from embedsearch.dedupe.group import HASH_FLOOR
+    from embedsearch.dedupe.views import bundle_hashes
+
+    vectors = np.asarray(bundle.embeddings)
+    pairs = candidate_pairs(vectors, min(HASH_FLOOR, *thresholds))
+    views = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
+    return sweep(vectors, thresholds, keep=keep, hashes=views,
+                 grey=views.edited,
                  **item_facts(bundle.items))
 
 

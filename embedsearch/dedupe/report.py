@@ -34,6 +34,9 @@ def write_report(result: DedupeResult, out: str | os.PathLike[str], *,
     _write_csv(paths["groups_csv"], result.groups)
     write_parquet(paths["groups_parquet"], result.groups)
     _write_csv(paths["label_conflicts"], result.label_conflicts)
+    if result.near_misses is not None:
+        paths["near_misses"] = out / "near_misses.csv"
+        _write_csv(paths["near_misses"], result.near_misses)
     write_json(paths["summary"], {**result.summary(), **(extra or {})})
     if html_page:
         base = Path(root) if root is not None else Path(result.extra.get("root", "."))
@@ -94,8 +97,9 @@ def render_html(result: DedupeResult, root: Path, *, max_groups: int = MAX_HTML_
              "Groups are ordered from the least similar member up, so the first groups are "
              "the borderline ones: if they are true duplicates the threshold could go lower, "
              "if not it should go higher (<code>embedsearch dedupe --sweep</code>).</p>"]
+    near = _near_miss_section(result, root)
     if not len(g):
-        parts.append("<p>No duplicates at this threshold.</p></body></html>")
+        parts.append(f"<p>No duplicates at this threshold.</p>{near}</body></html>")
         return "".join(parts)
     order = g.groupby("group")["similarity"].min().sort_values(kind="stable")
     shown = order.index[:max_groups]
@@ -127,7 +131,34 @@ def render_html(result: DedupeResult, root: Path, *, max_groups: int = MAX_HTML_
                 f"<span class='tag'>{e(tag)}</span><br>{e(r.id)}<br>{e(dims)}{label}"
                 f"<br><i>{e(r.reason)}</i></figcaption></figure>")
         parts.append("</div></div>")
-    parts.append("</body></html>")
+    parts.append(near + "</body></html>")
+    return "".join(parts)
+
+
+#: Near-miss pairs drawn in the HTML page (near_misses.csv has up to MAX_NEAR_MISSES).
+MAX_HTML_NEAR_MISSES = 40
+
+
+def _near_miss_section(result: DedupeResult, root: Path) -> str:
+    """Pairs just below the threshold that were left apart: what a person should look at
+    to decide whether the threshold could go lower."""
+    e = html.escape
+    nm = result.near_misses
+    head = "<h2 id='near-misses'>Near misses</h2>"
+    if nm is None or not len(nm):
+        return head + "<p>No pair just below the threshold.</p>"
+    parts = [head, f"<p>{len(nm)} pairs just below the threshold {result.threshold:.3f} were "
+             "left in different groups (most similar first). If these are copies, lower "
+             "<code>--threshold</code>; if they are distinct look-alikes, the threshold is "
+             "right.</p>"]
+    for r in nm.head(MAX_HTML_NEAR_MISSES).itertuples():
+        parts.append(f"<div class='group'><h3>{e(f'cosine {r.similarity:.3f}')}</h3>"
+                     "<div class='members'>")
+        for rid in (r.id_a, r.id_b):
+            src = thumbnail_data_uri(_path(root, rid))
+            img = f"<img src='{src}' alt=''>" if src else "<div>(not readable)</div>"
+            parts.append(f"<figure>{img}<figcaption>{e(str(rid))}</figcaption></figure>")
+        parts.append("</div></div>")
     return "".join(parts)
 
 

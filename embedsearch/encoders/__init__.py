@@ -108,21 +108,27 @@ def resolve(spec: str) -> tuple[EncoderEntry, str]:
 
 def load_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike[str] | None = None,
                  precision: str = "fp32", channels_last: bool = True,
-                 backend: str | None = None) -> Encoder:
+                 device: str = "auto", backend: str | None = None) -> Encoder:
     """Build the encoder named by ``spec``, with weights from ``weights`` when given.
 
-    ``precision`` is "fp32" or "bf16" (autocast); channels-last memory layout is on by
-    default because it is faster on CPU for convolutional nets and changes nothing else.
+    ``precision`` is "fp32", or "bf16" / "fp16" (autocast); channels-last memory layout is
+    on by default because it is faster for convolutional nets and changes nothing else.
+    ``device`` is "auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:N" or "mps".
     ``backend`` ("auto", "torch", "openvino", "onnxruntime"; None: the process default,
-    see :mod:`embedsearch.encoders.backends`) chooses the runtime of the forward pass.
+    see :mod:`embedsearch.encoders.backends`) chooses the runtime of the forward pass
+    (exported runtimes run on the CPU: on another device the backend is torch).
     """
+    from embedsearch.encoders.devices import resolve_device
+
+    device = resolve_device(device)  # a missing GPU fails before the model is built
     entry, name = resolve(spec)
     path = Path(weights).expanduser() if weights else None
     if path is not None and not path.is_file():
         raise EncoderError(f"weights file {path} does not exist")
     encoder = entry.build(spec, name, path)
-    encoder.configure(precision, channels_last)
-    from embedsearch.encoders.backends import use_backend
+    encoder.configure(precision, channels_last, device)
+    if encoder.device == "cpu":
+        from embedsearch.encoders.backends import use_backend
 
-    use_backend(encoder, backend)
+        use_backend(encoder, backend)
     return encoder

@@ -7,9 +7,10 @@ identity that manifests record and loaders compare.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Bumped when a change in this package alters the vectors an encoder produces.
 ENCODER_IMPL_VERSION = 1
-#: Numeric precisions an encoder can run at.
-PRECISIONS = ("fp32", "bf16")
+#: Numeric precisions an encoder can run at (bf16 and fp16 by autocast).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -51,6 +52,11 @@ class Preprocess:
         between processes, and the float maths runs batched); else the whole transform."""
         return self._split[0] if self._split else self.transform
 
+    @property
+    def worker_bytes(self) -> int:
+        """Size of one image as :attr:`worker_transform` returns it (uint8 or float32)."""
+        return 3 * self.crop * self.crop * (1 if self._split else 4)
+
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
         """Complete :attr:`worker_transform` on a stacked batch (bit-identical result)."""
         if self._split is None:
@@ -58,7 +64,7 @@ class Preprocess:
         _, mean, std = self._split
         x = batch.float().div_(255)
         if mean is not None:
-            x.sub_(mean).div_(std)
+            x.sub_(mean.to(x.device)).div_(std.to(x.device))
         return x
 
     def describe(self) -> dict[str, Any]:
@@ -103,6 +109,23 @@ def preprocess_from_transform(transform: Any) -> Preprocess:
         # e.g. open_clip's ResizeKeepRatio / "squash" transforms: fall back to the crop size.
         resize = crop or 224
     return Preprocess(resize, crop or resize, interpolation, mean, std, transform)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_convolutions(enabled: bool) -> Iterator[None]:
+    """fp32 on a GPU means fp32: cuDNN convolutions default to TF32 (10-bit mantissa), which
+    moves the vectors further from the CPU's than fp32 rounding does. Restored afterwards."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 class _PilToUint8:
@@ -193,6 +216,10 @@ class Encoder:
         self.weights = weights
         self.precision = "fp32"
         self.channels_last = False
+        self.device = "cpu"
+        #: The configuration the model and preprocessing were resolved from (pretrained tag,
+        #: activation, resize mode, …), recorded in the identity; None for fixed encoders.
+        self.config: dict[str, Any] | None = None
         #: Set by :func:`embedsearch.encoders.backends.use_backend`: batch → features.
         self.runtime: Callable[[np.ndarray], np.ndarray] | None = None
         self.backend = "torch"
@@ -206,20 +233,26 @@ class Encoder:
         """Unnormalised features for a preprocessed batch."""
         return self.model(batch)
 
-    def configure(self, precision: str = "fp32", channels_last: bool = False) -> None:
-        """Choose the numeric precision ("fp32" or "bf16" autocast) and memory layout.
+    def configure(self, precision: str = "fp32", channels_last: bool = False,
+                  device: str = "cpu") -> None:
+        """Choose the numeric precision ("fp32", or "bf16"/"fp16" autocast), memory layout
+        and device ("auto", "cpu", "cuda", "cuda:N", "mps").
 
-        bf16 changes the vectors slightly, so it is part of the identity; channels-last only
-        changes the order of float operations and is not.
+        bf16 and fp16 change the vectors slightly, so the precision is part of the identity;
+        channels-last and the device only change the order of float operations and are not.
         """
         import torch
+
+        from embedsearch.encoders.devices import resolve_device
 
         if precision not in PRECISIONS:
             raise EncoderError(f"unknown precision {precision!r}", hint=f"use one of {PRECISIONS}")
         self.precision = precision
         self.channels_last = channels_last
+        self.device = resolve_device(device)
         self.runtime, self.backend = None, "torch"  # an exported graph is of the old settings
         self.model = self.model.to(
+            device=self.device,
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self._fingerprint = None
 
@@ -232,13 +265,18 @@ class Encoder:
         """Embed a preprocessed batch: float32, L2-normalised, finite (else EncoderError)."""
         import torch
 
-        if self.runtime is not None:
-            feats = torch.from_numpy(self.runtime(batch.contiguous().numpy()))
+        from embedsearch.encoders.devices import device_type
+
+        if self.runtime is not None:  # an exported graph (OpenVINO / ONNX Runtime), on CPU
+            feats = torch.from_numpy(self.runtime(batch.cpu().contiguous().numpy()))
         else:
+            batch = batch.to(self.device, non_blocking=True)
             if self.channels_last and batch.dim() == 4:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(
-                    "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            with torch.inference_mode(), _ieee_fp32_convolutions(
+                    self.device.startswith("cuda") and self.precision == "fp32"), torch.autocast(
+                    device_type(self.device), enabled=self.precision != "fp32",
+                    dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16):
                 feats = self._forward(batch).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         out = feats.cpu().numpy().astype(np.float32, copy=False)
@@ -268,7 +306,7 @@ class Encoder:
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the vectors: compared when loading bundles and heads."""
-        return {
+        ident = {
             "spec": self.spec,
             "dim": self.dim,
             "weights": self.weights.describe(),
@@ -279,6 +317,9 @@ class Encoder:
             "impl_version": ENCODER_IMPL_VERSION,
             "supports_text": self.supports_text,
         }
+        if self.config is not None:
+            ident["config"] = self.config
+        return ident
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         raise EncoderError(

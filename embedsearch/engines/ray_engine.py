@@ -133,12 +133,10 @@ class EncoderActor:
 
         torch.set_num_threads(max(1, threads))
         self.throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
-        self.encoder = load_encoder(spec, weights, precision=precision,
-                                    channels_last=channels_last)
-        self.max_pixels = max_pixels
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        if self.device != "cpu":
-            self.encoder.model.to(self.device)
+        self.encoder = load_encoder(spec, weights, precision=precision,
+                                    channels_last=channels_last, device=self.device)
+        self.max_pixels = max_pixels
         found = encoder_key(self.encoder.identity())
         if found != expected_key:
             raise EncoderError(

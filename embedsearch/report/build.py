@@ -432,6 +432,8 @@ def _encoder_blocks(results: dict[str, Any], e: dict[str, Any], out: Path) -> li
         s = methods.get(mid, {}).get("selection", {}).get("selection")
         if s:
             choice = (f"C={s.get('C')}" if "C" in s else f"{s.get('best_epoch')} epochs")
+            if "tau" in s:
+                choice += f", class-prior correction tau={s['tau']}"
             blocks.append(Para(f"{methods[mid]['name']}: {choice} chosen by "
                                f"{s.get('criterion')} ({s.get('protocol')}), then refit on "
                                "train + validation."))

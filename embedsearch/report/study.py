@@ -212,7 +212,7 @@ def run_benchmark(
     n_bootstrap: int = N_BOOTSTRAP,
     gallery_size: int = 12,
     title: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     path_col: str | None = None,
     label_col: str | None = None,
@@ -223,6 +223,8 @@ def run_benchmark(
     on_stage: Callable[[str], None] | None = None,
     finetune: dict[str, Any] | None = None,
     views: str | None = None,
+    device: str = "auto",
+    exclude: str | os.PathLike[str] | None = None,
 ) -> BenchmarkResult:
     """Run the whole study on ``data`` and write ``out``/report.md, report.html,
     results.json and figures/.
@@ -239,6 +241,9 @@ def run_benchmark(
     backbone fine-tuned on the same train/val images and scored on the same test images.
     ``views`` (e.g. ``"flip,crop2"``) embeds augmented views of the training images into
     each bundle and adds every head trained with them too (``linear-views``, ``mlp-views``).
+    ``device`` is where images (and zero-shot prompts) are encoded ("auto", "cpu",
+    "cuda[:N]", "mps").
+    ``exclude``: a reviewed list of ids to leave out (see :mod:`embedsearch.audit.exclude`).
     """
     t_start = time.perf_counter()
     load_start = _load_average()
@@ -268,7 +273,8 @@ def run_benchmark(
     for choice, slug in zip(choices, slugs, strict=True):
         stage(f"encoding {data_path} with {choice.label}")
         enc = _encode(data_path, choice, slug, bundle_root, batch_size, num_workers,
-                      progress, path_col, label_col, split_col, split_map, views)
+                      progress, path_col, label_col, split_col, split_map, views, device,
+                      exclude)
         shared_spec = sum(c.spec == choice.spec for c in choices) > 1
         enc.label = choice.label if shared_spec else choice.spec
         encoded.append(enc)
@@ -360,11 +366,12 @@ def run_benchmark(
 
 
 # -- encoding -----------------------------------------------------------------------------
-def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: int,
+def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: int | None,
             num_workers: int | None, progress: Progress | None, path_col: str | None,
             label_col: str | None, split_col: str | None,
-            split_map: str | dict[str, str] | None = None, views: str | None = None
-            ) -> _Encoded:
+            split_map: str | dict[str, str] | None = None, views: str | None = None,
+            device: str = "auto",
+            exclude: str | os.PathLike[str] | None = None) -> _Encoded:
     from embedsearch.bundle import load_bundle
     from embedsearch.pipeline import build_index
 
@@ -372,7 +379,7 @@ def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: 
     res = build_index(data, out=path, model=choice.spec, weights=choice.weights,
                       batch_size=batch_size, num_workers=num_workers, progress=progress,
                       path_col=path_col, label_col=label_col, split_col=split_col,
-                      split_map=split_map, views=views)
+                      split_map=split_map, views=views, device=device, exclude=exclude)
     gen = res.manifest["generation"]
     if res.encoded > 0:
         build = {"generation": gen, "images": res.encoded,
@@ -390,6 +397,7 @@ def _encode(data: Path, choice: ModelChoice, slug: str, root: Path, batch_size: 
             build["note"] += "; throughput as recorded when they were encoded"
     build["reused"] = res.reused
     bundle = load_bundle(path)
+    bundle.device = device
     return _Encoded(choice, slug, bundle, build)
 
 

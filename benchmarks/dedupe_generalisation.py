@@ -1,0 +1,257 @@
+"""Dedupe on collections it was not tuned on, side by side with imagededup and fastdup.
+
+Every tool runs in a child process on the same folder and writes ``groups.csv`` (columns
+``group, id``; ids relative to the folder); one pairwise scorer compares it with the
+set's truth (``benchmarks/plant_duplicates.py`` writes ``OUT-truth.csv``): precision and
+recall over the pairs of images that share a group. A tool that reports a duplicate
+*graph* (imagededup) is turned into groups by connected components, as fastdup does
+itself. CPU seconds (user + system, the child and its threads) are read from
+``getrusage(RUSAGE_CHILDREN)``.
+
+Peers are benchmark-only dependencies, not embedsearch's:
+
+    pip install imagededup fastdup        # fastdup runs offline with SENTRY_OPT_OUT=1
+
+Run (under the shared lock: encoding dominates):
+
+    python benchmarks/plant_duplicates.py --posters 450 WORK/posters1 --seed 1
+    python benchmarks/dedupe_generalisation.py WORK/posters1 WORK/cloth-held ...
+        [--tools embedsearch,imagededup-phash,...] [--tuned posters0,cloth-train]
+
+Writes benchmarks/results/dedupe_generalisation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+TOOLS = ("embedsearch", "imagededup-phash", "imagededup-dhash", "imagededup-whash",
+         "imagededup-ahash", "fastdup")
+
+
+# -- the shared scorer --------------------------------------------------------------------
+def read_groups(path: Path) -> dict[str, str]:
+    """id → group from a CSV with columns group, id (ids absent: singletons)."""
+    with open(path, newline="") as fh:
+        return {row["id"]: str(row["group"]) for row in csv.DictReader(fh)}
+
+
+def same_group_pairs(groups: dict[str, str], universe: set[str]) -> set[tuple[str, str]]:
+    members: dict[str, list[str]] = {}
+    for item, g in groups.items():
+        if item in universe:
+            members.setdefault(g, []).append(item)
+    return {p for m in members.values() for p in itertools.combinations(sorted(m), 2)}
+
+
+def score(truth: dict[str, str], predicted: dict[str, str]) -> dict[str, float]:
+    """Pairwise precision, recall and F1 over same-group pairs (ids of the truth only)."""
+    universe = set(truth)
+    t = same_group_pairs(truth, universe)
+    p = same_group_pairs(predicted, universe)
+    tp = len(t & p)
+    precision = tp / len(p) if p else 1.0
+    recall = tp / len(t) if t else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+            "true_pairs": len(t), "predicted_pairs": len(p), "correct_pairs": tp}
+
+
+def components(edges: dict[str, list[str]]) -> dict[str, str]:
+    """Groups (connected components) of a duplicate graph {id: [ids]}."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, bs in edges.items():
+        for b in bs:
+            parent[find(a)] = find(b)
+    return {x: find(x) for x in list(parent)}
+
+
+def write_groups(path: Path, groups: dict[str, str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["group", "id"])
+        w.writerows(sorted((g, i) for i, g in groups.items()))
+
+
+# -- tools (each runs in a child process: ``--run TOOL DIR OUT``) --------------------------
+def run_tool(tool: str, folder: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if tool == "embedsearch":
+        # exactly what a user runs: embeds the folder into a bundle, then dedupes it
+        from click.testing import CliRunner
+
+        from embedsearch.cli import main
+
+        res = CliRunner().invoke(main, ["-q", "dedupe", str(folder), "--out", str(out),
+                                        "--no-html"], catch_exceptions=False)
+        (out / "stdout.txt").write_text(res.output)
+        if res.exit_code:
+            raise SystemExit(res.output)
+        return
+    if tool.startswith("imagededup-"):
+        from imagededup import methods
+
+        method = {"phash": methods.PHash, "dhash": methods.DHash, "whash": methods.WHash,
+                  "ahash": methods.AHash}[tool.split("-", 1)[1]]()
+        dups = method.find_duplicates(image_dir=str(folder), recursive=True)
+        write_groups(out / "groups.csv", components(dups))
+        return
+    if tool == "fastdup":
+        os.environ.setdefault("SENTRY_OPT_OUT", "1")
+        import fastdup
+
+        fd = fastdup.create(work_dir=str(out / "work"), input_dir=str(folder))
+        fd.run(overwrite=True, print_summary=False)
+        cc, _ = fd.connected_components()
+        col = "filename" if "filename" in cc else "path"
+        groups = {}
+        for path, comp in zip(cc[col], cc["component_id"], strict=True):
+            groups[Path(path).resolve().relative_to(folder.resolve()).as_posix()] = str(comp)
+        write_groups(out / "groups.csv", groups)
+        return
+    raise SystemExit(f"unknown tool {tool}")
+
+
+def measure(tool: str, folder: Path, out: Path, env: dict[str, str]) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    # cwd = out: `embedsearch dedupe DIR` puts its bundle in ./indexes, a fresh one per run,
+    # so its CPU time includes the encoding
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", tool,
+                           str(folder.resolve()), str(out.resolve())],
+                          env=env, cwd=out, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode:
+        return {"error": (proc.stderr or proc.stdout)[-800:], "cpu_s": round(cpu, 2),
+                "wall_s": round(wall, 2)}
+    return {"cpu_s": round(cpu, 2), "wall_s": round(wall, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("sets", nargs="*", type=Path, help="folders made by plant_duplicates.py "
+                    "(truth: FOLDER-truth.csv beside each)")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--tuned", default="", help="names of sets the defaults were tuned on "
+                    "(marked in the table)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dedupe-generalisation"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "dedupe_generalisation")
+    ap.add_argument("--run", nargs=3, metavar=("TOOL", "DIR", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        run_tool(args.run[0], Path(args.run[1]), Path(args.run[2]))
+        return
+    from embedsearch.report.provenance import git_revision, machine, package_versions
+
+    tuned = {t for t in args.tuned.split(",") if t}
+    env = {**os.environ, "SENTRY_OPT_OUT": "1", "PYTHONPATH": str(REPO)}
+    rows = []
+    for folder in args.sets:
+        truth = read_groups(folder.parent / f"{folder.name}-truth.csv")
+        for tool in args.tools.split(","):
+            out = args.work / folder.name / tool
+            run = measure(tool, folder, out, env)
+            row = {"set": folder.name, "tuned_on": folder.name in tuned, "tool": tool,
+                   "images": len(truth), **run}
+            if "error" not in run:
+                row.update(score(truth, read_groups(out / "groups.csv")))
+                row["cpu_ms_per_image"] = round(1000 * run["cpu_s"] / len(truth), 1)
+                if tool == "embedsearch":
+                    row["stdout"] = (out / "stdout.txt").read_text()
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "stdout"}), flush=True)
+            # written after every run, so an interrupted benchmark keeps what it measured
+            record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+                      "git": git_revision(str(REPO)),
+                      "versions": package_versions(("numpy", "torch", "pillow", "imagededup",
+                                                    "fastdup")),
+                      "results": rows}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(markdown(record))
+
+
+def markdown(record: dict) -> str:
+    lines = ["# Dedupe on collections it was not tuned on, against imagededup and fastdup",
+             "", f"Command: `{record['command']}` ({record['created']}); "
+             f"versions {record['versions']}; machine: {record['machine'].get('cpu', '')} "
+             "(2 cores shared with other jobs: CPU times are noisy).", "",
+             "Pairwise precision / recall / F1 over same-group pairs, one scorer for every "
+             "tool (`score()` in benchmarks/dedupe_generalisation.py). CPU ms per image: "
+             "user + system time of the whole run (decode, embed or hash, search, group).",
+             "", "| set | tuned on? | tool | P | R | F1 | CPU ms/image |",
+             "|---|---|---|---|---|---|---|"]
+    for r in record["results"]:
+        if "error" in r:
+            lines.append(f"| {r['set']} | {'yes' if r['tuned_on'] else 'no'} | {r['tool']} | "
+                         f"error | | | |")
+            continue
+        lines.append(f"| {r['set']} | {'yes' if r['tuned_on'] else 'no'} | {r['tool']} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | **{r['f1']:.3f}** | "
+                     f"{r['cpu_ms_per_image']:.0f} |")
+    lines += ["", "## What embedsearch chose on each set", ""]
+    for r in record["results"]:
+        if r["tool"] == "embedsearch" and "stdout" in r:
+            said = [ln for ln in r["stdout"].splitlines()
+                    if ln.startswith(("threshold", "second", "groups"))]
+            lines += [f"**{r['set']}**", "", "```", *said, "```", ""]
+    lines += ["## Notes", "", *NOTES, ""]
+    return "\n".join(lines)
+
+
+NOTES = [
+    "- Seen before the last change: after a first run, `cloth-held` (precision 0.975 with "
+    "LONE_GAP 0.06 and MARGIN 0.01) led to LONE_GAP 0.08 and MARGIN 0.02, so it is marked "
+    "as tuned on; `cloth-held2` (seed 2: other originals, distractors and variant "
+    "parameters from the same validation/test photos) and `posters1` were made after that "
+    "change and never looked at before this run.",
+    "- Sets: `idd` is imagededup's own test images (tests/data of idealo/imagededup: "
+    "flipped, resized, rotated, greyscale and RGBA copies, the same photo in 5 formats, "
+    "Netpbm files); `cloth-held` and `cloth-held2` plant tiny, crop20, watermark, squash, "
+    "grey, rot30 and flip copies of 100 clothing-small validation/test photos among 480 "
+    "other ones; "
+    "`posters1` plants all ten kinds of `plant_duplicates.py` into synthetic posters "
+    "(seed 1). The defaults were tuned on `cloth-train` (train split) and `posters0` (seed "
+    "0), and the two margins on `cloth-held` (above).",
+    "- Posters' calibrated threshold and F1 with ten variant kinds are in the table; on the "
+    "tuning sets (not in the table; `dedupe_bundle` on their bundles, same scorer): "
+    "cloth-train t 0.928 P 0.999 R 0.975 F1 0.987; posters0 t 0.943 P 1.000 R 0.804 F1 "
+    "0.891.",
+    "- Synthetic posters are an adversarial case: gradients, shapes and one font make "
+    "distinct posters look alike to the encoder (nearest distinct poster at 0.87 median, "
+    "up to 0.93), so the calibrated threshold rises to ~0.94 and 20 % crops (median 0.89) "
+    "fall below it; real posters' nearest distinct neighbours stay near 0.8.",
+    "- CPU time of embedsearch is dominated by the encoder (decode + efficientnet-lite0, "
+    "about 50–60 ms per image on this machine); the second signal costs about 4 ms per "
+    "image the first time (decode at 1/8 scale, three hashes, 18 turned-back hashes for "
+    "images with filled corners) and nothing on a re-run (cached in the bundle: 0.21 s of "
+    "CPU for the whole dedupe of 1,500 images, against 5.98 s when the hashes are computed "
+    "first); search, calibration and grouping take well under a second.",
+]
+
+
+if __name__ == "__main__":
+    main()

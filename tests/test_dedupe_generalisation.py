@@ -1,0 +1,153 @@
+"""Dedupe beyond the collection it was tuned on: the calibrated threshold, the perceptual
+hash that confirms borderline pairs, centre-based groups with a separate keep rule, and
+the image formats that used to vanish (issue #13)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from embedsearch import build_index, load_bundle
+from embedsearch.dedupe import candidate_pairs, dedupe_bundle, find_duplicates
+from embedsearch.dedupe.calibrate import HIGHEST, LOWEST, calibrate
+from embedsearch.dedupe.group import HASH_MAX_BITS, ROTATION_MAX_BITS
+from embedsearch.dedupe.views import (
+    CACHE_FILE,
+    centre_hash,
+    dct_hash,
+    filled_corners,
+    hash_distance,
+    rotation_hashes,
+)
+from tests.test_dedupe import TINY, picture, run_cli
+
+
+def _hash(img: Image.Image) -> np.uint64:
+    return np.uint64(dct_hash(img)[0])
+
+
+def test_hash_ignores_colour_size_aspect_and_mirroring_but_not_content() -> None:
+    img = picture(0, 200)
+    h = _hash(img)
+    copies = {"grey": ImageOps.grayscale(img), "quarter": img.resize((50, 50)),
+              "squashed": img.resize((200, 130)), "mirror": ImageOps.mirror(img),
+              "mirrored grey thumbnail": ImageOps.mirror(ImageOps.grayscale(img))
+              .resize((60, 60))}
+    for name, copy in copies.items():
+        assert hash_distance(h, _hash(copy)) <= HASH_MAX_BITS, name
+    others = [hash_distance(h, _hash(picture(k, 200))) for k in range(1, 30)]
+    assert min(others) > HASH_MAX_BITS
+    assert dct_hash(ImageOps.grayscale(img))[1] and not dct_hash(img)[1]  # greyscale flag
+
+
+def test_rotated_copy_is_turned_back_and_matched_by_its_centre() -> None:
+    img = picture(0, 240)
+    turned = img.rotate(-30, Image.BICUBIC)  # black corners, like a scanned or tilted copy
+    assert filled_corners(turned) and not filled_corners(img)
+    back = np.array(rotation_hashes(turned), np.uint64)
+    assert hash_distance(back, np.uint64(centre_hash(img))).min() <= ROTATION_MAX_BITS
+    for k in range(1, 20):
+        assert hash_distance(back, np.uint64(centre_hash(picture(k, 240)))).min() \
+            > ROTATION_MAX_BITS
+
+
+def _cloud(n: int, spread: float, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Unit vectors around one direction: ``spread`` small → look-alikes."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(dim) + spread * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_calibrated_threshold_rises_with_look_alikes() -> None:
+    def threshold(x: np.ndarray) -> float:
+        p = candidate_pairs(x, 0.7, power=1.0)
+        return calibrate(len(x), p.i, p.j, p.sim, np.zeros(len(p), bool), 0.7).threshold
+
+    sparse = _cloud(300, 3.0)  # distinct images: neighbours far below 0.8
+    crowded = _cloud(300, 0.35)  # look-alikes: nearest neighbours around 0.9
+    p = candidate_pairs(crowded, 0.7, power=1.0)
+    nearest = np.full(len(crowded), -1.0)
+    np.maximum.at(nearest, p.i, p.sim)
+    np.maximum.at(nearest, p.j, p.sim)
+    assert threshold(sparse) == LOWEST
+    t = threshold(crowded)
+    assert np.quantile(nearest, 0.99) < t <= HIGHEST
+    # planted copies (cosine 0.995 to their original) do not drag it up: they are
+    # confirmed duplicates, set aside before the background is read
+    rng = np.random.default_rng(1)
+    copies = crowded[:60] + 0.01 * rng.standard_normal((60, 64)).astype(np.float32)
+    both = np.concatenate([crowded, copies / np.linalg.norm(copies, axis=1, keepdims=True)])
+    assert abs(threshold(both) - t) < 0.01
+
+
+def test_groups_centre_on_the_original_and_keep_the_most_pixels() -> None:
+    # an original (centre) and two edits of it that are not near-duplicates of each other;
+    # the larger edit is kept, yet both stay in the group through the centre
+    c, si = 0.95, np.sqrt(1 - 0.95**2)
+    x = np.array([[1, 0, 0], [c, si, 0], [c, -si, 0]], np.float32)  # b·c = 0.805
+    t = 0.9
+    res = find_duplicates(x, ["orig", "big", "small"], threshold=t, power=1.0,
+                          widths=[100, 400, 50], heights=[100, 400, 50])
+    g = res.groups.set_index("id")
+    assert set(g.index) == {"orig", "big", "small"}
+    assert res.kept_ids == ["big"] and set(g["centre_id"]) == {"orig"}
+    assert g.loc["orig", "reason"].startswith("centre of the group")
+    assert g.loc["big", "reason"] == "kept: largest resolution (400×400)"
+
+
+def test_keep_prefers_colour_then_fewer_recompressions_at_equal_size() -> None:
+    x = np.tile(np.eye(4, dtype=np.float32)[:1], (3, 1))
+    res = find_duplicates(x, ["grey", "q30", "q95"], widths=[50] * 3, heights=[50] * 3,
+                          sizes=[3000, 900, 2500], grey=[True, False, False])
+    assert res.kept_ids == ["q95"]
+    assert "least re-compressed" in res.groups.set_index("id").loc["q95", "reason"]
+
+
+@pytest.fixture
+def edited_folder(tmp_path: Path) -> Path:
+    """Distinct pictures plus a greyscale and a tiny copy of one (the test encoder, unlike
+    real ones, is not mirror-tolerant: mirrors are covered by the hash test), and Netpbm
+    files / a mislabelled JPEG that used to vanish from scans."""
+    root = tmp_path / "edited"
+    root.mkdir()
+    for k in range(10):
+        picture(k).save(root / f"p{k}.jpg", quality=92)
+    orig = picture(0)
+    ImageOps.grayscale(orig).save(root / "p0_grey.jpg", quality=90)
+    orig.resize((40, 40)).save(root / "p0_tiny.jpg", quality=90)
+    picture(20).save(root / "netpbm.ppm")
+    picture(21).convert("L").save(root / "grey.pgm")
+    picture(22).convert("1").save(root / "bits.pbm")
+    picture(23).save(root / "actually_a_jpeg.svg", "JPEG")  # the extension lies
+    (root / "vector.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_edited_copies_found_and_netpbm_embedded(edited_folder: Path, tmp_path: Path) -> None:
+    build_index(edited_folder, name="edited", model=TINY)
+    bundle = load_bundle("edited")
+    ids = set(bundle.items["id"])
+    assert {"netpbm.ppm", "grey.pgm", "bits.pbm", "actually_a_jpeg.svg"} <= ids
+    failures = bundle.failures.set_index("id")["reason"].to_dict()
+    assert failures == {"vector.svg": "unsupported_format"}  # listed, never dropped silently
+    res = dedupe_bundle(bundle)
+    assert "calibration" in res.extra
+    g = res.groups
+    group0 = set(g.loc[g["group"] == g.loc[g["id"] == "p0.jpg", "group"].item(), "id"])
+    assert group0 == {"p0.jpg", "p0_grey.jpg", "p0_tiny.jpg"}
+    assert res.kept_ids == ["p0.jpg"]  # colour, most pixels, least re-compressed
+    assert len(g) == 3  # distinct pictures and the new formats stay alone
+    assert (bundle.path / CACHE_FILE).exists()
+    # the CLI prints the calibrated value and its evidence, and one JSON object per group
+    text = run_cli("dedupe", "--index", "edited", "--out", str(tmp_path / "r"))
+    assert f"threshold  {res.threshold:.3f}, calibrated on 16 images" in text
+    lines = run_cli("dedupe", "--index", "edited", "--out", str(tmp_path / "r"),
+                    "--json").splitlines()
+    group = json.loads(lines[0])
+    assert group["kept"] == "p0.jpg" and len(group["members"]) == 3
+    assert json.loads(lines[-1])["summary"]["skipped"] == 1
