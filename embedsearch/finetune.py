@@ -236,7 +236,7 @@ def finetune_split(train: Split, val: Split | None, test: Split | None, *,
         raise EmbedsearchError(f"epochs must be at least 1, got {epochs}")
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    encoder = load_encoder(model or DEFAULT_ENCODER, weights)
+    encoder = load_encoder(model or DEFAULT_ENCODER, weights, backend="torch")
     identity = encoder.identity()
     classes = np.unique(np.asarray(train[1]).astype(str))
     if len(classes) < 2:
@@ -431,7 +431,8 @@ def load_finetuned(folder: str | os.PathLike[str],
     w = base.get("weights", {})
     if weights is None and w.get("source") == "file":
         weights = w.get("path")
-    encoder = load_encoder(base["spec"], weights, precision=base.get("precision", "fp32"))
+    encoder = load_encoder(base["spec"], weights, precision=base.get("precision", "fp32"),
+                            backend="torch")
     check_same_encoder(base, encoder.identity(), f"fine-tuned model {folder}",
                        "load it with the base encoder's weights (--weights FILE)")
     net, _ = _classifier(encoder, len(info["classes"]))

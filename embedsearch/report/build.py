@@ -305,6 +305,12 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _share(part: float, whole: float) -> str:
+    """``part / whole`` as a percentage; "n/a" when ``whole`` is 0 (a fine-tune that scored
+    nothing, or took no measurable time)."""
+    return f"{part / whole:.0%}" if whole else "n/a"
+
+
 def _finetune_verdict(e: dict[str, Any], timing: dict[str, Any]) -> list[Any]:
     """"Frozen embeddings + head reach X of the fine-tuned accuracy at Y of its cost"."""
     methods, tm = e["methods"], timing["methods"]
@@ -318,8 +324,8 @@ def _finetune_verdict(e: dict[str, Any], timing: dict[str, Any]) -> list[Any]:
     gpu = ft_tm.get("train_gpu_seconds")
     return [
         Bold(f"{e['label']}: frozen embeddings + {methods[best]['name']} reach "
-             f"{acc / ft_acc:.0%} of the fine-tuned accuracy at {frozen_s / ft_s:.0%} of its "
-             "cost"),
+             f"{_share(acc, ft_acc)} of the fine-tuned accuracy at {_share(frozen_s, ft_s)} "
+             "of its cost"),
         f" ({acc:.3f} vs {ft_acc:.3f} accuracy; {_secs(frozen_s)} = {_secs(encode_s)} "
         f"encoding once + {_secs(tm[best]['fit_seconds'])} training, vs {_secs(ft_s)} of "
         f"fine-tuning, {ft_tm.get('train_cpu_seconds')} CPU-s"
