@@ -110,3 +110,25 @@ def clothing_bundle(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bundles") / "clothing"
     build_index(CLOTHING, out=out)
     return load_bundle(out)
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the decode-process tests (test_devices) first, before anything loads OpenVINO.
+    Once OpenVINO's thread pool lives in the test process, forking decode workers and later
+    spawning a subprocess crashes the whole pytest process (SIGSEGV; reproduced with
+    test_backends → test_devices → test_engines). Users' processes never combine the two:
+    exported runtimes run on the CPU path, decode processes only on an accelerator."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_devices.py"))
+
+
+@pytest.fixture(autouse=True)
+def _reset_default_backend():
+    """`embedsearch --backend X` sets a process-wide default; CliRunner tests run in this
+    process, so put it back after each test."""
+    yield
+    import sys
+
+    backends = sys.modules.get("embedsearch.encoders.backends")
+    if backends is not None:
+        backends.set_default_backend(None)
