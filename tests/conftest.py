@@ -113,13 +113,32 @@ def clothing_bundle(tmp_path_factory: pytest.TempPathFactory):
 
 
 
+_BACKEND_TESTS = "tests/test_backends.py"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the decode-process tests (test_devices) first, before anything loads OpenVINO.
-    Once OpenVINO's thread pool lives in the test process, forking decode workers and later
-    spawning a subprocess crashes the whole pytest process (SIGSEGV; reproduced with
-    test_backends → test_devices → test_engines). Users' processes never combine the two:
-    exported runtimes run on the CPU path, decode processes only on an accelerator."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_devices.py"))
+    """The OpenVINO backend tests run last, and every other test runs on torch
+    (:func:`_torch_backend`): with OpenVINO's thread pool in the test process, a later
+    subprocess spawn after torch's DataLoader workers crashed the whole pytest process
+    (SIGSEGV). Users' processes do not combine the two: exported runtimes run on the CPU
+    path, decode processes only on an accelerator. test_backends checks that the runtimes
+    agree with torch."""
+    items.sort(key=lambda item: item.nodeid.startswith(_BACKEND_TESTS))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_backend_for_session_fixtures():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBEDSEARCH_BACKEND", "torch")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.nodeid.startswith(_BACKEND_TESTS):
+        monkeypatch.delenv("EMBEDSEARCH_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("EMBEDSEARCH_BACKEND", "torch")
 
 
 @pytest.fixture(autouse=True)
