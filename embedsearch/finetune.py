@@ -364,7 +364,7 @@ def finetune_split(train: Split, val: Split | None, test: Split | None, *,
     n_test = len(test_pred)
     info["timings"] = {
         "train_wall_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu, 1),
+        "train_cpu_seconds": round(train_cpu, 3),
         "train_gpu_seconds": round(gpu_ms / 1000, 1) if dev == "cuda" else None,
         "test_ms_per_image": round(1000 * (time.perf_counter() - t_eval) / n_test, 2)
         if n_test else None,
