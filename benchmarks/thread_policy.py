@@ -31,6 +31,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
+# Every build must encode: the shared embedding cache would serve repeated builds of the
+# same images without running the model (exports still go to the user cache folder).
+os.environ["EMBEDSEARCH_CACHE_DIR"] = "off"
 
 from throughput import CLOTHING, BusyLoad, subset  # noqa: E402
 
