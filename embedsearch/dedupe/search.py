@@ -144,17 +144,19 @@ def as_unit_vectors(vectors: np.ndarray, power: float = 1.0) -> np.ndarray:
 
 
 def _release_pages(vectors: np.ndarray, first: int, rows: int) -> None:
-    """Drop rows ``first:first+rows`` of a read-only ``np.memmap`` from this process's
-    resident set (``madvise(MADV_DONTNEED)``; the data stays in the page cache and is read
-    back if touched again). Anything else, or a platform without it, is left alone."""
+    """Drop rows ``first:first+rows`` of a read-only memory-mapped array (an ``np.memmap``
+    or any view of one) from this process's resident set (``madvise(MADV_DONTNEED)``; the
+    data stays in the page cache and is read back if touched again). Anything else, or a
+    platform without it, is left alone."""
     import mmap
 
-    mm = getattr(vectors, "_mmap", None)
-    if not isinstance(vectors, np.memmap) or mm is None or not hasattr(mm, "madvise") \
-            or not hasattr(mmap, "MADV_DONTNEED") or vectors.flags.writeable:
+    mm = vectors.base
+    while mm is not None and not isinstance(mm, mmap.mmap):
+        mm = getattr(mm, "base", None)
+    if mm is None or vectors.flags.writeable or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    base = np.frombuffer(mm, np.uint8).ctypes.data
-    lo = vectors.ctypes.data - base + first * vectors.strides[0]
+    start = np.frombuffer(mm, np.uint8).ctypes.data
+    lo = vectors.ctypes.data - start + first * vectors.strides[0]
     hi = lo + rows * vectors.strides[0]
     lo = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the rows only
     hi = min(hi - hi % mmap.PAGESIZE, len(mm))
