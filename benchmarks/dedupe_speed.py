@@ -89,28 +89,65 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run(kind: str, n: int, dim: int, threshold: float, memmap: Path | None = None) -> dict:
-    from embedsearch.dedupe import find_duplicates
-    from embedsearch.dedupe.search import DEFAULT_POWER, as_unit_vectors
+def _monitor(every: float = 15.0) -> None:
+    """Print elapsed time and memory to stderr every ``every`` s (a run stopped by a time
+    limit still shows how far it got and its memory so far)."""
+    import threading
+
+    t0 = time.perf_counter()
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            mem = {f: _status_kib(f) for f in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+            print(f"[{time.perf_counter() - t0:7.1f} s] " + ", ".join(
+                f"{k} {v / 2**20:.2f} GiB" for k, v in mem.items() if v is not None),
+                file=sys.stderr, flush=True)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def vectors_for(kind: str, n: int, dim: int, memmap: Path | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[Path]]:
+    """(vectors, planted i, planted j, sha256, files made here). With ``memmap``, the
+    vectors are memory-mapped from DIR (written there first, unless an earlier run with
+    ``--prepare-only`` left them: then they are reused and kept)."""
     from embedsearch.store.io import read_npy
 
-    x, src, dst, sha = synthetic(kind, n, dim, n_dups=2000, n_exact=500)
-    desc_sim = np.einsum("ij,ij->i", *(as_unit_vectors(x[r], DEFAULT_POWER) for r in (src, dst)))
-    path = None
-    if memmap is not None:
-        memmap.mkdir(parents=True, exist_ok=True)
-        path = memmap / f"dedupe_speed_{kind}_{n}x{dim}.npy"
+    if memmap is None:
+        return (*synthetic(kind, n, dim, n_dups=2000, n_exact=500), [])
+    memmap.mkdir(parents=True, exist_ok=True)
+    path = memmap / f"dedupe_speed_{kind}_{n}x{dim}.npy"
+    planted = path.with_suffix(".planted.npz")
+    made = []
+    if not (path.is_file() and planted.is_file()):
+        x, src, dst, sha = synthetic(kind, n, dim, n_dups=2000, n_exact=500)
         np.save(path, x)
         del x
-        x = read_npy(path, mmap=True)
+        np.savez(planted, src=src, dst=dst, sha=np.array(sha))
+        made = [path, planted]
+    with np.load(planted) as z:
+        src, dst, sha = z["src"], z["dst"], z["sha"].tolist()
+    return read_npy(path, mmap=True), src, dst, sha, made
+
+
+def run(kind: str, n: int, dim: int, threshold: float, memmap: Path | None = None,
+        prepare_only: bool = False) -> dict | None:
+    from embedsearch.dedupe import find_duplicates
+    from embedsearch.dedupe.search import DEFAULT_POWER, as_unit_vectors
+
+    x, src, dst, sha, made = vectors_for(kind, n, dim, memmap)
+    if prepare_only:
+        return None
+    desc_sim = np.einsum("ij,ij->i", *(as_unit_vectors(x[r], DEFAULT_POWER) for r in (src, dst)))
     reset = _reset_peak_rss()
     w0, c0 = time.perf_counter(), time.process_time()
     res = find_duplicates(x, threshold=threshold, sha256=sha)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     hwm = _status_kib("VmHWM") if reset else None
-    if path is not None:
-        del x
-        path.unlink()
+    del x
+    for f in made:
+        f.unlink()
     g = res.group_of
     planted = desc_sim >= threshold
     found = g[src] == g[dst]
@@ -135,13 +172,30 @@ def main() -> None:
     ap.add_argument("--memmap", type=Path, default=None, metavar="DIR",
                     help="pass the vectors memory-mapped from an .npy written in DIR "
                          "(deleted after), as a bundle's embeddings are read")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="with --memmap: only write the vectors into DIR, for a later run "
+                         "to reuse (and keep): synthesis then stays out of that run's time")
+    ap.add_argument("--progress", action="store_true",
+                    help="print elapsed time and memory every 15 s, and the search's log")
     ap.add_argument("--out", type=Path, default=RESULTS / "dedupe_speed",
                     help="results path without suffix (.json and .md are written)")
     args = ap.parse_args()
     from embedsearch.dedupe import DEFAULT_THRESHOLD
 
-    rows = [run(k, args.n, args.dim, DEFAULT_THRESHOLD, args.memmap)
-            for k in args.kinds.split(",")]
+    if args.prepare_only and args.memmap is None:
+        ap.error("--prepare-only needs --memmap DIR")
+    if args.progress:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("embedsearch.dedupe").setLevel(logging.DEBUG)
+        _monitor()
+    rows = [r for k in args.kinds.split(",")
+            if (r := run(k, args.n, args.dim, DEFAULT_THRESHOLD, args.memmap,
+                         args.prepare_only)) is not None]
+    if args.prepare_only:
+        print(f"vectors written to {args.memmap}")
+        return
     load = os.getloadavg()
     result = {"benchmark": "dedupe_speed",
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
