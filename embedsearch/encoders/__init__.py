@@ -73,8 +73,8 @@ class EncoderEntry:
         """A plugin's factory, with whatever goes wrong in it said to be the plugin's."""
         from embedsearch.encoders.base import Encoder
 
-        what = f"encoder plugin {self.key[:-1]!r} ({self.builder}) of the distribution " \
-               f"{self.distribution}"
+        what = (f"encoder plugin {self.key[:-1]!r} ({self.builder}) of the distribution "
+                f"{self.distribution}")
         hint = (f"upgrade or reinstall {self.distribution}, or uninstall it; the built-in "
                 "encoders do not depend on it")
         try:
@@ -131,10 +131,11 @@ def plugin_entries() -> dict[str, list[EncoderEntry]]:
     for ep in installed:
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "(unknown)"
         key = ep.name + ":"
-        if not _FAMILY_NAME.fullmatch(ep.name) or key in _REGISTRY or ep.name in _REGISTRY:
+        built_in = key in _REGISTRY or ep.name in _REGISTRY
+        if built_in or not _FAMILY_NAME.fullmatch(ep.name):
             log.warning("ignored the encoder plugin %r of %s: %s", ep.name, dist,
-                        "a built-in encoder has that name" if key in _REGISTRY or ep.name in
-                        _REGISTRY else "not a family name (letters, digits, . _ -)")
+                        "a built-in encoder has that name" if built_in
+                        else "not a family name (letters, digits, . _ -)")
             continue
         found.setdefault(key, []).append(EncoderEntry(
             key, ep.value, "plugin-defined", f"see {dist}",
