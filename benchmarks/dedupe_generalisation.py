@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -158,15 +159,29 @@ def main() -> None:
                     "(marked in the table)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dedupe-generalisation"))
     ap.add_argument("--out", type=Path, default=RESULTS / "dedupe_generalisation")
+    ap.add_argument("--speed", action="store_true", help="CPU seconds per image instead: "
+                    "--repeat rounds of embedsearch and fastdup (order alternating) on each "
+                    "set, plus where embedsearch's time goes; merged into --out's JSON")
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--run", nargs=3, metavar=("TOOL", "DIR", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--breakdown", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
         run_tool(args.run[0], Path(args.run[1]), Path(args.run[2]))
         return
+    if args.breakdown:
+        print(json.dumps(breakdown(Path(args.breakdown[0]), Path(args.breakdown[1]))))
+        return
+    tuned = {t for t in args.tuned.split(",") if t}
+    # EMBEDSEARCH_CACHE_DIR=off: no vectors from earlier runs (a user's first run); the
+    # encoder's export stays cached in ~/.cache/embedsearch, as after any first use
+    env = {**os.environ, "SENTRY_OPT_OUT": "1", "PYTHONPATH": str(REPO),
+           "EMBEDSEARCH_CACHE_DIR": "off"}
+    if args.speed:
+        speed(args, env)
+        return
     from embedsearch.report.provenance import git_revision, machine, package_versions
 
-    tuned = {t for t in args.tuned.split(",") if t}
-    env = {**os.environ, "SENTRY_OPT_OUT": "1", "PYTHONPATH": str(REPO)}
     rows = []
     for folder in args.sets:
         truth = read_groups(folder.parent / f"{folder.name}-truth.csv")
@@ -194,6 +209,95 @@ def main() -> None:
             args.out.with_suffix(".md").write_text(markdown(record))
 
 
+# -- speed: CPU seconds per image, paired with fastdup ---------------------------------------
+def breakdown(folder: Path, out: Path) -> dict[str, float]:
+    """CPU seconds (whole process, every thread) of each stage of what ``embedsearch dedupe
+    DIR`` does, run stage by stage through the library: start-up (imports, model load and
+    export check), decode alone (a separate pass, at the size the encoder decodes to),
+    build (scan + decode + embed + write the bundle), the second signal's hashes, and
+    search + calibration + grouping (a second dedupe, hashes then cached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    clock = time.process_time
+    c0 = clock()
+    import numpy as np
+
+    from embedsearch.bundle import load_bundle
+    from embedsearch.data.images import load_image
+    from embedsearch.dedupe import dedupe_bundle
+    from embedsearch.dedupe.group import HASH_FLOOR
+    from embedsearch.dedupe.search import candidate_pairs
+    from embedsearch.dedupe.views import bundle_hashes
+    from embedsearch.embed import default_workers
+    from embedsearch.encoders import load_encoder
+    from embedsearch.pipeline import build_index
+
+    encoder = load_encoder()
+    c1 = clock()
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    side = encoder.preprocess.resize  # what the build's decoder asks for
+    with ThreadPoolExecutor(default_workers()) as pool:
+        list(pool.map(lambda q: load_image(q, target_size=side), paths))
+    c2 = clock()
+    res = build_index(folder, out=out / "indexes" / "breakdown", encoder=encoder)
+    c3 = clock()
+    bundle = load_bundle(res.path)
+    pairs = candidate_pairs(np.asarray(bundle.embeddings), HASH_FLOOR)
+    c4 = clock()
+    bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
+    c5 = clock()
+    dedupe_bundle(bundle)
+    c6 = clock()
+    return {"images": len(bundle.items), "startup": round(c1 - c0, 2),
+            "decode_alone": round(c2 - c1, 2), "build": round(c3 - c2, 2),
+            "embed_and_write": round((c3 - c2) - (c2 - c1), 2),
+            "hashes": round(c5 - c4, 2), "search_calibrate_group": round(c6 - c5, 2),
+            "total": round(c6 - c0 - (c2 - c1), 2)}
+
+
+def speed(args: argparse.Namespace, env: dict[str, str]) -> None:
+    from statistics import median
+
+    from embedsearch.report.provenance import git_revision
+
+    json_path = args.out.with_suffix(".json")
+    record = json.loads(json_path.read_text()) if json_path.exists() else {}
+    tools = ("embedsearch", "fastdup")
+    runs = []
+    for folder in args.sets:
+        n = sum(1 for p in folder.rglob("*") if p.is_file())
+        per: dict[str, list[float]] = {t: [] for t in tools}
+        for r in range(args.repeat):
+            for tool in (tools if r % 2 == 0 else tools[::-1]):
+                out = args.work / "speed" / folder.name / f"{tool}-{r}"
+                if out.exists():
+                    shutil.rmtree(out)
+                run = measure(tool, folder, out, env)
+                if "error" in run:
+                    raise SystemExit(f"{tool} failed on {folder}: {run['error']}")
+                per[tool].append(run["cpu_s"])
+                print(json.dumps({"set": folder.name, "round": r, "tool": tool, **run}),
+                      flush=True)
+        ratios = [e / f for e, f in zip(per["embedsearch"], per["fastdup"], strict=True)]
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--breakdown",
+                               str(folder.resolve()), str((args.work / "speed" / folder.name
+                                                           / "breakdown").resolve())],
+                              env=env, capture_output=True, text=True, check=True)
+        runs.append({"set": folder.name, "images": n, "cpu_s": per,
+                     "cpu_ms_per_image_median": {t: round(1000 * median(v) / n, 1)
+                                                 for t, v in per.items()},
+                     "paired_ratio_embedsearch_over_fastdup": [round(x, 3) for x in ratios],
+                     "paired_ratio_median": round(median(ratios), 3),
+                     "breakdown_cpu_s": json.loads(proc.stdout.strip().splitlines()[-1])})
+        print(json.dumps(runs[-1]), flush=True)
+    record["speed"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "git": git_revision(str(REPO)), "runs": runs}
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    if "results" in record:
+        args.out.with_suffix(".md").write_text(markdown(record))
+
+
 def markdown(record: dict) -> str:
     lines = ["# Dedupe on collections it was not tuned on, against imagededup and fastdup",
              "", f"Command: `{record['command']}` ({record['created']}); "
@@ -218,6 +322,33 @@ def markdown(record: dict) -> str:
             said = [ln for ln in r["stdout"].splitlines()
                     if ln.startswith(("threshold", "second", "groups"))]
             lines += [f"**{r['set']}**", "", "```", *said, "```", ""]
+    if "speed" in record:
+        sp = record["speed"]
+        lines += ["## Speed: CPU seconds per image, whole command, against fastdup", "",
+                  f"Command: `{sp['command']}` ({sp['created']}, git {sp['git']}). Each round "
+                  "runs `embedsearch dedupe DIR --out D --no-html` (default backend, a fresh "
+                  "bundle, no shared embedding cache: every image decoded and embedded) and "
+                  "fastdup on the same files, order alternating; CPU = user + system of the "
+                  "child process and its threads. The machine's 2 cores were shared with "
+                  "other jobs: medians and paired ratios.", "",
+                  "| set | images | embedsearch CPU ms/image (median) | fastdup | "
+                  "paired ratio (median) | ratios |", "|---|---|---|---|---|---|"]
+        for r in sp["runs"]:
+            m = r["cpu_ms_per_image_median"]
+            ratios = ", ".join(f"{x:.2f}" for x in r["paired_ratio_embedsearch_over_fastdup"])
+            lines.append(f"| {r['set']} | {r['images']} | {m['embedsearch']:.1f} | "
+                         f"{m['fastdup']:.1f} | **{r['paired_ratio_median']:.2f}×** | "
+                         f"{ratios} |")
+        lines += ["", "Where embedsearch's time goes (CPU seconds, one run stage by stage "
+                  "through the library, `breakdown()`):", "",
+                  "| set | start-up (imports, model) | decode (alone) | embed + write | "
+                  "hashes (2nd signal) | search + calibrate + group |", "|---|---|---|---|---|---|"]
+        for r in sp["runs"]:
+            b = r["breakdown_cpu_s"]
+            lines.append(f"| {r['set']} | {b['startup']} | {b['decode_alone']} | "
+                         f"{b['embed_and_write']} | {b['hashes']} | "
+                         f"{b['search_calibrate_group']} |")
+        lines.append("")
     lines += ["## Notes", "", *NOTES, ""]
     return "\n".join(lines)
 
