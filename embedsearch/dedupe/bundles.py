@@ -243,13 +243,15 @@ def leakage_bundles(a: Bundle, b: Bundle, *, threshold: float | None = None,
     """Duplicates between the images of two bundles (a folder's and an index's, two
     folders', …), from their cached vectors. Ids are each bundle's own;
     ``threshold=None``: calibrated on both together, as ``dedupe`` does."""
+    from dataclasses import fields
+
     from embedsearch.dedupe.views import ImageViews, bundle_hashes
 
     def views(rows: np.ndarray) -> ImageViews:
         na = len(a.items)
         va, vb = bundle_hashes(a, rows[rows < na]), bundle_hashes(b, rows[rows >= na] - na)
-        return ImageViews(*(np.concatenate([getattr(va, f), getattr(vb, f)])
-                            for f in ("hash", "grey", "centre", "rotated")))
+        return ImageViews(*(np.concatenate([getattr(va, f.name), getattr(vb, f.name)])
+                            for f in fields(ImageViews)))
 
     a.check_vectors_from(b.encoder_identity, f"bundle {b.path}")
     names = names or (a.name, b.name)
