@@ -1023,7 +1023,8 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
         click.echo(f"conflicts  {s['label_conflict_groups']:,} groups hold images with "
                    f"different labels (label noise): {files['label_conflicts']}")
     click.echo(f"report     {files.get('html', files['groups_csv'])}")
-    click.echo(f"           {files['groups_csv']}")
+    if "html" in files:  # with --no-html, groups.csv is the report line itself
+        click.echo(f"           {files['groups_csv']}")
     if action is None:
         click.echo("action     none (report only). To act: --move-to DIR (undoable), "
                    "--copy-clean-to DIR, or --delete")
