@@ -69,6 +69,22 @@ def score(truth: dict[str, str], predicted: dict[str, str]) -> dict[str, float]:
             "true_pairs": len(t), "predicted_pairs": len(p), "correct_pairs": tp}
 
 
+def recall_by_kind(truth: dict[str, str], predicted: dict[str, str]) -> dict[str, float]:
+    """Per planted variant kind (``oNNNNN_KIND.ext`` from plant_duplicates.py): the share of
+    copies put in their original's group."""
+    originals = {g: i for i, g in truth.items() if "_" not in Path(i).stem}
+    found: dict[str, list[bool]] = {}
+    for item, g in truth.items():
+        stem = Path(item).name.split(".")[0]
+        if "_" not in stem or g not in originals:
+            continue
+        kind = stem.split("_", 1)[1]
+        orig = originals[g]
+        found.setdefault(kind, []).append(
+            item in predicted and predicted.get(orig) == predicted[item])
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(found.items())}
+
+
 def components(edges: dict[str, list[str]]) -> dict[str, str]:
     """Groups (connected components) of a duplicate graph {id: [ids]}."""
     parent: dict[str, str] = {}
@@ -163,6 +179,11 @@ def main() -> None:
                     "--repeat rounds of embedsearch and fastdup (order alternating) on each "
                     "set, plus where embedsearch's time goes; merged into --out's JSON")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="instead of "
+                    "running: join records written by earlier runs (each row keeps its "
+                    "command; the last speed section wins) into --out; with --sets-dir, "
+                    "rows get their recall by variant kind from --work's groups.csv")
+    ap.add_argument("--sets-dir", type=Path, help="folder holding SET-truth.csv (--merge)")
     ap.add_argument("--run", nargs=3, metavar=("TOOL", "DIR", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--breakdown", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -171,6 +192,11 @@ def main() -> None:
         return
     if args.breakdown:
         print(json.dumps(breakdown(Path(args.breakdown[0]), Path(args.breakdown[1]))))
+        return
+    if args.merge:
+        record = merge(args.merge, args.work, args.sets_dir)
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(record))
         return
     tuned = {t for t in args.tuned.split(",") if t}
     # EMBEDSEARCH_CACHE_DIR=off: no vectors from earlier runs (a user's first run); the
@@ -191,7 +217,9 @@ def main() -> None:
             row = {"set": folder.name, "tuned_on": folder.name in tuned, "tool": tool,
                    "images": len(truth), **run}
             if "error" not in run:
-                row.update(score(truth, read_groups(out / "groups.csv")))
+                predicted = read_groups(out / "groups.csv")
+                row.update(score(truth, predicted))
+                row["recall_by_kind"] = recall_by_kind(truth, predicted)
                 row["cpu_ms_per_image"] = round(1000 * run["cpu_s"] / len(truth), 1)
                 if tool == "embedsearch":
                     row["stdout"] = (out / "stdout.txt").read_text()
@@ -207,6 +235,24 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
             args.out.with_suffix(".md").write_text(markdown(record))
+
+
+def merge(paths: list[Path], work: Path, sets_dir: Path | None) -> dict:
+    """One record from several runs' JSON files: their rows, each with its own command."""
+    records = [json.loads(p.read_text()) for p in paths]
+    merged = {k: v for r in records for k, v in r.items() if k not in ("results", "speed")}
+    merged["command"] = " ; ".join(r["command"] for r in records if "command" in r)
+    merged["results"] = [{**row, "command": r["command"]} for r in records
+                         for row in r.get("results", [])]
+    for row in merged["results"]:
+        groups = work / row["set"] / row["tool"] / "groups.csv"
+        truth = sets_dir / f"{row['set']}-truth.csv" if sets_dir else None
+        if "error" not in row and truth and truth.exists() and groups.exists():
+            row["recall_by_kind"] = recall_by_kind(read_groups(truth), read_groups(groups))
+    for r in records:
+        if "speed" in r:
+            merged["speed"] = r["speed"]
+    return merged
 
 
 # -- speed: CPU seconds per image, paired with fastdup ---------------------------------------
@@ -316,6 +362,17 @@ def markdown(record: dict) -> str:
         lines.append(f"| {r['set']} | {'yes' if r['tuned_on'] else 'no'} | {r['tool']} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | **{r['f1']:.3f}** | "
                      f"{r['cpu_ms_per_image']:.0f} |")
+    kinds = sorted({k for r in record["results"] for k in r.get("recall_by_kind", {})})
+    if kinds:
+        lines += ["", "Recall by planted variant kind (share of copies put in their "
+                  "original's group; `-`: not planted in that set):", "",
+                  "| set | tool | " + " | ".join(kinds) + " |",
+                  "|---|---|" + "---|" * len(kinds)]
+        for r in record["results"]:
+            by = r.get("recall_by_kind")
+            if by:
+                lines.append(f"| {r['set']} | {r['tool']} | " + " | ".join(
+                    f"{by[k]:.2f}" if k in by else "-" for k in kinds) + " |")
     lines += ["", "## What embedsearch chose on each set", ""]
     for r in record["results"]:
         if r["tool"] == "embedsearch" and "stdout" in r:
