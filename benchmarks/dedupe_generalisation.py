@@ -411,33 +411,42 @@ def markdown(record: dict) -> str:
 
 
 NOTES = [
-    "- Seen before the last change: after a first run, `cloth-held` (precision 0.975 with "
-    "LONE_GAP 0.06 and MARGIN 0.01) led to LONE_GAP 0.08 and MARGIN 0.02, so it is marked "
-    "as tuned on; `cloth-held2` (seed 2: other originals, distractors and variant "
-    "parameters from the same validation/test photos) and `posters1` were made after that "
-    "change and never looked at before this run.",
-    "- Sets: `idd` is imagededup's own test images (tests/data of idealo/imagededup: "
-    "flipped, resized, rotated, greyscale and RGBA copies, the same photo in 5 formats, "
-    "Netpbm files); `cloth-held` and `cloth-held2` plant tiny, crop20, watermark, squash, "
-    "grey, rot30 and flip copies of 100 clothing-small validation/test photos among 480 "
-    "other ones; "
-    "`posters1` plants all ten kinds of `plant_duplicates.py` into synthetic posters "
-    "(seed 1). The defaults were tuned on `cloth-train` (train split) and `posters0` (seed "
-    "0), and the two margins on `cloth-held` (above).",
-    "- Posters' calibrated threshold and F1 with ten variant kinds are in the table; on the "
-    "tuning sets (not in the table; `dedupe_bundle` on their bundles, same scorer): "
-    "cloth-train t 0.928 P 0.999 R 0.975 F1 0.987; posters0 t 0.943 P 1.000 R 0.804 F1 "
+    "- Sets, all made with `benchmarks/plant_duplicates.py` before the run and never used to "
+    "choose anything: `cloth-held2` = `plant_duplicates.py clothing-small/validation,"
+    "clothing-small/test OUT --originals 100 --distractors 480 --kinds tiny,crop20,"
+    "watermark,squash,grey,rot30,flip --seed 2` (1,280 images, 2,800 true pairs); "
+    "`posters1` = `plant_duplicates.py --posters 450 OUT --seed 1` (150 synthetic posters × "
+    "all ten kinds + 300 distractors: 1,950 images, 8,250 true pairs); `idd` = imagededup's "
+    "own tests/data (34 files: ukbench00120 with its hflip, resize, rotation, greyscale and "
+    "RGBA copies, nested duplicates, ukbench09380 in five formats including one named .svg, "
+    "two corrupt files, Netpbm files; truth by ukbench number: 73 true pairs).",
+    "- The defaults were chosen last session on `cloth-train` (clothing-small/train, seed "
+    "0), `posters0` (seed 0) and `cloth-held` (seed 0; the lone-match gap and calibration "
+    "margin were raised after its first run). Earlier figures with the same defaults "
+    "(`dedupe_bundle` on those bundles): cloth-train t 0.928 P 0.999 R 0.975 F1 0.987; "
+    "cloth-held t 0.908 P 0.990 R 0.975 F1 0.983; posters0 t 0.943 P 1.000 R 0.804 F1 "
     "0.891.",
-    "- Synthetic posters are an adversarial case: gradients, shapes and one font make "
-    "distinct posters look alike to the encoder (nearest distinct poster at 0.87 median, "
-    "up to 0.93), so the calibrated threshold rises to ~0.94 and 20 % crops (median 0.89) "
-    "fall below it; real posters' nearest distinct neighbours stay near 0.8.",
-    "- CPU time of embedsearch is dominated by the encoder (decode + efficientnet-lite0, "
-    "about 50–60 ms per image on this machine); the second signal costs about 4 ms per "
-    "image the first time (decode at 1/8 scale, three hashes, 18 turned-back hashes for "
-    "images with filled corners) and nothing on a re-run (cached in the bundle: 0.21 s of "
-    "CPU for the whole dedupe of 1,500 images, against 5.98 s when the hashes are computed "
-    "first); search, calibration and grouping take well under a second.",
+    "- Every tool ran with its defaults; imagededup's four hashes are listed separately "
+    "(its duplicate graph turned into groups by connected components, as fastdup does "
+    "itself). embedsearch ran as `embedsearch -q dedupe DIR --out D --no-html` with no "
+    "shared embedding cache (`EMBEDSEARCH_CACHE_DIR=off`), so every image was decoded and "
+    "embedded.",
+    "- Synthetic posters are an adversarial case for the embedding: gradients, a few "
+    "shapes and one font make distinct posters look alike (nearest distinct poster 0.87 "
+    "median, up to 0.93), so the calibrated threshold rises to ~0.94 and 20 % crops "
+    "(cosine to their original ~0.89) fall below it; the hash cannot confirm a crop, and "
+    "the lone-match rule needs a clear gap (0.08) over the next picture, which crowded "
+    "look-alikes never leave. Real photos' and real posters' nearest distinct neighbours "
+    "stay far lower, so their threshold drops and crops pass (cloth-held2: crop20 recall "
+    "0.91).",
+    "- Tried for crops and not adopted (numbers from 40 images of each kind, copies cut to "
+    "70/80/90 %): the 63-bit DCT hash of 83 shifted/scaled windows (a copy's distance to "
+    "its original's best window median 7 bits, distinct look-alike photos from 5 bits: "
+    "no separation); normalised cross-correlation of 32×32 detail thumbnails (luminance "
+    "minus its blur) over 13 scales and every shift (posters: copies ≥ 0.76, distinct ≤ "
+    "0.82; one clothing class: copies p5 0.81, distinct up to 0.90: overlapping on "
+    "look-alike photos, and 5 ms per pair). Neither keeps precision ≥ 0.98 on both kinds "
+    "of collection, so the default stays without them.",
 ]
 
 
