@@ -72,11 +72,14 @@ def score(truth: dict[str, str], predicted: dict[str, str]) -> dict[str, float]:
 def recall_by_kind(truth: dict[str, str], predicted: dict[str, str]) -> dict[str, float]:
     """Per planted variant kind (``oNNNNN_KIND.ext`` from plant_duplicates.py): the share of
     copies put in their original's group."""
-    originals = {g: i for i, g in truth.items() if "_" not in Path(i).stem}
+    import re
+
+    planted = re.compile(r"o\d+(_[a-z0-9]+)?")
+    originals = {g: i for i, g in truth.items() if re.fullmatch(r"o\d+", Path(i).stem)}
     found: dict[str, list[bool]] = {}
     for item, g in truth.items():
         stem = Path(item).name.split(".")[0]
-        if "_" not in stem or g not in originals:
+        if not planted.fullmatch(stem) or "_" not in stem or g not in originals:
             continue
         kind = stem.split("_", 1)[1]
         orig = originals[g]
