@@ -245,6 +245,7 @@ def merge(paths: list[Path], work: Path, sets_dir: Path | None) -> dict:
     records = [json.loads(p.read_text()) for p in paths]
     merged = {k: v for r in records for k, v in r.items() if k not in ("results", "speed")}
     merged["command"] = " ; ".join(r["command"] for r in records if "command" in r)
+    merged["git"] = [r["git"] for r in records if "git" in r]
     merged["results"] = [{**row, "command": r["command"]} for r in records
                          for row in r.get("results", [])]
     for row in merged["results"]:
@@ -352,6 +353,7 @@ def markdown(record: dict) -> str:
              "", f"Command: `{record['command']}` ({record['created']}); "
              f"versions {record['versions']}; machine: {record['machine'].get('cpu', '')} "
              "(2 cores shared with other jobs: CPU times are noisy).", "",
+             f"Code: {json.dumps(record.get('git'))}", "",
              "Pairwise precision / recall / F1 over same-group pairs, one scorer for every "
              "tool (`score()` in benchmarks/dedupe_generalisation.py). CPU ms per image: "
              "user + system time of the whole run (decode, embed or hash, search, group).",
