@@ -433,9 +433,11 @@ NOTES = [
     "0.891.",
     "- Every tool ran with its defaults; imagededup's four hashes are listed separately "
     "(its duplicate graph turned into groups by connected components, as fastdup does "
-    "itself). embedsearch ran as `embedsearch -q dedupe DIR --out D --no-html` with no "
-    "shared embedding cache (`EMBEDSEARCH_CACHE_DIR=off`), so every image was decoded and "
-    "embedded.",
+    "itself). embedsearch ran as `embedsearch -q dedupe DIR --out D --no-html`. The "
+    "planted sets' files were new, so every image was decoded and embedded; idd's files "
+    "had been embedded by an earlier session, so its run took their vectors from the "
+    "shared embedding cache (its CPU column is start-up, not encoding). The runs made "
+    "since set `EMBEDSEARCH_CACHE_DIR=off` (the speed section: always cold).",
     "- Synthetic posters are an adversarial case for the embedding: gradients, a few "
     "shapes and one font make distinct posters look alike (nearest distinct poster 0.87 "
     "median, up to 0.93), so the calibrated threshold rises to ~0.94 and 20 % crops "
