@@ -203,10 +203,6 @@ class DedupeResult:
     def removed_ids(self) -> list[str]:
         return self.groups.loc[~self.groups["kept"], "id"].tolist()
 
-    @property
-    def kept_ids(self) -> list[str]:
-        return self.groups.loc[self.groups["kept"], "id"].tolist()
-
     def removed_mask(self) -> np.ndarray:
         """Boolean per item (in input order): True where the item is a removed duplicate."""
         removed = set(self.removed_ids)
