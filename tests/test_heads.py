@@ -146,6 +146,25 @@ def test_estimators_in_grid_search_and_pipelines() -> None:
         KNNClassifier(weighting="distance").fit(X, y)
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_figures_are_scikit_learn_s() -> None:
+    """Heads, fine-tuning and predict report scikit-learn's figures (one definition), also
+    when a predicted class is absent from the truth; log loss skips unknown classes."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    from embedsearch.classify.metrics import classification_figures
+
+    t = np.array(["a", "a", "a", "b", "b", "c"])
+    p = np.array(["a", "b", "d", "b", "b", "a"])  # "d" never true
+    proba = np.full((6, 3), 1 / 3)
+    fig = classification_figures(t, p, proba, ["a", "b", "d"])
+    assert fig["accuracy"] == round(accuracy_score(t, p), 4)
+    assert fig["balanced_accuracy"] == round(balanced_accuracy_score(t, p), 4)
+    assert fig["macro_f1"] == round(f1_score(t, p, average="macro", zero_division=0), 4)
+    assert fig["log_loss"] == round(float(np.log(3)), 4)  # the "c" row is left out
+    assert classification_figures([], []) == {"n": 0}
+
+
 @pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])
 def test_settings_chosen_by_the_declared_metric(make) -> None:
     X, y = blobs((60, 60, 60), spread=0.8, seed=7)

@@ -35,14 +35,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.class_weight import compute_class_weight
 
 from embedsearch.classify import SELECT_BY
-from embedsearch.classify.metrics import (
-    balanced_weights,
-    class_counts,
-    classification_figures,
-    softmax,
-)
+from embedsearch.classify.metrics import class_counts, classification_figures, softmax
 from embedsearch.errors import EmbedsearchError
 from embedsearch.store.io import file_digest, write_json
 
@@ -199,8 +195,8 @@ class Head(ClassifierMixin, BaseEstimator):
         self._log_prior = np.log(n / n.sum())
         weighted = self.class_weight == "balanced"
         taus = PRIOR_TAUS if self.class_weight == "auto" and n.max() > n.min() else (0.0,)
-        cw = balanced_weights(y_idx, len(self.classes_)) if weighted else \
-            np.ones(len(self.classes_))
+        cw = compute_class_weight("balanced", classes=np.arange(len(self.classes_)), y=y_idx) \
+            if weighted else np.ones(len(self.classes_))
         self.info = {
             "counts": {"train": counts,
                        **({"val": class_counts(val_labels)} if val_labels is not None else {})},
