@@ -65,23 +65,21 @@ def _count(labels: np.ndarray) -> dict[str, int]:
 
 
 def connected_groups(n: int, pairs: Sequence[tuple[int, int]] | np.ndarray) -> np.ndarray:
-    """Group id per row from duplicate pairs (union-find); singletons get their own id.
+    """Group id per row from duplicate pairs (connected components); singletons get their
+    own id.
 
     Ids are the smallest row index of each group, so they do not depend on pair order.
     """
-    parent = np.arange(n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = int(parent[i])
-        return i
-
-    for a, b in np.asarray(pairs, np.int64).reshape(-1, 2):
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)], np.int64)
+    edges = np.asarray(pairs, np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])),
+                       shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    first = np.full(component.max() + 1 if n else 0, n, np.int64)
+    np.minimum.at(first, component, np.arange(n))
+    return first[component]
 
 
 def group_split(labels: np.ndarray, groups: np.ndarray, rows: np.ndarray,
