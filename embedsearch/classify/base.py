@@ -1,7 +1,8 @@
 """What the trained heads share: the fit contract, the selection protocol, files.
 
 Both are scikit-learn estimators (``BaseEstimator`` + ``ClassifierMixin``: ``clone``,
-``cross_val_score`` and ``get_params`` work) with ``classes_`` sorted like scikit-learn,
+``cross_val_score``, ``GridSearchCV``, ``Pipeline`` and ``get_params`` work; labels are
+strings, so give scorers string labels) with ``classes_`` sorted like scikit-learn,
 and both predict with plain numpy from float32 arrays, so a head saved as
 ``weights.safetensors`` + ``head.json`` loads without pickle, without scikit-learn and
 without torch, and gives bit-identical predictions after loading.

@@ -48,7 +48,8 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     faiss index searched), ``n_reference_`` (its first rows, the labelled reference set,
     searched) and ``n_features_in_``. Inputs are compared by inner product: pass unit
     vectors for cosine similarity (embeddings are; in a ``Pipeline`` put a ``Normalizer``
-    first).
+    first). Labels are compared as strings, as bundles store them: ``classes_`` and
+    ``predict`` are str, so give scikit-learn's scorers string labels too.
     """
 
     def __init__(self, k: int = 10, weighting: str = "similarity") -> None:
