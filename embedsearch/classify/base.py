@@ -39,7 +39,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_class_weight
 
 from embedsearch.classify import SELECT_BY
-from embedsearch.classify.metrics import class_counts, classification_figures, softmax
+from embedsearch.classify.metrics import (
+    class_counts,
+    classification_figures,
+    softmax,
+)
 from embedsearch.errors import EmbedsearchError
 from embedsearch.store.io import file_digest, write_json
 
