@@ -89,8 +89,9 @@ def stratified_holdout(y_idx: np.ndarray, fraction: float, seed: int) -> np.ndar
     Hand-written because scikit-learn's ``StratifiedShuffleSplit`` (and
     ``train_test_split(stratify=)``) refuses a class with a single row, which small user
     collections have, and allocates by rounding, so a small class may get no held-out row
-    and then cannot count in the selection metric: with 1,500 rows in 10 classes (two of 2
-    and 3 rows) a class was missing from its 15 % hold-out for 200 of 200 seeds, never here.
+    and then cannot count in the selection metric: with 1,497 rows in 10 classes (two of 2
+    and 3 rows) a class was missing from its 15 % hold-out for 200 of 200 seeds, never here
+    (benchmarks/results/library_swaps.md).
     (Cross-validation, when the rows allow it, is scikit-learn's ``StratifiedKFold``.)
     """
     rng = np.random.default_rng(seed)

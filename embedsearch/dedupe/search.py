@@ -200,10 +200,11 @@ def projection(x: np.ndarray, dim: int, sample: int = PCA_SAMPLE, seed: int = 0)
     m = (s.T @ s).astype(np.float64)
     k1 = dim // 2
     # Top eigenvectors of the (symmetric) d×d second moment by scikit-learn's randomized
-    # SVD: a full eigh costs seconds, this as long as the product above. Measured on 25,000
-    # synthetic 1280-d descriptors (benchmarks/dedupe_speed.py data, one thread): 0.30 s,
-    # 99.9 % (clustered) / 97.0 % (gaussian) of the exact top-64 energy, where the former
-    # hand-written subspace iteration took 0.29 s for 99.2 % / 90.1 %.
+    # SVD: a full eigh costs seconds, this about as long as the product above. Measured on
+    # 25,000 synthetic 1280-d descriptors (benchmarks/results/library_swaps.md, one
+    # thread): 99.9 % (clustered) / 97.0 % (gaussian) of the exact top-64 energy in 0.30 s,
+    # where the former hand-written subspace iteration took 0.29 s for 99.2 % / 90.1 %,
+    # and the same pairs found.
     _, _, vt = randomized_svd(m, k1, n_oversamples=16, n_iter=4, random_state=seed)
     top = vt.T
     g = rng.standard_normal((x.shape[1], dim - k1)) / np.sqrt(dim - k1)

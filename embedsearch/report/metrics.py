@@ -81,7 +81,8 @@ def resampled_metrics(t_idx: np.ndarray, p_idx: np.ndarray, n_labels: int, seed:
     present in truth or predictions; both are what scikit-learn computes on that resample
     (tests/test_report.py checks each one against it). Counted in numpy, all resamples at
     once, because calling scikit-learn per resample is ~600x slower: 1000 resamples of 372
-    rows x 10 classes took 0.009 s here vs 5.7 s (one thread, shared 2-core machine).
+    rows x 10 classes took 0.004-0.009 s vs 5.7 s (one thread, shared 2-core machine;
+    benchmarks/results/library_swaps.md).
     """
     n = len(t_idx)
     if n == 0:

@@ -95,7 +95,8 @@ def group_split(labels: np.ndarray, groups: np.ndarray, rows: np.ndarray,
     makes parts of 1/k only (70/15/15 becomes 71/14/14) and does not see to it that each
     part holds every class. Measured: 45 images in 6 classes of 4-12 groups, 200 seeds,
     test = one of 7 folds and validation one of 6 folds of the rest: a part lacked a class
-    for 183 seeds; with this deal, for none. (Cross-validation folds are scikit-learn's
+    for 183 seeds; with this deal, for none (benchmarks/results/library_swaps.md).
+    (Cross-validation folds are scikit-learn's
     ``StratifiedGroupKFold``, see :func:`_cv_folds`.)
     """
     rng = np.random.default_rng(seed)
