@@ -70,13 +70,10 @@ def connected_groups(n: int, pairs: Sequence[tuple[int, int]] | np.ndarray) -> n
 
     Ids are the smallest row index of each group, so they do not depend on pair order.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from embedsearch.dedupe.calibrate import components
 
     edges = np.asarray(pairs, np.int64).reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])),
-                       shape=(n, n))
-    _, component = connected_components(graph, directed=False)
+    component = components(n, edges[:, 0], edges[:, 1])
     first = np.full(component.max() + 1 if n else 0, n, np.int64)
     np.minimum.at(first, component, np.arange(n))
     return first[component]
