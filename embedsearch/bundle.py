@@ -28,6 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedsearch.encoders.identity import (
+    FINGERPRINT_MIN_COSINE,
+    check_same_encoder,
+    encoder_key,
+    fingerprint_cosine,
+)
 from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
 from embedsearch.store.io import (
     file_digest,
@@ -50,8 +56,6 @@ log = logging.getLogger(__name__)
 BUNDLE_FORMAT = "embedsearch-bundle"
 SCHEMA_VERSION = 1
 DEFAULT_ROOT = Path("indexes")
-#: Cosine similarity two fingerprints of the same encoder must reach (CPU kernels differ).
-FINGERPRINT_MIN_COSINE = 0.999
 HELD_OUT_SPLITS = frozenset({"test"})
 #: A query at least this similar to an indexed image is that image (re-saved, re-encoded):
 #: it is left out of its own neighbours, like one with the same sha256.
@@ -73,56 +77,6 @@ def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
     if (p / "manifest.json").is_file() and not (DEFAULT_ROOT / p / "manifest.json").is_file():
         return p
     return DEFAULT_ROOT / p
-
-
-#: Encoder families whose resolved configuration is part of the key (see encoder_key).
-CONFIG_CHECKED_FAMILIES = ("openclip",)
-
-
-def encoder_key(identity: dict[str, Any]) -> str:
-    """The parts of an encoder identity that decide its vectors, as one comparable string."""
-    w = identity.get("weights", {})
-    key = "|".join(str(x) for x in (
-        identity.get("spec"), identity.get("dim"), w.get("sha256"), identity.get("impl_version"),
-        identity.get("precision", "fp32"),
-        sorted(identity.get("preprocess", {}).items()),
-    ))
-    # The resolved model configuration (pretrained tag, activation, resize mode) of open_clip
-    # encoders: one built before it was recorded lacks it and is refused (those were built
-    # with the architecture's defaults, e.g. GELU for OpenAI's QuickGELU tags). timm and
-    # torchvision resolved theirs from the spec the same way before it was recorded, and
-    # EfficientNet-Lite has none: their keys, and their existing bundles, are unchanged.
-    config = identity.get("config")
-    if config is not None and config.get("family") in CONFIG_CHECKED_FAMILIES:
-        key += "|" + json.dumps(config, sort_keys=True)
-    return key
-
-
-def identity_diffs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The parts of two encoder identities that differ (for messages)."""
-    return [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version",
-                        "config") if a.get(k) != b.get(k)]
-
-
-def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: str,
-                       fix: str) -> None:
-    """Refuse ``what`` when it was made with another encoder than ``expected``."""
-    if encoder_key(expected) == encoder_key(found):
-        return
-    diffs = identity_diffs(expected, found)
-    raise BundleMismatchError(
-        f"{what} was made with encoder {found.get('spec')} ({found.get('dim')}-d), "
-        f"not with {expected.get('spec')} ({expected.get('dim')}-d); differs in: "
-        f"{', '.join(diffs) or 'identity'}",
-        hint=fix,
-    )
-
-
-def fingerprint_cosine(a: Any, b: Any) -> float:
-    va, vb = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if va.shape != vb.shape:
-        return -1.0
-    return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
 
 
 @dataclass
@@ -289,8 +243,8 @@ class Bundle:
                     raise BundleError(
                         f"the bundle's encoder weights {weights} are gone",
                         hint="pass the same weights file again with --weights FILE")
-            if "parts" in ident:  # several encoders, concatenated (embedsearch.combine)
-                from embedsearch.combine import encoder_from_identity
+            if "parts" in ident:  # several encoders, concatenated (encoders.combine)
+                from embedsearch.encoders.combine import encoder_from_identity
 
                 enc = encoder_from_identity(ident, weights, device or self.device)
             else:

@@ -415,8 +415,8 @@ def load_finetuned(folder: str | os.PathLike[str],
     """Load a saved fine-tune, refusing a modified weights file or another base encoder."""
     from safetensors.torch import load_file
 
-    from embedsearch.bundle import check_same_encoder
     from embedsearch.encoders import load_encoder
+    from embedsearch.encoders.identity import check_same_encoder
     from embedsearch.store.io import file_digest, read_versioned_json
 
     folder = Path(folder)

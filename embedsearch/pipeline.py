@@ -16,21 +16,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedsearch import __version__
 from embedsearch.bundle import (
     BUNDLE_FORMAT,
-    FINGERPRINT_MIN_COSINE,
     HELD_OUT_SPLITS,
     SCHEMA_VERSION,
     bundle_path,
-    encoder_key,
-    fingerprint_cosine,
-    identity_diffs,
     read_manifest,
     verify_files,
     write_manifest,
 )
 from embedsearch.data.scan import Collection, Record, scan
+from embedsearch.encoders.identity import (
+    FINGERPRINT_MIN_COSINE,
+    encoder_key,
+    fingerprint_cosine,
+    identity_diffs,
+)
 from embedsearch.engines import ENGINES
 from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
 from embedsearch.store.cache import ShardCache
@@ -44,6 +45,7 @@ from embedsearch.store.io import (
     write_parquet,
 )
 from embedsearch.store.shared import SharedCache, hash_files, open_shared
+from embedsearch.version import __version__
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,7 +182,7 @@ def build_index(
     recognised from their words. ``views="flip,crop2"`` also embeds augmented views of the
     training images for heads (see :mod:`embedsearch.views`); it sticks too, until
     ``views="none"``. Several ``model`` specs (``SPEC`` or ``SPEC=FILE``) make one bundle of
-    their concatenated embeddings (see :mod:`embedsearch.combine`).
+    their concatenated embeddings (see :mod:`embedsearch.encoders.combine`).
     ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
     images are encoded; it is not part of the bundle's identity, the precision is.
     ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
@@ -209,7 +211,7 @@ def build_index(
             model = model[0] if len(model) == 1 else list(model)
         if encoder is None and (isinstance(model, list) or (
                 not model and old is not None and "parts" in old["encoder"])):
-            from embedsearch.combine import combine, encoder_from_identity
+            from embedsearch.encoders.combine import combine, encoder_from_identity
 
             if isinstance(model, list) and weights is not None:
                 raise EmbedsearchError("--weights is ambiguous with several --model",

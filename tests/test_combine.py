@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from embedsearch.bundle import load_bundle
 from embedsearch.cli import main
-from embedsearch.combine import CombinedEncoder, combine
 from embedsearch.encoders import load_encoder
+from embedsearch.encoders.combine import CombinedEncoder, combine
 from embedsearch.errors import EmbedsearchError, EncoderError
 from embedsearch.pipeline import build_index
 from tests.conftest import MOBILENET, REPO

@@ -243,7 +243,7 @@ def test_object_npy_in_the_shard_cache_is_refused_unexecuted(tmp_path: Path) -> 
     from embedsearch.store.cache import ShardCache
 
     enc = load_encoder(TINY)
-    from embedsearch.bundle import encoder_key
+    from embedsearch.encoders.identity import encoder_key
 
     cache = ShardCache(out / "cache", encoder_key(enc.identity()))
     cache.append(np.zeros((1, 64), np.float32), _meta_frame([{

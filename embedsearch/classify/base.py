@@ -384,8 +384,8 @@ class Head(ClassifierMixin, BaseEstimator):
         """
         from safetensors.numpy import save as st_save
 
-        from embedsearch import __version__
         from embedsearch.store.io import atomic_write
+        from embedsearch.version import __version__
 
         self._check_fitted()
         folder = Path(folder)

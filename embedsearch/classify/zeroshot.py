@@ -158,7 +158,7 @@ class ZeroShotClassifier:
 
     # -- cache ----------------------------------------------------------------------------
     def cache_key(self, identity: dict[str, Any]) -> str:
-        from embedsearch.bundle import encoder_key
+        from embedsearch.encoders.identity import encoder_key
 
         blob = json.dumps({"encoder": encoder_key(identity), "templates": self.templates,
                            "names": [[c, self.names[c]] for c in self.classes_]})
