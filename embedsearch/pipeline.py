@@ -9,13 +9,14 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedsearch.build_options import BuildOptions
 from embedsearch.bundle import (
     BUNDLE_FORMAT,
     HELD_OUT_SPLITS,
@@ -37,7 +38,6 @@ from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchErro
 from embedsearch.store.cache import ShardCache
 from embedsearch.store.io import (
     exclusive_lock,
-    file_digest,
     read_npy,
     read_parquet,
     remove_temp_files,
@@ -45,6 +45,7 @@ from embedsearch.store.io import (
     write_parquet,
 )
 from embedsearch.store.shared import SharedCache, hash_files, open_shared
+from embedsearch.store.verify import file_record
 from embedsearch.version import __version__
 
 if TYPE_CHECKING:
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 512
 #: Failures that depend on more than the file's size and mtime (a chmod changes neither):
 #: tried again by every build, which costs one open() each.
 _RETRIED = frozenset({"unreadable", "not_a_regular_file"})
@@ -141,72 +141,39 @@ class _Cache:
         return self.arrays[source][row]
 
 
-def build_index(
-    source: str | os.PathLike[str],
-    *,
-    name: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    model: str | list[str] | None = None,
-    weights: str | os.PathLike[str] | None = None,
-    precision: str | None = None,
-    path_col: str | None = None,
-    label_col: str | None = None,
-    split_col: str | None = None,
-    follow_symlinks: bool = False,
-    skip_missing: bool = False,
-    split_map: str | dict[str, str] | None = None,
-    overwrite: bool = False,
-    index_type: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    encoder: Encoder | None = None,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    engine: str = "local",
-    ray_options: RayOptions | None = None,
-    dedupe: bool | None = None,
-    dedupe_threshold: float | None = None,
-    dedupe_keep: str | None = None,
-    views: str | None = None,
-    device: str = "auto",
-    exclude: str | os.PathLike[str] | None = None,
-) -> BuildResult:
+def build_index(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                options: BuildOptions | None = None, *, name: str | None = None,
+                **overrides: Any) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
-    ``progress(total, already_done)`` may return a callback that receives image counts as
-    encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
-    cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
-    ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
-    the choice sticks to the bundle until ``dedupe=False``. ``split_map``
-    ("sample_train=train,holdout=test") names split folders or values that are not
-    recognised from their words. ``views="flip,crop2"`` also embeds augmented views of the
-    training images for heads (see :mod:`embedsearch.views`); it sticks too, until
-    ``views="none"``. Several ``model`` specs (``SPEC`` or ``SPEC=FILE``) make one bundle of
-    their concatenated embeddings (see :mod:`embedsearch.encoders.combine`).
-    ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
-    images are encoded; it is not part of the bundle's identity, the precision is.
-    ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
-    ``exclude`` names a reviewed list of ids to leave out
-    (:mod:`embedsearch.audit.exclude`), recorded as skipped.
+    ``out`` is the bundle folder (default ``indexes/NAME``, ``name`` defaulting to the
+    source's name); ``options`` says how to read, encode and store (:class:`BuildOptions`).
+    Keyword ``overrides`` replace fields of ``options`` (``build_index(data, model=SPEC)``
+    is ``build_index(data, None, BuildOptions(model=SPEC))``), so a one-off build needs no
+    options object; an unknown field is a TypeError naming it.
     """
+    opts = replace(options or BuildOptions(), **overrides)
+    engine, model, weights, precision = opts.engine, opts.model, opts.weights, opts.precision
+    encoder, progress = opts.encoder, opts.progress
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
                                hint=f"use one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
-    collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
-                      follow_symlinks=follow_symlinks, skip_missing=skip_missing,
-                      split_map=split_map)
-    if exclude is not None:
+    collection = scan(source, path_col=opts.path_col, label_col=opts.label_col,
+                      split_col=opts.split_col, follow_symlinks=opts.follow_symlinks,
+                      skip_missing=opts.skip_missing, split_map=opts.split_map)
+    if opts.exclude is not None:
         from embedsearch.audit.exclude import exclude_records
 
-        collection = exclude_records(collection, exclude)
+        collection = exclude_records(collection, opts.exclude)
     path = Path(out) if out else bundle_path(name or Path(source).stem)
     with exclusive_lock(path):
         remove_temp_files(path)
         old = _previous_manifest(path)
-        from embedsearch.dedupe.bundles import build_settings
+        from embedsearch.dedupe.rules import build_settings
 
-        dedupe_settings = build_settings(old, dedupe, dedupe_threshold, dedupe_keep)
+        dedupe_settings = build_settings(old, opts.dedupe, opts.dedupe_threshold,
+                                          opts.dedupe_keep)
         if isinstance(model, list | tuple):
             model = model[0] if len(model) == 1 else list(model)
         if encoder is None and (isinstance(model, list) or (
@@ -216,9 +183,9 @@ def build_index(
             if isinstance(model, list) and weights is not None:
                 raise EmbedsearchError("--weights is ambiguous with several --model",
                                        hint="give each its file: --model SPEC=WEIGHTS")
-            encoder = combine(model, precision, device) if isinstance(model, list) \
+            encoder = combine(model, precision, opts.device) if isinstance(model, list) \
                 else encoder_from_identity(old["encoder"], weights,  # type: ignore[index]
-                                           device)
+                                           opts.device)
         if encoder is None:
             from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
@@ -229,13 +196,13 @@ def build_index(
             if precision is None:
                 precision = old["encoder"].get("precision", "fp32") if old and not model \
                     else DEFAULT_PRECISION
-            encoder = load_encoder(spec, weights, precision=precision, device=device)
+            encoder = load_encoder(spec, weights, precision=precision, device=opts.device)
         identity = encoder.identity()
         fingerprint = encoder.fingerprint()
-        if old is not None and not overwrite:
+        if old is not None and not opts.overwrite:
             _check_compatible(path, old, identity, fingerprint)
         cache = _Cache()
-        if old is not None and not overwrite and _reusable(path, old):
+        if old is not None and not opts.overwrite and _reusable(path, old):
             cache.add(read_npy(path / old["roles"]["embeddings"]),
                       read_parquet(path / old["roles"]["items"]))
             failed_before = read_parquet(path / old["roles"]["failures"])
@@ -245,7 +212,7 @@ def build_index(
                 cache.add(read_npy(path / old["roles"]["dedupe_removed_embeddings"]),
                           read_parquet(path / old["roles"]["dedupe_removed"]))
         shards = ShardCache(path / "cache", encoder_key(identity))
-        if overwrite:
+        if opts.overwrite:
             shards.clear()
         for vectors, meta in shards.load():
             cache.add(vectors, meta)
@@ -259,16 +226,17 @@ def build_index(
         todo = [i for i in todo if not cache.reusable(collection.records[i], keys[i])]
         reused = len(collection.records) - len(todo)
         t_enc = time.perf_counter()
-        _encode_missing(encoder, collection, keys, todo, shards, cache, batch_size, num_workers,
-                        shard_size, progress(len(collection.records), reused) if progress else None,
-                        engine, ray_options, shared)
+        _encode_missing(encoder, collection, keys, todo, shards, cache, opts.batch_size,
+                        opts.num_workers, opts.shard_size,
+                        progress(len(collection.records), reused) if progress else None,
+                        engine, opts.ray_options, shared)
         encode_seconds = time.perf_counter() - t_enc
         encoding = _encoding_record(old, shared, len(todo), encode_seconds)
-        view_set = _encode_views(path, old, overwrite, collection, keys, cache, encoder, views,
-                                 batch_size, num_workers, progress)
+        view_set = _encode_views(path, old, opts.overwrite, collection, keys, cache, encoder,
+                                 opts.views, opts.batch_size, opts.num_workers, progress)
         manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
-                                          fingerprint, index_type, dedupe_settings, encoding,
-                                          view_set)
+                                          fingerprint, opts.index_type, dedupe_settings,
+                                          encoding, view_set)
         shards.clear()
         _remove_stale_generations(path, manifest)
         if shared is not None:
@@ -284,7 +252,7 @@ def _encode_views(path: Path, old: dict[str, Any] | None, overwrite: bool,
                   views: str | None, batch_size: int, num_workers: int | None,
                   progress: Callable[[int, int], Callable[[int], None]] | None
                   ) -> ViewSet | None:
-    from embedsearch import views as views_mod
+    import embedsearch.views as views_mod
 
     names = views_mod.settings(old, views)
     if not names:
@@ -536,7 +504,7 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
               ("index", "faiss"))}
     dedupe_record = None
     if dedupe:
-        from embedsearch.dedupe.bundles import apply_build_dedupe
+        from embedsearch.dedupe.rules import apply_build_dedupe
 
         items, vectors, gone, gone_vectors, dedupe_record = apply_build_dedupe(items, vectors,
                                                                                dedupe)
@@ -585,8 +553,7 @@ def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
         },
         "index": index_info,
         "roles": roles,
-        "files": {rel: {"bytes": (path / rel).stat().st_size, "sha256": file_digest(path / rel)}
-                  for rel in roles.values()},
+        "files": {rel: file_record(path / rel) for rel in roles.values()},
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "backend": encoder.backend},
     }
