@@ -74,7 +74,11 @@ def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 class Bundle:
-    """A loaded, verified index bundle. Use :func:`load_bundle`."""
+    """A loaded, verified index bundle: its facts, arrays and encoder. Use :func:`load_bundle`.
+
+    Queries and predictions are :mod:`embedsearch.query` and :mod:`embedsearch.predict`;
+    trained heads, :mod:`embedsearch.head_store`.
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
