@@ -23,7 +23,7 @@ from embedsearch.dedupe.views import (
     hash_distance,
     rotation_hashes,
 )
-from tests.test_dedupe import TINY, picture, run_cli
+from tests.test_dedupe import TINY, kept_ids, picture, run_cli
 
 
 def _hash(img: Image.Image) -> np.uint64:
@@ -94,7 +94,7 @@ def test_groups_centre_on_the_original_and_keep_the_most_pixels() -> None:
                           widths=[100, 400, 50], heights=[100, 400, 50])
     g = res.groups.set_index("id")
     assert set(g.index) == {"orig", "big", "small"}
-    assert res.kept_ids == ["big"] and set(g["centre_id"]) == {"orig"}
+    assert kept_ids(res) == ["big"] and set(g["centre_id"]) == {"orig"}
     assert g.loc["orig", "reason"].startswith("centre of the group")
     assert g.loc["big", "reason"] == "kept: largest resolution (400×400)"
 
@@ -103,7 +103,7 @@ def test_keep_prefers_colour_then_fewer_recompressions_at_equal_size() -> None:
     x = np.tile(np.eye(4, dtype=np.float32)[:1], (3, 1))
     res = find_duplicates(x, ["grey", "q30", "q95"], widths=[50] * 3, heights=[50] * 3,
                           sizes=[3000, 900, 2500], grey=[True, False, False])
-    assert res.kept_ids == ["q95"]
+    assert kept_ids(res) == ["q95"]
     assert "least re-compressed" in res.groups.set_index("id").loc["q95", "reason"]
 
 
@@ -140,7 +140,7 @@ def test_edited_copies_found_and_netpbm_embedded(edited_folder: Path, tmp_path: 
     g = res.groups
     group0 = set(g.loc[g["group"] == g.loc[g["id"] == "p0.jpg", "group"].item(), "id"])
     assert group0 == {"p0.jpg", "p0_grey.jpg", "p0_tiny.jpg"}
-    assert res.kept_ids == ["p0.jpg"]  # colour, most pixels, least re-compressed
+    assert kept_ids(res) == ["p0.jpg"]  # colour, most pixels, least re-compressed
     assert len(g) == 3  # distinct pictures and the new formats stay alone
     assert (bundle.path / CACHE_FILE).exists()
     # the CLI prints the calibrated value and its evidence, and one JSON object per group
@@ -151,3 +151,27 @@ def test_edited_copies_found_and_netpbm_embedded(edited_folder: Path, tmp_path: 
     group = json.loads(lines[0])
     assert group["kept"] == "p0.jpg" and len(group["members"]) == 3
     assert json.loads(lines[-1])["summary"]["skipped"] == 1
+
+
+def test_dedupe_cli_groups_csv_is_what_the_benchmark_scorer_reads(tmp_path: Path) -> None:
+    """`embedsearch dedupe DIR --out D` writes groups.csv (columns group, id; ids relative
+    to DIR) that benchmarks/dedupe_generalisation.py scores against the truth that
+    benchmarks/plant_duplicates.py writes."""
+    from benchmarks.dedupe_generalisation import read_groups, score
+    from benchmarks.plant_duplicates import plant
+
+    truth_csv = plant(tmp_path / "planted", [picture(0)], [picture(k) for k in range(1, 10)],
+                      ("tiny", "grey"), seed=0)
+    truth = read_groups(truth_csv)
+    assert len(truth) == 12 and len(set(truth.values())) == 10
+    run_cli("dedupe", str(tmp_path / "planted"), "--model", TINY, "--out",
+            str(tmp_path / "d"), "--no-html")
+    with open(tmp_path / "d" / "groups.csv") as fh:
+        assert fh.readline().startswith("group,id,")
+    predicted = read_groups(tmp_path / "d" / "groups.csv")
+    assert set(predicted) <= set(truth)  # the same ids, relative to the folder
+    assert score(truth, predicted) == {"precision": 1.0, "recall": 1.0, "f1": 1.0,
+                                       "true_pairs": 3, "predicted_pairs": 3,
+                                       "correct_pairs": 3}
+    # a wrong grouping is scored as wrong (the scorer is not blind)
+    assert score(truth, {**predicted, "d00000.jpg": predicted["o00000.jpg"]})["precision"] < 1

@@ -17,7 +17,14 @@ from embedsearch.index import (
     search,
     write_faiss,
 )
-from embedsearch.index.ivf import build_ivf, choose_nlist, exact_topk, range_pairs, recall_at_k
+from embedsearch.index.ivf import (
+    build_ivf,
+    choose_nlist,
+    exact_topk,
+    range_search_blocks,
+    recall_at_k,
+)
+from embedsearch.predict import Predictor
 
 
 def clustered(n: int, dim: int = 32, centres: int = 50, spread: float = 0.35,
@@ -91,7 +98,18 @@ def test_auto_picks_flat_then_ivf_then_ivfpq() -> None:
     assert auto_index_type(10_000_000, 1280) == "ivfpq"
 
 
-def test_range_pairs_find_duplicates_per_block_like_brute_force() -> None:
+def range_pairs(index, x: np.ndarray, threshold: float, block: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, sim) with i < j from the per-block range search, as dedupe's ivf path uses it."""
+    out = []
+    for first, lims, sims, ids in range_search_blocks(index, x, threshold, block):
+        rows = first + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
+        keep = ids > rows
+        out.append((rows[keep], ids[keep], sims[keep]))
+    return tuple(np.concatenate(c) for c in zip(*out, strict=True))
+
+
+def test_range_search_blocks_find_duplicates_per_block_like_brute_force() -> None:
     x = clustered(800, seed=5)
     rng = np.random.default_rng(0)
     dup_of = rng.choice(800, 40, replace=False)
@@ -120,6 +138,6 @@ def test_build_index_with_ivf_bundle_searches_reference_rows_only(split_collecti
     b = load_bundle("ivf")
     assert type(b.index).__name__ == "IndexIVFFlat"
     # Held-out test rows are never returned, through IVF search parameters.
-    preds = b.predict_vectors(np.asarray(b.embeddings[24:]), b.items["id"].iloc[24:].tolist(),
-                              k=3)
+    preds = Predictor(b).predict_vectors(np.asarray(b.embeddings[24:]),
+                                         b.items["id"].iloc[24:].tolist(), k=3)
     assert all(n["id"] not in set(b.items["id"].iloc[24:]) for p in preds for n in p.neighbours)

@@ -1,7 +1,8 @@
 """What the trained heads share: the fit contract, the selection protocol, files.
 
 Both are scikit-learn estimators (``BaseEstimator`` + ``ClassifierMixin``: ``clone``,
-``cross_val_score`` and ``get_params`` work) with ``classes_`` sorted like scikit-learn,
+``cross_val_score``, ``GridSearchCV``, ``Pipeline`` and ``get_params`` work; labels are
+strings, so give scorers string labels) with ``classes_`` sorted like scikit-learn,
 and both predict with plain numpy from float32 arrays, so a head saved as
 ``weights.safetensors`` + ``head.json`` loads without pickle, without scikit-learn and
 without torch, and gives bit-identical predictions after loading.
@@ -30,34 +31,28 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.class_weight import compute_class_weight
 
 from embedsearch.classify import SELECT_BY
 from embedsearch.classify.metrics import (
-    balanced_weights,
     class_counts,
     classification_figures,
     softmax,
 )
 from embedsearch.errors import EmbedsearchError
-from embedsearch.store.io import file_digest, write_json
 
 log = logging.getLogger(__name__)
 
-HEAD_FORMAT = "embedsearch-head"
-HEAD_SCHEMA = 1
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 #: Prior-correction strengths searched by ``class_weight="auto"`` (0 = none, 1 = balanced).
 PRIOR_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Without validation rows, fewer training rows than this cross-validate (k folds); more
 #: use one stratified hold-out (enough rows for a stable estimate, k times cheaper).
 HOLDOUT_MIN_ROWS = 1500
-WEIGHTS_FILE = "weights.safetensors"
-HEAD_FILE = "head.json"
 #: ``extra_train``: (vectors, labels) or (vectors, labels, source row in the training matrix).
 ExtraTrain = tuple[np.ndarray, Any] | tuple[np.ndarray, Any, np.ndarray]
 
@@ -85,8 +80,13 @@ def stratified_holdout(y_idx: np.ndarray, fraction: float, seed: int) -> np.ndar
     """Boolean mask of a stratified ``fraction`` of rows (at least one per class that has
     two or more rows, never a class's last row).
 
-    Hand-written because scikit-learn's ``train_test_split(stratify=)`` refuses a class
-    with a single row, which small user collections have.
+    Hand-written because scikit-learn's ``StratifiedShuffleSplit`` (and
+    ``train_test_split(stratify=)``) refuses a class with a single row, which small user
+    collections have, and allocates by rounding, so a small class may get no held-out row
+    and then cannot count in the selection metric: with 1,497 rows in 10 classes (two of 2
+    and 3 rows) a class was missing from its 15 % hold-out for 200 of 200 seeds, never here
+    (benchmarks/results/library_swaps.md).
+    (Cross-validation, when the rows allow it, is scikit-learn's ``StratifiedKFold``.)
     """
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(y_idx), bool)
@@ -199,8 +199,8 @@ class Head(ClassifierMixin, BaseEstimator):
         self._log_prior = np.log(n / n.sum())
         weighted = self.class_weight == "balanced"
         taus = PRIOR_TAUS if self.class_weight == "auto" and n.max() > n.min() else (0.0,)
-        cw = balanced_weights(y_idx, len(self.classes_)) if weighted else \
-            np.ones(len(self.classes_))
+        cw = compute_class_weight("balanced", classes=np.arange(len(self.classes_)), y=y_idx) \
+            if weighted else np.ones(len(self.classes_))
         self.info = {
             "counts": {"train": counts,
                        **({"val": class_counts(val_labels)} if val_labels is not None else {})},
@@ -374,40 +374,3 @@ class Head(ClassifierMixin, BaseEstimator):
     def _extra_count(self) -> int:
         extra = getattr(self, "_extra", None)
         return 0 if extra is None else len(extra[1])
-
-    # -- files ----------------------------------------------------------------------------
-    def save(self, folder: str | Path, encoder: dict[str, Any] | None = None,
-             extra: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-        """Write ``weights.safetensors`` then ``head.json`` into ``folder`` atomically.
-
-        Returns ``{file name: {"bytes", "sha256"}}`` for a manifest to record.
-        """
-        from safetensors.numpy import save as st_save
-
-        from embedsearch import __version__
-        from embedsearch.store.io import atomic_write
-
-        self._check_fitted()
-        folder = Path(folder)
-        blob = st_save({k: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()},
-                       metadata={"format": HEAD_FORMAT, "kind": self.kind})
-        atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(blob))
-        digest = file_digest(folder / WEIGHTS_FILE)
-        meta = {
-            "format": HEAD_FORMAT,
-            "schema_version": HEAD_SCHEMA,
-            "kind": self.kind,
-            "embedsearch_version": __version__,
-            "classes": [str(c) for c in self.classes_],
-            "dim": self.dim,
-            "hyperparameters": self.hyperparameters(),
-            **self.info,
-            "weights": {"file": WEIGHTS_FILE, "bytes": len(blob), "sha256": digest,
-                        "tensors": {k: list(v.shape) for k, v in self.params.items()}},
-            "encoder": encoder,
-            **(extra or {}),
-        }
-        write_json(folder / HEAD_FILE, meta)
-        return {name: {"bytes": (folder / name).stat().st_size,
-                       "sha256": file_digest(folder / name)}
-                for name in (WEIGHTS_FILE, HEAD_FILE)}
