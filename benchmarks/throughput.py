@@ -332,6 +332,13 @@ def backend_matrix(data: Path, specs: list[str], backends: list[str], loads: lis
 def backend_agreement(reference: Path, backends: list[str]) -> dict:
     """10-NN test predictions of clothing-small re-embedded by each backend vs ``reference``
     (a bundle of all of clothing-small built with torch fp32): same labels, or the list."""
+    return encoder_agreement(reference, {b: (lambda spec, b=b: _encoder(spec, b))
+                                         for b in backends})
+
+
+def encoder_agreement(reference: Path, makers: dict[str, Callable[[str], Any]]) -> dict:
+    """:func:`backend_agreement` for any encoders: ``makers[name](spec)`` returns the encoder
+    (or None to skip it) that re-embeds all of clothing-small under ``name``."""
     from embedsearch import build_index, load_bundle
     from embedsearch.predict import Predictor
 
@@ -347,8 +354,8 @@ def backend_agreement(reference: Path, backends: list[str]) -> dict:
     ref_emb = dict(zip(ref.items["id"], np.asarray(ref.embeddings), strict=True))
     out: dict[str, Any] = {"reference": str(reference),
                            "reference_knn10_accuracy": round(float(np.mean(ref_pred == truth)), 4)}
-    for b in backends:
-        enc = _encoder(ref.encoder_identity["spec"], b)
+    for b, make in makers.items():
+        enc = make(ref.encoder_identity["spec"])
         if enc is None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -440,6 +447,9 @@ def main() -> None:
                                "versions": package_versions(), "machine": machine(),
                                "git": git_revision(str(REPO)), "encoders": {}}
     if args.backends:
+        # Every build must encode: the shared embedding cache would serve the second build
+        # of the same images without running the model (exports stay in the user cache).
+        os.environ["EMBEDSEARCH_CACHE_DIR"] = "off"
         results["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
         args.out.parent.mkdir(parents=True, exist_ok=True)
 

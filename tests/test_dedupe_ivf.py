@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -31,3 +33,45 @@ def test_ivf_candidates_find_the_planted_pairs_and_invent_none(kind: str) -> Non
     assert len(planted) > 200
     assert len(planted & found) / len(planted) >= 0.99
     assert len(found) / len(truth) >= 0.99
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_descriptors_of_a_memmap_equal_those_of_the_array_and_leave_it_intact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, power: float) -> None:
+    from embedsearch.dedupe import search
+    from embedsearch.errors import EmbedsearchError
+    from embedsearch.store.io import read_npy
+
+    monkeypatch.setattr(search, "BLOCK", 700)  # several blocks, none page-aligned
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2500, 512)) * rng.uniform(0.5, 2, (2500, 1))).astype(np.float32)
+    np.save(tmp_path / "v.npy", x)
+    mm = read_npy(tmp_path / "v.npy", mmap=True)
+    want = np.sign(x) * np.abs(x) ** power
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    for given in (mm, np.asarray(mm), x.copy(), x.astype(np.float64)):
+        got = search.as_unit_vectors(given, power)
+        assert not np.may_share_memory(got, mm)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+        if given is not mm and np.may_share_memory(given, mm) and _mapped_kib(tmp_path) is not None:
+            # the pages were let go as read (a 64 KiB fault-around window per block stays)
+            assert _mapped_kib(tmp_path) < 0.2 * x.nbytes / 1024
+    np.testing.assert_array_equal(np.asarray(mm), x)  # released pages read back unchanged
+    with pytest.raises(EmbedsearchError, match="NaN"):
+        bad = x.copy()
+        bad[2400, 5] = np.nan
+        search.as_unit_vectors(bad, power)
+
+
+def _mapped_kib(folder: Path) -> int | None:
+    """Resident KiB of this process's mappings of files in ``folder`` (None: no /proc)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.is_file():
+        return None
+    total, inside = 0, False
+    for line in smaps.read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0] and ":" not in line.split()[0]:
+            inside = str(folder) in line
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total

@@ -96,35 +96,72 @@ class Pairs:
         return Pairs(self.i[keep], self.j[keep], self.sim[keep], self.method, threshold)
 
 
+#: Rows handled at a time by :func:`as_unit_vectors` (1280-d float32: 80 MiB a temporary).
+BLOCK = 16_384
+
+
 def as_unit_vectors(vectors: np.ndarray, power: float = 1.0) -> np.ndarray:
     """C-contiguous float32 rows of unit length, after ``sign(x)·|x|**power``; refuses NaN,
-    inf and zero rows."""
+    inf and zero rows.
+
+    Never modifies the caller's array. Works block by block: besides the result (a copy
+    unless the input is already float32 unit rows and ``power`` is 1), memory holds one
+    block's temporaries, never a whole-array one (1M × 1280-d: 14.5 GiB peak when the
+    checks, norms and division each made a full-size temporary, see
+    benchmarks/results/dedupe_speed_1m.md). A memory-mapped input (a bundle's embeddings)
+    is read once, front to back, and each block's pages are released from this process
+    once read (:func:`_release_pages`), so the file does not stay resident beside the copy.
+    """
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if power != 1.0 and np.may_share_memory(x, vectors):
-        x = x.copy()  # never modify the caller's (or a memory-mapped) array
     if x.ndim != 2:
         raise EmbedsearchError(f"expected a 2-d array of vectors, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise EmbedsearchError("the vectors contain NaN or infinite values",
-                               hint="re-embed the images; NaN vectors cannot be compared")
-    if power != 1.0:
-        for k in range(0, len(x), 65536):  # in place, block by block: no second copy
-            blk = x[k:k + 65536]
-            np.copysign(np.abs(blk) ** power, blk, out=blk)
-    # Norms and division block by block too: on the whole array each makes a temporary as
-    # large as the vectors (1M × 1280-d: 5 GB each; peak 14.5 GiB before, see
-    # benchmarks/results/dedupe_speed_1m.md). Row norms are the same numbers either way.
+    shared = np.may_share_memory(x, vectors)
+    out = np.empty_like(x) if power != 1.0 and shared else x
     norms = np.empty(len(x), np.float32)
-    for k in range(0, len(x), 65536):
-        norms[k:k + 65536] = np.linalg.norm(x[k:k + 65536], axis=1)
+    for k in range(0, len(x), BLOCK):
+        blk = x[k:k + BLOCK]
+        if not np.isfinite(blk).all():
+            raise EmbedsearchError("the vectors contain NaN or infinite values",
+                                   hint="re-embed the images; NaN vectors cannot be compared")
+        if power != 1.0:
+            o = out[k:k + BLOCK]
+            np.copysign(np.abs(blk) ** power, blk, out=o)  # o may be blk itself
+            blk = o
+        norms[k:k + BLOCK] = np.linalg.norm(blk, axis=1)
+        if shared:
+            _release_pages(vectors, k, len(blk))
     if len(x) and norms.min() == 0:
         raise EmbedsearchError("some vectors are all zero; their similarity is undefined")
     if len(x) and np.abs(norms - 1).max() > 1e-3:
-        if np.may_share_memory(x, vectors):
-            x = x.copy()
-        for k in range(0, len(x), 65536):
-            x[k:k + 65536] /= norms[k:k + 65536, None]
-    return x
+        src = out
+        if out is x and shared:
+            out = np.empty_like(x)
+        for k in range(0, len(x), BLOCK):
+            np.divide(src[k:k + BLOCK], norms[k:k + BLOCK, None], out=out[k:k + BLOCK])
+            if src is x and shared:
+                _release_pages(vectors, k, len(out[k:k + BLOCK]))
+    return out
+
+
+def _release_pages(vectors: np.ndarray, first: int, rows: int) -> None:
+    """Drop rows ``first:first+rows`` of a read-only memory-mapped array (an ``np.memmap``
+    or any view of one) from this process's resident set (``madvise(MADV_DONTNEED)``; the
+    data stays in the page cache and is read back if touched again). Anything else, or a
+    platform without it, is left alone."""
+    import mmap
+
+    mm = vectors.base
+    while mm is not None and not isinstance(mm, mmap.mmap):
+        mm = getattr(mm, "base", None)
+    if mm is None or vectors.flags.writeable or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = np.frombuffer(mm, np.uint8).ctypes.data
+    lo = vectors.ctypes.data - start + first * vectors.strides[0]
+    hi = lo + rows * vectors.strides[0]
+    lo = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the rows only
+    hi = min(hi - hi % mmap.PAGESIZE, len(mm))
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _hits(s: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,8 +280,8 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, *, power: float = DEF
         return Pairs(i, j, s, "exact", threshold)
     proj = projection(x, reduce_dim)
     y = np.empty((n, reduce_dim), np.float32)
-    for k in range(0, n, 65536):
-        y[k:k + 65536] = x[k:k + 65536] @ proj
+    for k in range(0, n, BLOCK):
+        y[k:k + BLOCK] = x[k:k + BLOCK] @ proj
     norms = np.linalg.norm(y, axis=1, keepdims=True)
     y /= np.maximum(norms, 1e-12)
     if n > ivf_limit:

@@ -309,13 +309,17 @@ class OpenVINORuntime:
     bf16, which moves the vectors (fingerprint cosine 0.9997 here).
     """
 
-    def __init__(self, xml: Path, threads: int | None = None) -> None:
+    def __init__(self, xml: Path, threads: int | None = None, streams: int | None = None
+                 ) -> None:
         import openvino as ov
 
         threads = threads or cpu_threads()
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads,
-                  "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
+        config: dict[str, Any] = {
+            "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
+        if streams:  # else the THROUGHPUT hint's choice (one stream per core here)
+            config["NUM_STREAMS"] = streams
         self.compiled = core.compile_model(core.read_model(xml), "CPU", config)
         self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
