@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -205,16 +206,6 @@ def main() -> None:
     args = ap.parse_args()
     base = clothing(args.bundle)
     before = old_heads(args.before) if args.before else None
-    collections: dict[str, Any] = {}
-    collections["clothing-small"] = run_collection("clothing-small", base, before, SELECT_BY)
-    for seed in range(args.seeds):
-        name = f"imbalanced-50to1 (seed {seed})"
-        collections[name] = run_collection(name, imbalanced(base, seed), before, SELECT_BY)
-    for seed in range(args.binary_seeds):
-        name = f"binary-20to1 (seed {seed})"
-        collections[name] = run_collection(name, binary(base, seed), before, SELECT_BY)
-    collections["synthetic-13k"] = run_collection("synthetic-13k", synthetic(base), None,
-                                                  ("macro_f1",))
     result = {
         "benchmark": "heads_selection",
         "command": "PYTHONPATH=. python benchmarks/heads_selection.py "
@@ -223,11 +214,23 @@ def main() -> None:
         "versions": package_versions(), "machine": machine(), "git": git_revision(str(REPO)),
         "note": "single-thread fits on a shared 2-core machine (others' jobs running): "
                 "times are noisy",
-        "collections": collections,
+        "collections": {},
     }
+    collections: dict[str, Any] = result["collections"]
+    plan: list[tuple[str, Any, tuple[str, ...]]] = [("clothing-small", lambda: base, SELECT_BY)]
+    plan += [(f"imbalanced-50to1 (seed {s})", lambda s=s: imbalanced(base, s), SELECT_BY)
+             for s in range(args.seeds)]
+    plan += [(f"binary-20to1 (seed {s})", lambda s=s: binary(base, s), SELECT_BY)
+             for s in range(args.binary_seeds)]
+    plan.append(("synthetic-13k", lambda: synthetic(base), ("macro_f1",)))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "heads_selection.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "heads_selection.md").write_text(markdown(result))
+    for name, make, metrics in plan:
+        collections[name] = run_collection(name, make(), None if name == "synthetic-13k"
+                                           else before, metrics)
+        # Written after every collection: a run cut short keeps what it measured.
+        result["load_average_1min"] = round(os.getloadavg()[0], 2)
+        (RESULTS / "heads_selection.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "heads_selection.md").write_text(markdown(result))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -235,7 +238,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Command: `{result['command']}`  ", f"Created {result['created']}; git "
              f"{(result['git'].get('revision') or '?')[:10]}; {result['machine'].get('cpu', '')}, "
              f"{result['machine'].get('usable_cores', '?')} usable cores; "
-             f"{result['note']}.", ""]
+             f"{result['note']}; 1-minute load average {result.get('load_average_1min')} "
+             "when the last collection finished.", ""]
     lines += ["## MLP minus linear head, test points", "",
               "Per collection and selection metric: test accuracy and the selection metric "
               "of the MLP head minus those of the linear head (both selected by that "
