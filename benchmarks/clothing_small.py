@@ -124,12 +124,14 @@ def concatenation_markdown(c: dict[str, object]) -> str:
              f"cached bundles in {c['seconds']} s (1-minute load average "
              f"{c['load_average_1min']['start']} at the start, "  # type: ignore[index]
              f"{c['load_average_1min']['end']} at the end; 2 shared cores).", "",  # type: ignore[index]
-             "| method | accuracy | balanced accuracy | macro-F1 | head training |",
-             "|---|---:|---:|---:|---:|"]
+             "| method | accuracy | balanced accuracy | macro-F1 | head training "
+             "| validation accuracy (selection) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for m, f in c["methods"].items():  # type: ignore[attr-defined]
         secs = f"{f['train_seconds']:.1f} s" if "train_seconds" in f else "–"
+        val = f"{f['val_accuracy']:.3f}" if "val_accuracy" in f else "–"
         lines.append(f"| {m} | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} | "
-                     f"{f['macro_f1']:.3f} | {secs} |")
+                     f"{f['macro_f1']:.3f} | {secs} | {val} |")
     return "\n".join(lines) + "\n"
 
 

@@ -112,7 +112,10 @@ def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: n
                     continue
                 proba = head.predict_proba(Q)
                 fig = classification_figures(y[te], head.classes_[proba.argmax(1)])
-                out[f"{kind}{suffix}{tta_suffix}"] = {**fig, "train_seconds": round(seconds, 2),
+                val = {f"val_{m}": head.info["validation"][m]
+                       for m in ("accuracy", "balanced_accuracy", "macro_f1")}
+                out[f"{kind}{suffix}{tta_suffix}"] = {**fig, **val,
+                                                      "train_seconds": round(seconds, 2),
                                                       "extra_rows": 0 if extra is None
                                                       else len(extra[0])}
     return out
@@ -185,15 +188,18 @@ def main() -> int:
         lines += [f"## {cname}", "", "train images per class: " +
                   ", ".join(f"{c} {n}" for c, n in res["train_counts"].items()), "",
                   "| embeddings | method | accuracy | balanced accuracy | macro-F1 "
-                  "| head training |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| head training | validation accuracy / macro-F1 (selection) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for mname, methods in res.items():
             if mname == "train_counts":
                 continue
             for meth, f in methods.items():
                 secs = f"{f['train_seconds']:.1f} s" if "train_seconds" in f else "–"
+                val = (f"{f['val_accuracy']:.3f} / {f['val_macro_f1']:.3f}"
+                       if "val_accuracy" in f else "–")
                 lines.append(f"| {mname} | {meth} | {f['accuracy']:.3f} | "
-                             f"{f['balanced_accuracy']:.3f} | {f['macro_f1']:.3f} | {secs} |")
+                             f"{f['balanced_accuracy']:.3f} | {f['macro_f1']:.3f} | {secs} "
+                             f"| {val} |")
         lines.append("")
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
