@@ -130,6 +130,7 @@ def main() -> int:
                     "embedding_options")
     args = ap.parse_args()
     from embedsearch.bundle import load_bundle
+    from embedsearch.query import embed_paths
     from embedsearch.report.provenance import git_revision, machine, package_versions
     from embedsearch.views import bundle_views
 
@@ -144,7 +145,7 @@ def main() -> int:
     t = time.perf_counter()
     src = Path(b.manifest["source"]["path"])
     test_paths = [src / i for i in items["id"][te]]
-    X_tta = b.embed_paths(test_paths, tta="flip")[0]
+    X_tta = embed_paths(b, test_paths, tta="flip")[0]
     tta_seconds = time.perf_counter() - t
     # name -> (matrix, views or None, test-time flip matrix or None)
     matrices: dict[str, tuple[np.ndarray, Any, np.ndarray | None]] = {
@@ -155,7 +156,7 @@ def main() -> int:
         X2 = np.asarray(b2.embeddings, np.float32)[pos]
         Xc, views_c = concatenated(b, b2)
         # The concatenation's test-time flip: each part's flip-averaged query, joined.
-        tta_c = _normalise(np.hstack([X_tta, b2.embed_paths(test_paths, tta="flip")[0]]))
+        tta_c = _normalise(np.hstack([X_tta, embed_paths(b2, test_paths, tta="flip")[0]]))
         matrices[f"{b.encoder_identity['spec']} + {b2.encoder_identity['spec']} (concatenated)"] \
             = (Xc, views_c, tta_c)
         matrices.setdefault(b2.encoder_identity["spec"], (X2, None, None))
