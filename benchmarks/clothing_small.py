@@ -10,6 +10,13 @@ with its own train/validation/test folders, and writes ``report.md``, ``report.h
 ``results.json`` and ``figures/`` to ``benchmarks/results/clothing-small/``. Bundles go
 to ``indexes/`` (ignored by git) and are reused by a second run.
 
+With ``--concat`` (on by default) it adds the two encoders' embeddings concatenated
+(``build-index --model A --model B`` gives the same vectors up to decoding): linear and MLP
+heads, with the views joined the same way when ``--views`` is given, trained on the
+report's own train split (validation picks the settings) and scored on its test split,
+appended to ``report.md`` and written to ``concatenation.json`` (from the cached bundles:
+nothing is re-encoded).
+
 It then cross-checks the embeddings against the reference figures in
 ``../shared/README.md`` using that README's own protocol (exact cosine kNN with a plain
 vote and scikit-learn ``LogisticRegression(C=1)``, index / training set = train +
@@ -78,6 +85,56 @@ def reference_check(result: object) -> dict[str, object]:
     return out
 
 
+def concatenation(result: object, out: Path) -> dict[str, object]:
+    """The report's two encoders concatenated, on the report's own splits (splits.csv)."""
+    import time
+
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from embedding_options import concatenated, evaluate
+
+    from embedsearch.bundle import load_bundle
+
+    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    b1, b2 = (load_bundle(p) for p in result.bundles.values())  # type: ignore[attr-defined]
+    X, views = concatenated(b1, b2)
+    assign = pd.read_csv(out / "splits.csv").set_index("id")["split"]
+    split = assign.reindex(b1.items["id"].astype(str)).fillna("").to_numpy()
+    y = b1.items["label"].astype(str).to_numpy()
+    methods = evaluate(X, y, split == "train", split == "val", split == "test", views, None)
+    return {"encoders": [b1.encoder_identity["spec"], b2.encoder_identity["spec"]],
+            "rows": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+            "views": len(views[0]) if views is not None else 0,
+            "methods": methods, "seconds": round(time.perf_counter() - t0, 1),
+            "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}}
+
+
+def concatenation_markdown(c: dict[str, object]) -> str:
+    rows = c["rows"]  # type: ignore[index]
+    lines = ["", "## Concatenated encoders", "",
+             f"{' + '.join(c['encoders'])}: each image's two L2-normalised embeddings "  # type: ignore[arg-type]
+             "joined and re-normalised (what `build-index --model A --model B` stores). "
+             f"Heads trained on the {rows['train']:,} train images (validation, "
+             f"{rows['val']:,} images, picks the settings; refit on train + validation), "
+             f"scored on the same {rows['test']:,} test images as above"
+             + (f"; '+ views' adds the {c['views']:,} views of the training images, "
+                "joined per (image, view)" if c["views"] else "") + ". Computed from the "
+             f"cached bundles in {c['seconds']} s (1-minute load average "
+             f"{c['load_average_1min']['start']} at the start, "  # type: ignore[index]
+             f"{c['load_average_1min']['end']} at the end; 2 shared cores).", "",  # type: ignore[index]
+             "| method | accuracy | balanced accuracy | macro-F1 | head training "
+             "| validation accuracy (selection) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m, f in c["methods"].items():  # type: ignore[attr-defined]
+        secs = f"{f['train_seconds']:.1f} s" if "train_seconds" in f else "–"
+        val = f"{f['val_accuracy']:.3f}" if "val_accuracy" in f else "–"
+        lines.append(f"| {m} | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} | "
+                     f"{f['macro_f1']:.3f} | {secs} | {val} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -86,6 +143,8 @@ def main() -> int:
     parser.add_argument("--finetune-minutes", type=float,
                         help="also fine-tune EfficientNet-Lite0's last stages for this long")
     parser.add_argument("--views", help="augmented views for the heads, e.g. flip,crop2")
+    parser.add_argument("--no-concat", dest="concat", action="store_false",
+                        help="skip the concatenated-encoders section")
     args = parser.parse_args()
     missing = [p for p in (DATA, MOBILENET) if not p.exists()]
     if missing:
@@ -109,6 +168,12 @@ def main() -> int:
         print(f"{row['encoder'][:44]:44s} {row['method']:24s} acc {row['accuracy']:.3f} "
               f"[{lo:.3f}, {hi:.3f}]  bal {row['balanced_accuracy']:.3f}  "
               f"F1 {row['macro_f1']:.3f}")
+    if args.concat:
+        concat = concatenation(result, Path(args.out))
+        (Path(args.out) / "concatenation.json").write_text(json.dumps(concat, indent=2) + "\n")
+        with result.markdown.open("a") as fh:
+            fh.write(concatenation_markdown(concat))
+        print(concatenation_markdown(concat))
     check = reference_check(result)
     (Path(args.out) / "reference_check.json").write_text(json.dumps(check, indent=2) + "\n")
     print(json.dumps(check, indent=2))

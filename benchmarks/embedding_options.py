@@ -16,8 +16,10 @@ Per collection: 10-NN (similarity vote, reference = train + validation), linear 
 heads (``class_weight="auto"``, validation picks the setting, refit on train +
 validation) without and with the views as ``extra_train``, each scored on the test
 embeddings as they are and with test-time flip averaging (``predict --tta flip``), and
-the heads on L2-normalised concatenated embeddings (``--second``). Only the test flips are
-encoded here (the views and both encoders' embeddings are read from the bundles).
+the heads on L2-normalised concatenated embeddings (``--second``), with the views and the
+test-time flips concatenated the same way when both bundles hold views (the same crops:
+they are seeded per image and view). Only the test flips are encoded here (the views and
+both encoders' embeddings are read from the bundles).
 """
 
 from __future__ import annotations
@@ -47,6 +49,35 @@ def few_shot_mask(labels: np.ndarray, train: np.ndarray, seed: int = 0) -> np.nd
 
 def _normalise(X: np.ndarray) -> np.ndarray:
     return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def view_table(bundle: Any) -> tuple[np.ndarray, np.ndarray, Any] | None:
+    """The bundle's views: (vectors, bundle rows, table with id and view name) or None."""
+    from embedsearch.store.io import read_parquet
+    from embedsearch.views import bundle_views
+
+    views = bundle_views(bundle)
+    if views is None:
+        return None
+    return views[0], views[2], read_parquet(bundle.file("view_items"))
+
+
+def concatenated(b1: Any, b2: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """``b2``'s images joined to ``b1``'s rows (by id) as L2-normalised concatenations,
+    and the views both bundles hold for the same (image, view) joined the same way (crops
+    are seeded per image and view, so both encoders saw the same pixels): (matrix aligned
+    with ``b1.items``, (view vectors, their ``b1`` rows) or None)."""
+    pos = b2.items.reset_index().set_index("id").loc[b1.items["id"], "row"].to_numpy()
+    X = _normalise(np.hstack([np.asarray(b1.embeddings, np.float32),
+                              np.asarray(b2.embeddings, np.float32)[pos]]))
+    v1, v2 = view_table(b1), view_table(b2)
+    if v1 is None or v2 is None:
+        return X, None
+    key2 = {k: i for i, k in enumerate(zip(v2[2]["id"], v2[2]["view"], strict=True))}
+    pairs = [(i, key2[k]) for i, k in enumerate(zip(v1[2]["id"], v1[2]["view"], strict=True))
+             if k in key2]
+    a, b = np.array(pairs).T
+    return X, (_normalise(np.hstack([v1[0][a], v2[0][b]])).astype(np.float32), v1[1][a])
 
 
 def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray,
@@ -81,7 +112,10 @@ def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: n
                     continue
                 proba = head.predict_proba(Q)
                 fig = classification_figures(y[te], head.classes_[proba.argmax(1)])
-                out[f"{kind}{suffix}{tta_suffix}"] = {**fig, "train_seconds": round(seconds, 2),
+                val = {f"val_{m}": head.info["validation"][m]
+                       for m in ("accuracy", "balanced_accuracy", "macro_f1")}
+                out[f"{kind}{suffix}{tta_suffix}"] = {**fig, **val,
+                                                      "train_seconds": round(seconds, 2),
                                                       "extra_rows": 0 if extra is None
                                                       else len(extra[0])}
     return out
@@ -110,16 +144,22 @@ def main() -> int:
     te = split == "test"
     t = time.perf_counter()
     src = Path(b.manifest["source"]["path"])
-    X_tta = embed_paths(b, [src / i for i in items["id"][te]], tta="flip")[0]
+    test_paths = [src / i for i in items["id"][te]]
+    X_tta = embed_paths(b, test_paths, tta="flip")[0]
     tta_seconds = time.perf_counter() - t
-    matrices = {b.encoder_identity["spec"]: X}
+    # name -> (matrix, views or None, test-time flip matrix or None)
+    matrices: dict[str, tuple[np.ndarray, Any, np.ndarray | None]] = {
+        b.encoder_identity["spec"]: (X, (vX, vrow) if vX is not None else None, X_tta)}
     if args.second:
         b2 = load_bundle(args.second)
         pos = b2.items.reset_index().set_index("id").loc[items["id"], "row"].to_numpy()
         X2 = np.asarray(b2.embeddings, np.float32)[pos]
+        Xc, views_c = concatenated(b, b2)
+        # The concatenation's test-time flip: each part's flip-averaged query, joined.
+        tta_c = _normalise(np.hstack([X_tta, embed_paths(b2, test_paths, tta="flip")[0]]))
         matrices[f"{b.encoder_identity['spec']} + {b2.encoder_identity['spec']} (concatenated)"] \
-            = _normalise(np.hstack([X, X2]))
-        matrices.setdefault(b2.encoder_identity["spec"], X2)  # unless both are one encoder
+            = (Xc, views_c, tta_c)
+        matrices.setdefault(b2.encoder_identity["spec"], (X2, None, None))
     name = args.name or b.name
     collections = {name: split == "train"}
     collections[f"{name}, imbalanced few-shot train"] = few_shot_mask(
@@ -130,11 +170,8 @@ def main() -> int:
         counts = {c: int(n) for c, n in zip(*np.unique(y[tr], return_counts=True),
                                             strict=True)}
         res: dict[str, Any] = {"train_counts": counts}
-        for mname, M in matrices.items():
-            first = M is X
-            res[mname] = evaluate(M, y, tr, va, te,
-                                  (vX, vrow) if first and vX is not None else None,
-                                  X_tta if first else None)
+        for mname, (M, mviews, M_tta) in matrices.items():
+            res[mname] = evaluate(M, y, tr, va, te, mviews, M_tta)
             print(cname, mname, json.dumps({k: (v.get("accuracy"), v.get("balanced_accuracy"))
                                             for k, v in res[mname].items()}), file=sys.stderr)
         results["collections"][cname] = res
@@ -152,15 +189,18 @@ def main() -> int:
         lines += [f"## {cname}", "", "train images per class: " +
                   ", ".join(f"{c} {n}" for c, n in res["train_counts"].items()), "",
                   "| embeddings | method | accuracy | balanced accuracy | macro-F1 "
-                  "| head training |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| head training | validation accuracy / macro-F1 (selection) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for mname, methods in res.items():
             if mname == "train_counts":
                 continue
             for meth, f in methods.items():
                 secs = f"{f['train_seconds']:.1f} s" if "train_seconds" in f else "–"
+                val = (f"{f['val_accuracy']:.3f} / {f['val_macro_f1']:.3f}"
+                       if "val_accuracy" in f else "–")
                 lines.append(f"| {mname} | {meth} | {f['accuracy']:.3f} | "
-                             f"{f['balanced_accuracy']:.3f} | {f['macro_f1']:.3f} | {secs} |")
+                             f"{f['balanced_accuracy']:.3f} | {f['macro_f1']:.3f} | {secs} "
+                             f"| {val} |")
         lines.append("")
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))

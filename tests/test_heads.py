@@ -226,18 +226,67 @@ def test_class_weight_auto_corrects_for_a_rare_class() -> None:
 
 def test_mlp_is_deterministic_for_a_seed() -> None:
     X, y = blobs((60, 60, 60), spread=0.6, seed=2)
-    a = MLPHead(hidden=32, seed=4).fit(X, y)
-    b = MLPHead(hidden=32, seed=4).fit(X, y)
-    c = MLPHead(hidden=32, seed=5).fit(X, y)
+    a = MLPHead(hidden=32, seed=4, max_epochs=16).fit(X, y)
+    b = MLPHead(hidden=32, seed=4, max_epochs=16).fit(X, y)
+    c = MLPHead(hidden=32, seed=5, max_epochs=16).fit(X, y)
     for key in a.params:
         assert np.array_equal(a.params[key], b.params[key])
     assert not np.array_equal(a.params["w1"], c.params["w1"])
     sel = a.info["selection"]
-    assert sel["protocol"].startswith("stratified 15%")
+    assert sel["protocol"] == "5-fold cross-validation"  # as the linear head below 1,500 rows
     # Epoch 0 (its linear base alone) or one in the annealed half of the cosine schedule:
     # never a collapse to one epoch.
     assert sel["best_epoch"] == 0 or sel["epochs"] // 2 < sel["best_epoch"] <= sel["epochs"]
-    assert sel["grid"][0]["best_epoch"] == 0 and sel["grid"][-1]["best_epoch"] == sel["epochs"]
+    assert sel["grid"][0]["best_epoch"] == 0
+    dropped = any(n.startswith("hidden layer not kept") for n in sel.get("notes", []))
+    assert sel["grid"][-1]["best_epoch"] == (0 if dropped else sel["epochs"])
+
+
+def test_mlp_selects_like_the_linear_head_and_keeps_only_a_significant_gain() -> None:
+    # Imbalanced, noisy, no validation rows: the MLP's base is the linear head's own choice
+    # (same folds), and a hidden layer that gains nothing significant is dropped, the head
+    # then predicting exactly as the linear head.
+    X, y = blobs((150, 40, 12), spread=0.9, seed=3, flip=0.15)
+    lin = LinearHead().fit(X, y)
+    mlp = MLPHead(hidden=32).fit(X, y)
+    sl, sm = lin.info["selection"], mlp.info["selection"]
+    assert sm["protocol"] == sl["protocol"] == "5-fold cross-validation"
+    assert (sm["C"], sm.get("tau")) == (sl["C"], sl.get("tau"))
+    if sm["best_epoch"] == 0:
+        np.testing.assert_allclose(mlp.decision_function(X), lin.decision_function(X),
+                                   atol=1e-3)
+    # A problem no linear map separates (each class two opposite clusters, x and -x): the
+    # hidden layer's gain is large and kept.
+    Xa, ya = blobs((120, 120), spread=0.2, seed=5)
+    Xa[::2] *= -1
+    xor = MLPHead(hidden=32, max_epochs=20).fit(Xa, ya).info["selection"]
+    assert xor["best_epoch"] > 0
+    assert not any(n.startswith("hidden layer not kept") for n in xor.get("notes", []))
+
+
+def test_mlp_gain_within_the_noise_is_not_kept() -> None:
+    # Held-out logits of the base (epoch 0) right on 160 of 200 rows; an epoch right on one
+    # more row is noise and dropped, one right on 30 more is a real gain and kept.
+    head = MLPHead(select_by="accuracy")
+    head.classes_ = np.array(["a", "b"])
+    head._log_prior, head._taus = np.log([0.5, 0.5]), (0.0,)
+    truth = head._held_truth = np.repeat([0, 1], 100)
+    right = np.zeros(200, bool)
+    right[np.random.default_rng(0).permutation(200)[:160]] = True
+    base = np.eye(2)[np.where(right, truth, 1 - truth)]
+
+    def fixed(n: int) -> np.ndarray:
+        out = base.copy()
+        rows = np.flatnonzero(~right)[:n]
+        out[rows] = np.eye(2)[truth[rows]]
+        return out
+
+    settings = [{"best_epoch": 0}, {"best_epoch": 7}]
+    note = head._insignificant(settings, [base, fixed(1)], 5)
+    assert note and "best epoch (7) gained +0.0050 accuracy" in note, note
+    assert "5-fold cross-validation, not significant" in note
+    assert head._insignificant(settings, [base, fixed(30)], 5) is None
+    assert head._insignificant(settings, [base, base], 5) is None  # epoch 0 wins the tie
 
 
 def test_mlp_is_never_below_its_linear_base_on_validation() -> None:
@@ -272,7 +321,8 @@ def test_saved_head_loads_with_identical_predictions(make, tmp_path: Path) -> No
     assert list(again.classes_) == list(head.classes_)
     # Tampered weights are refused.
     w = tmp_path / "h" / "weights.safetensors"
-    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    blob = w.read_bytes()  # the last 4 bytes flipped (they may be zeros: a zero residual)
+    w.write_bytes(blob[:-4] + bytes(b ^ 0xFF for b in blob[-4:]))
     with pytest.raises(BundleError, match="modified"):
         load_head(tmp_path / "h")
 

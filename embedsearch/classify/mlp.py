@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from embedsearch.classify import DEFAULT_SELECT_BY
-from embedsearch.classify.base import Head, Standardiser
+from embedsearch.classify.base import Head, Standardiser, _score
 from embedsearch.classify.linear import LinearHead
 
 #: MLP schedule length when ``max_epochs`` is None: about this many optimizer steps...
@@ -18,6 +18,12 @@ MLP_EPOCHS = (10, 40)
 #: An MLP whose best epoch is its schedule's last is retrained on a schedule twice as long
 #: when rows x epochs stays under this (larger sets: flagged only, to bound the time).
 MLP_EXTEND_ROW_EPOCHS = 250_000
+#: The hidden layer is kept only when its gain over the linear base on the held-out rows
+#: is significant: a paired bootstrap's share of resamples where it is not better must be
+#: below this (one-sided 5 %); otherwise the head is its linear base (epoch 0).
+MLP_GAIN_P = 0.05
+#: Paired bootstrap resamples for that test.
+MLP_GAIN_RESAMPLES = 1000
 
 Offsets = tuple[np.ndarray, np.ndarray] | None
 
@@ -30,6 +36,14 @@ class MLPHead(Head):
     (exactly the linear head) and the epochs of the schedule's annealed second half, so
     on validation the MLP is never below its linear head, and says so when it is no better
     (``best_epoch`` 0). ``base="none"`` trains the hidden layer alone.
+
+    Selection follows the linear head's protocol exactly (the same validation rows, the
+    same stratified k folds below ``HOLDOUT_MIN_ROWS`` rows, the same hold-out above), so
+    the base is the very setting ``LinearHead`` chooses; the hidden layer's epoch is then
+    scored on those same out-of-fold rows, and kept only when its gain over the base is
+    significant (paired bootstrap, ``MLP_GAIN_P``): a gain within the noise of a few
+    hundred held-out rows is the maximum of ~20 noisy epoch scores, not a better model.
+    Otherwise the head is its linear base and ``info["selection"]["notes"]`` says why.
 
     Why: with a constant learning rate and early stopping on validation loss, the loss of
     an over-confident network rises after an epoch or two on noisy collections and the
@@ -53,7 +67,7 @@ class MLPHead(Head):
                  lr: float = 1e-3, label_smoothing: float = 0.1, batch_size: int = 256,
                  max_epochs: int | None = None, base: str = "linear",
                  class_weight: str = "auto", select_by: str = DEFAULT_SELECT_BY, seed: int = 0,
-                 refit: bool = True, holdout: float = 0.15) -> None:
+                 refit: bool = True, holdout: float = 0.15, cv_folds: int = 5) -> None:
         self.hidden = hidden
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -67,6 +81,10 @@ class MLPHead(Head):
         self.seed = seed
         self.refit = refit
         self.holdout = holdout
+        self.cv_folds = cv_folds
+
+    def _cv_folds(self) -> int:
+        return self.cv_folds
 
     @staticmethod
     def _logits(params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
@@ -156,7 +174,7 @@ class MLPHead(Head):
     def _linear(self) -> LinearHead:
         """The base, sharing this head's classes, prior and held-out truth."""
         lin = LinearHead(class_weight=self.class_weight, select_by=self.select_by,
-                         seed=self.seed, holdout=self.holdout)
+                         seed=self.seed, holdout=self.holdout, cv_folds=self.cv_folds)
         lin.classes_, lin._log_prior = self.classes_, self._log_prior
         lin._taus, lin._held_truth = self._taus, self._held_truth
         return lin
@@ -198,7 +216,42 @@ class MLPHead(Head):
             if base:  # epoch 0: the linear head alone (listed first: it wins ties)
                 settings.insert(0, {**base, "epochs": epochs, "best_epoch": 0})
                 pooled.insert(0, np.vstack([o[1] for o in offsets if o is not None]))
+                note = self._insignificant(settings, pooled, len(held))
+                if note:
+                    notes.append(note)
+                    return settings[:1], pooled[:1], notes
             return settings, pooled, notes
+
+    def _insignificant(self, settings: list[dict[str, Any]], pooled: list[np.ndarray],
+                       folds: int) -> str | None:
+        """Why the best epoch's gain over epoch 0 (``pooled[0]``, the linear base) is not
+        significant, or None when it is (or no epoch beats the base at all)."""
+        from embedsearch.report.metrics import paired_difference, resampled_metrics
+
+        scores = [self._best_score(p) for p in pooled]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        if best == 0:
+            return None
+        k = len(self.classes_)
+        # A held-out class unknown to training (-1) is its own label, never predicted.
+        truth = np.where(self._held_truth >= 0, self._held_truth, k)
+        samples, points = [], []
+        for i in (best, 0):
+            fits = [_score(pooled[i] - t * self._log_prior, self._held_truth, self.classes_,
+                           self.select_by) for t in self._taus]
+            tau = self._taus[max(range(len(fits)), key=lambda j, f=fits: (f[j][0], -f[j][1]))]
+            pred = (pooled[i] - tau * self._log_prior).argmax(1)
+            samples.append(resampled_metrics(truth, pred, k + 1, self.seed,
+                                             MLP_GAIN_RESAMPLES)[self.select_by])
+            points.append(scores[i][0])
+        diff = paired_difference(samples[0], samples[1], points[0], points[1])
+        if diff["p_not_better"] < MLP_GAIN_P:
+            return None
+        where = f"{folds}-fold cross-validation" if folds > 1 else "the held-out rows"
+        return (f"hidden layer not kept: its best epoch ({settings[best]['best_epoch']}) "
+                f"gained {diff['difference']:+.4f} {self.select_by} over the linear base on "
+                f"{where}, not significant (paired bootstrap p={diff['p_not_better']:.2f}, "
+                f"needs < {MLP_GAIN_P}): the head is its linear base (epoch 0)")
 
     def _final(self, X: np.ndarray, y_idx: np.ndarray, cw: np.ndarray,
                setting: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
