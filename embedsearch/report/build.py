@@ -9,9 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedsearch.report.metrics import METRIC_NAMES as METRIC_LABELS
-from embedsearch.report.metrics import METRICS
-from embedsearch.report.render import (
+from embedsearch.render.document import (
     Bold,
     Bullets,
     Code,
@@ -27,6 +25,8 @@ from embedsearch.report.render import (
     to_html,
     to_markdown,
 )
+from embedsearch.report.metrics import METRIC_NAMES as METRIC_LABELS
+from embedsearch.report.metrics import METRICS
 from embedsearch.report.study import HEAD_METHODS
 
 if TYPE_CHECKING:
