@@ -194,7 +194,7 @@ def models_cmd(as_json: bool) -> None:
               help="Leave near-duplicates out of the index (recorded in the manifest; the "
               "choice sticks to the bundle). Default: as the bundle was built.")
 @click.option("--dedupe-threshold", type=float, help="Near-duplicate cosine for --dedupe "
-              "(default 0.90).")
+              "(default: calibrated on the collection, as dedupe does).")
 @click.option("--dedupe-keep", type=click.Choice(["resolution", "filesize", "path", "oldest"]),
               help="Which image of a duplicate group --dedupe keeps (default: resolution).")
 @click.option("--exclude", type=click.Path(path_type=Path, dir_okay=False),
@@ -275,7 +275,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     if "dedupe" in m:
         d = m["dedupe"]
         click.echo(f"dedupe   {d['removed']:,} duplicates left out ({d['groups']:,} groups, "
-                   f"threshold {d['settings']['threshold']:g}); listed in "
+                   f"threshold {d.get('threshold', d['settings']['threshold']):g}"
+                   f"{'' if d['settings']['threshold'] else ' calibrated'}); listed in "
                    f"{result.path / d['removed_file']}")
     if "views" in m:
         v = m["views"]
@@ -373,24 +374,26 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
     for search), and a head is not scored on images it was trained on.
     """
     from embedsearch.bundle import load_bundle
+    from embedsearch.predict import Predictor
 
     bundle = load_bundle(index_name)
     bundle.device = device
     bundle.image_encoder(weights)
+    predictor = Predictor(bundle)
     paths, truth = _collect_queries(images)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     prompt_templates = ([*([template_set] if template_set else []), *templates]
                         or None)
-    preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
-                           batch_size=batch_size, num_workers=workers, method=method,
-                           head_name=head_name, classes=class_list, templates=prompt_templates,
-                           allow_self=allow_self, tta=tta)
+    preds = predictor.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
+                              batch_size=batch_size, num_workers=workers, method=method,
+                              head_name=head_name, classes=class_list,
+                              templates=prompt_templates, allow_self=allow_self, tta=tta)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
     else:
         _print_predictions(preds, truth, as_json)
     if not ctx.obj.get("quiet"):
-        c = bundle.embed_counts
+        c = predictor.embed_counts
         click.echo(f"queries  {c['encoded']:,} encoded, {c['reused']:,} reused (same bytes in "
                    "the index or the shared embedding cache)", err=True)
     _print_evaluation(bundle, preds, truth, allow_self, per_class, output, confusion)
@@ -1022,7 +1025,8 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
         click.echo(f"conflicts  {s['label_conflict_groups']:,} groups hold images with "
                    f"different labels (label noise): {files['label_conflicts']}")
     click.echo(f"report     {files.get('html', files['groups_csv'])}")
-    click.echo(f"           {files['groups_csv']}")
+    if "html" in files:  # with --no-html, groups.csv is the report line itself
+        click.echo(f"           {files['groups_csv']}")
     if action is None:
         click.echo("action     none (report only). To act: --move-to DIR (undoable), "
                    "--copy-clean-to DIR, or --delete")
@@ -1087,7 +1091,8 @@ def _echo_reuse(res: Any) -> None:
               "one folder, or given twice, one side each (its vectors are reused).")
 @click.option("--between", help="Two splits to compare, e.g. train,test "
               "(default: every two splits).")
-@click.option("--threshold", "-t", type=float, help="Default: the dedupe default (0.90).")
+@click.option("--threshold", "-t", type=float,
+              help="Default: calibrated on both sides together, as dedupe does.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Report folder (default: reports/leakage-<name>).")
 @click.option("--no-html", is_flag=True)
@@ -1109,7 +1114,7 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
     from embedsearch import dedupe as dd
     from embedsearch.bundle import load_bundle
 
-    t = dd.DEFAULT_THRESHOLD if threshold is None else threshold
+    t = threshold
     if len(index_names) == 1 and not folders:
         bundle = load_bundle(index_names[0])
         pairs = dd.leakage_bundle(bundle, threshold=t, between=between)
@@ -1144,8 +1149,14 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
         if len(pairs) > 50:
             click.echo(f"… {len(pairs) - 50} more in {files['leakage_csv']}")
     n_exact = int(pairs["exact"].sum()) if len(pairs) else 0
+    from embedsearch.dedupe.calibrate import Calibration
+
+    chosen = pairs.attrs["threshold"]
+    how = "given" if threshold is not None else Calibration(chosen, pairs.attrs[
+        "calibration"]).describe().partition(", ")[2]
     click.echo(f"{len(pairs)} duplicate pairs across splits ({n_exact} byte-identical) at "
-               f"threshold {t:g}; {files['leakage_csv']}", err=True)
+               f"threshold {chosen:.3f} ({how}; override: --threshold); "
+               f"{files['leakage_csv']}", err=True)
     if fail_on_leak and len(pairs):
         ctx.exit(1)
 

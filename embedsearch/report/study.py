@@ -27,13 +27,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embedsearch.encoders.choice import ModelChoice, parse_models
 from embedsearch.errors import InputError
 from embedsearch.report.build import write_report
 from embedsearch.report.duplicates import duplicate_groups
@@ -65,47 +65,6 @@ DEFAULT_KS = (1, 5, 10, 20, 50)
 
 
 # -- inputs -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelChoice:
-    """An encoder spec and its optional local weights file."""
-
-    spec: str
-    weights: Path | None = None
-
-    @property
-    def label(self) -> str:
-        return self.spec + (f" ({self.weights.name})" if self.weights else "")
-
-
-def parse_models(models: Sequence[str], weights: Sequence[str | os.PathLike[str] | None]
-                 | dict[str, str | os.PathLike[str]] | None = None) -> list[ModelChoice]:
-    """``models`` as specs or ``SPEC=FILE``; ``weights`` matched to them by position (a
-    list) or by spec (a dict)."""
-    if not models:
-        raise InputError("give at least one encoder (--model SPEC)")
-    out: list[ModelChoice] = []
-    wlist = list(weights) if isinstance(weights, (list, tuple)) else []
-    if len(wlist) > len(models):
-        raise InputError(f"{len(wlist)} --weights for {len(models)} --model",
-                         hint="give one --weights per --model, in the same order, or use "
-                         "--model SPEC=FILE")
-    for i, raw in enumerate(models):
-        spec, sep, file = str(raw).partition("=")
-        spec = spec.strip()
-        w: str | os.PathLike[str] | None = file.strip() if sep else None
-        if w is None and isinstance(weights, dict):
-            w = weights.get(spec)
-        if w is None and i < len(wlist):
-            w = wlist[i]
-        path = Path(w).expanduser() if w else None
-        if path is not None and not path.is_file():
-            raise InputError(f"weights file {path} (for {spec}) does not exist")
-        out.append(ModelChoice(spec, path))
-    if len({(m.spec, m.weights) for m in out}) < len(out):
-        raise InputError("the same encoder is listed twice")
-    return out
-
-
 def encoder_slug(choice: ModelChoice) -> str:
     base = re.sub(r"[^A-Za-z0-9.]+", "-", choice.spec).strip("-").lower()
     if choice.weights is not None:
@@ -320,5 +279,4 @@ def _write_splits(path: Path, table: StudyTable, plan: SplitPlan) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["DEFAULT_HEADS", "DEFAULT_KS", "BenchmarkResult", "ModelChoice", "encoder_slug",
-           "parse_models", "run_benchmark"]
+__all__ = ["DEFAULT_HEADS", "DEFAULT_KS", "BenchmarkResult", "encoder_slug", "run_benchmark"]
