@@ -105,7 +105,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("study")
     data = make_data(root / "data", {"train": 14, "val": 5, "test": 8})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("embedsearch.report.study._zero_shot", fake_zero_shot)
+        mp.setattr("embedsearch.report.methods._zero_shot", fake_zero_shot)
         result = run(data, root / "out", root / "bundles")
     return {"root": root, "data": data, "result": result,
             "results": json.loads(result.json.read_text())}
@@ -302,7 +302,7 @@ def test_fixed_seed_gives_identical_results_json(study: dict[str, Any], tmp_path
     reuses the bundle instead of encoding."""
     root = study["root"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("embedsearch.report.study._zero_shot", fake_zero_shot)
+        mp.setattr("embedsearch.report.methods._zero_shot", fake_zero_shot)
         again = run(study["data"], tmp_path / "out2", root / "bundles")
     second = json.loads(again.json.read_text())
     assert second["timings"]["encoders"]["test-tiny"]["encode"]["measured_now"] is False

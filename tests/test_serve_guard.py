@@ -128,13 +128,13 @@ def test_slow_head_and_slow_body_are_cut_off(server: tuple[str, int]) -> None:
 
 def test_thumbnails_share_the_decode_slots_and_are_cached(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedsearch.serve import service as service_mod
+    from embedsearch.render import thumbnails as thumb_mod
 
     out = build_index(make_collection(tmp_path / "images", per_class=2), out=tmp_path / "b",
                       model="test:tiny").path
     svc = create_app(out).state.service
     svc.load()
-    real, active, peak, calls = service_mod.load_image, [0], [0], []
+    real, active, peak, calls = thumb_mod.load_image, [0], [0], []
     lock = threading.Lock()
 
     def counting(*args, **kwargs):
@@ -149,7 +149,7 @@ def test_thumbnails_share_the_decode_slots_and_are_cached(
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(service_mod, "load_image", counting)
+    monkeypatch.setattr(thumb_mod, "load_image", counting)
     ids = list(svc._ids)[:5]
     threads = [threading.Thread(target=svc.thumbnail, args=(i,)) for i in ids]
     for t in threads:

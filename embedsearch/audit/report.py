@@ -1,14 +1,14 @@
 """Audit outputs: issues.csv/.parquet (one row per image), summary.json, one self-contained
 HTML page with thumbnails per issue type, the relabel CSV, and the quarantine action.
 
-Thumbnails, the page style and the duplicate / leakage sub-reports come from
-:mod:`embedsearch.dedupe.report`; the quarantine moves files with the dedupe actions'
-undoable :func:`~embedsearch.dedupe.actions.move_files` (undo: ``embedsearch dedupe-undo``).
+Thumbnails and the page shell and style come from :mod:`embedsearch.render.html`, the
+duplicate / leakage sub-reports from :mod:`embedsearch.dedupe.report`; the quarantine
+moves files with the dedupe actions' undoable
+:func:`~embedsearch.dedupe.actions.move_files` (undo: ``embedsearch dedupe-undo``).
 """
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedsearch.audit.pixels import SPURIOUS_CATEGORIES, SPURIOUS_THRESHOLDS
+from embedsearch.render.html import GALLERY_CSS, Thumbnails, escape, page
 from embedsearch.store.io import atomic_write, write_json, write_parquet
 
 if TYPE_CHECKING:
@@ -116,42 +117,18 @@ nav a{margin-right:1em}
 """
 
 
-class _Thumbs:
-    """Thumbnails as data: URIs, each image decoded once per page."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.cache: dict[tuple[str, int], str | None] = {}
-
-    def img(self, item_id: str, size: int = THUMB) -> str:
-        from embedsearch.dedupe.report import thumbnail_data_uri
-
-        key = (item_id, size)
-        if key not in self.cache:
-            p = Path(item_id)
-            self.cache[key] = thumbnail_data_uri(p if p.is_absolute() else self.root / p, size)
-        src = self.cache[key]
-        e = html.escape
-        return (f"<img src='{src}' alt='{e(item_id)}' loading='lazy'>" if src
-                else "<div>(image not readable)</div>")
-
-
 def render_html(result: AuditResult, *, max_rows: int = MAX_HTML_ROWS,
                 links: dict[str, str] | None = None) -> str:
     """The audit page: a summary, then per issue type the flagged images, most severe
     first, each with its given label, the suggested label and its nearest neighbours."""
-    from embedsearch.dedupe.report import _CSS
-
-    e = html.escape
+    e = escape
     s = result.summary
-    thumbs = _Thumbs(result.root)
+    thumbs = Thumbnails(result.root, size=THUMB, lazy=True)
     frame = result.frame
     labels = frame["label"].to_numpy(dtype=object)
     ids = frame["id"].to_numpy(dtype=object)
     title = f"Audit of {result.name}"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-             f"<style>{_CSS}{_CSS_EXTRA}</style></head><body><h1>{e(title)}</h1>",
-             "<nav>" + "".join(f"<a href='#{k}'>{k}</a>" for k in
+    parts = ["<nav>" + "".join(f"<a href='#{k}'>{k}</a>" for k in
                                ("labels", "outliers", "spurious", "duplicates", "balance"))
              + "</nav>", _summary_table(s)]
 
@@ -248,12 +225,11 @@ def render_html(result: AuditResult, *, max_rows: int = MAX_HTML_ROWS,
             f"largest class: {e(', '.join(imb['under_represented']) or 'none')}.</p>")
     else:
         parts.append("<p>No labels.</p>")
-    parts.append("</body></html>")
-    return "".join(parts)
+    return page(title, "".join(parts), GALLERY_CSS + _CSS_EXTRA)
 
 
 def _summary_table(s: dict[str, Any]) -> str:
-    e = html.escape
+    e = escape
     rows = [("images", s["images"]), ("labelled", s["labelled"]),
             ("likely label errors", s["label_issues"]), ("outliers", s["outliers"]),
             ("low-information", s["spurious"]), ("removable duplicates", s["duplicates"]),

@@ -3,14 +3,12 @@ self-contained HTML page with the members of each group side by side."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedsearch.dedupe.group import DedupeResult
+from embedsearch.render.html import GALLERY_CSS, Thumbnails, escape, page
 from embedsearch.store.io import atomic_write, write_json, write_parquet
 
 if TYPE_CHECKING:
@@ -18,7 +16,6 @@ if TYPE_CHECKING:
 
 #: Groups drawn in the HTML page (the CSV always has all of them).
 MAX_HTML_GROUPS = 400
-THUMB = 160
 
 
 def write_report(result: DedupeResult, out: str | os.PathLike[str], *,
@@ -51,56 +48,25 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def thumbnail_data_uri(path: Path, size: int = THUMB) -> str | None:
-    """A small JPEG of the image as a data: URI, or None when it cannot be read."""
-    from embedsearch.data.images import LoadFailure, load_image
-
-    loaded = load_image(path, target_size=size)
-    if isinstance(loaded, LoadFailure):
-        return None
-    img = loaded.image
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-.group{border:1px solid #ccc;border-radius:6px;margin:1em 0;padding:.6em}
-.group.conflict{border-color:#d33}
-.members{display:flex;flex-wrap:wrap;gap:.6em}
-figure{margin:0;width:170px;font-size:12px;word-break:break-all}
-figure img{max-width:160px;max-height:160px;display:block;border:3px solid #bbb}
-figure.kept img{border-color:#2a2}
-figure.removed img{border-color:#d80}
-.tag{font-weight:bold}.kept .tag{color:#2a2}.removed .tag{color:#d80}
-.conflict h3{color:#d33}
-table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}
-"""
-
-
 def render_html(result: DedupeResult, root: Path, *, max_groups: int = MAX_HTML_GROUPS,
                 title: str | None = None) -> str:
     """The report page. Groups with the lowest similarity come first: those are the ones
     that tell whether the threshold is right."""
-    e = html.escape
+    e = escape
     g = result.groups
     s = result.summary()
+    thumbs = Thumbnails(root)
     conflicts = set(result.label_conflicts["group"].tolist())
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>"
-             f"{e(title or 'embedsearch dedupe report')}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{e(title or 'Duplicate groups')}</h1>",
-             "<table>" + "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>"
+    parts = ["<table>" + "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>"
                                  for k, v in s.items()) + "</table>",
              "<p>Green border: kept. Orange: removed (a duplicate of the kept image). "
              "Groups are ordered from the least similar member up, so the first groups are "
              "the borderline ones: if they are true duplicates the threshold could go lower, "
              "if not it should go higher (<code>embedsearch dedupe --sweep</code>).</p>"]
-    near = _near_miss_section(result, root)
+    near = _near_miss_section(result, thumbs)
     if not len(g):
-        parts.append(f"<p>No duplicates at this threshold.</p>{near}</body></html>")
-        return "".join(parts)
+        parts.append(f"<p>No duplicates at this threshold.</p>{near}")
+        return _page(title, parts)
     order = g.groupby("group")["similarity"].min().sort_values(kind="stable")
     shown = order.index[:max_groups]
     if len(order) > max_groups:
@@ -120,9 +86,7 @@ def render_html(result: DedupeResult, root: Path, *, max_groups: int = MAX_HTML_
         parts.append(f"<div class='group{' conflict' if conflict else ''}'><h3>{e(head)}</h3>"
                      "<div class='members'>")
         for r in rows.itertuples():
-            src = thumbnail_data_uri(_path(root, r.id))
-            img = (f"<img src='{src}' alt='{e(r.id)}'>" if src
-                   else "<div>(image not readable)</div>")
+            img = thumbs.img(r.id)
             tag = "kept" if r.kept else f"removed · {r.similarity:.3f}"
             dims = "" if _missing(r.width) or _missing(r.height) else f"{r.width}×{r.height}"
             label = "" if _missing(r.label) else f"<br>label: {e(str(r.label))}"
@@ -131,18 +95,23 @@ def render_html(result: DedupeResult, root: Path, *, max_groups: int = MAX_HTML_
                 f"<span class='tag'>{e(tag)}</span><br>{e(r.id)}<br>{e(dims)}{label}"
                 f"<br><i>{e(r.reason)}</i></figcaption></figure>")
         parts.append("</div></div>")
-    parts.append(near + "</body></html>")
-    return "".join(parts)
+    parts.append(near)
+    return _page(title, parts)
+
+
+def _page(title: str | None, parts: list[str]) -> str:
+    return page(title or "embedsearch dedupe report", "".join(parts), GALLERY_CSS,
+                title or "Duplicate groups")
 
 
 #: Near-miss pairs drawn in the HTML page (near_misses.csv has up to MAX_NEAR_MISSES).
 MAX_HTML_NEAR_MISSES = 40
 
 
-def _near_miss_section(result: DedupeResult, root: Path) -> str:
+def _near_miss_section(result: DedupeResult, thumbs: Thumbnails) -> str:
     """Pairs just below the threshold that were left apart: what a person should look at
     to decide whether the threshold could go lower."""
-    e = html.escape
+    e = escape
     nm = result.near_misses
     head = "<h2 id='near-misses'>Near misses</h2>"
     if nm is None or not len(nm):
@@ -155,9 +124,8 @@ def _near_miss_section(result: DedupeResult, root: Path) -> str:
         parts.append(f"<div class='group'><h3>{e(f'cosine {r.similarity:.3f}')}</h3>"
                      "<div class='members'>")
         for rid in (r.id_a, r.id_b):
-            src = thumbnail_data_uri(_path(root, rid))
-            img = f"<img src='{src}' alt=''>" if src else "<div>(not readable)</div>"
-            parts.append(f"<figure>{img}<figcaption>{e(str(rid))}</figcaption></figure>")
+            parts.append(f"<figure>{thumbs.img(rid, alt='')}<figcaption>{e(str(rid))}"
+                         "</figcaption></figure>")
         parts.append("</div></div>")
     return "".join(parts)
 
@@ -168,38 +136,29 @@ def _missing(value: object) -> bool:
     return value is None or bool(pd.isna(value))
 
 
-def _path(root: Path, item_id: str) -> Path:
-    p = Path(item_id)
-    return p if p.is_absolute() else root / p
-
-
 def write_leakage(pairs: pd.DataFrame, out: str | os.PathLike[str],
                   root_a: Path | None = None, root_b: Path | None = None,
                   html_page: bool = True, max_pairs: int = MAX_HTML_GROUPS) -> dict[str, Path]:
     """leakage.csv (+ leakage.html with both images of each pair side by side)."""
-    e = html.escape
+    e = escape
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"leakage_csv": out / "leakage.csv"}
     _write_csv(paths["leakage_csv"], pairs)
     if html_page and root_a is not None:
-        rb = root_b or root_a
-        body = [f"<!doctype html><html><head><meta charset='utf-8'><title>leakage</title>"
-                f"<style>{_CSS}</style></head><body><h1>Duplicates across splits</h1>"
-                f"<p>{len(pairs)} pairs.</p>"]
+        thumbs = (Thumbnails(root_a), Thumbnails(root_b or root_a))
+        body = [f"<p>{len(pairs)} pairs.</p>"]
         for r in pairs.head(max_pairs).itertuples():
             body.append("<div class='group'><h3>" + e(
                 f"{r.split_a} vs {r.split_b}: similarity {r.similarity:.3f}"
                 + (" (byte-identical)" if r.exact else "")) + "</h3><div class='members'>")
-            for rid, base, lab in ((r.id_a, root_a, r.label_a), (r.id_b, rb, r.label_b)):
-                src = thumbnail_data_uri(_path(base, rid))
-                img = f"<img src='{src}' alt=''>" if src else "<div>(not readable)</div>"
-                body.append(f"<figure>{img}<figcaption>{e(str(rid))}"
+            for rid, side, lab in ((r.id_a, thumbs[0], r.label_a), (r.id_b, thumbs[1],
+                                                                   r.label_b)):
+                body.append(f"<figure>{side.img(rid, alt='')}<figcaption>{e(str(rid))}"
                             f"{'' if _missing(lab) else '<br>label: ' + e(str(lab))}"
                             "</figcaption></figure>")
             body.append("</div></div>")
-        body.append("</body></html>")
         paths["leakage_html"] = out / "leakage.html"
-        page = "".join(body)
-        atomic_write(paths["leakage_html"], lambda fh: fh.write(page.encode()))
+        html = page("leakage", "".join(body), GALLERY_CSS, "Duplicates across splits")
+        atomic_write(paths["leakage_html"], lambda fh: fh.write(html.encode()))
     return paths

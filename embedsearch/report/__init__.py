@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["BenchmarkResult", "load_results", "run_benchmark"]
 
 if TYPE_CHECKING:
-    from embedsearch.report.build import load_results
-    from embedsearch.report.study import BenchmarkResult, run_benchmark
+    from embedsearch.report.results import BenchmarkResult, load_results
+    from embedsearch.report.study import run_benchmark
 
 _LAZY = {
-    "BenchmarkResult": "embedsearch.report.study",
+    "BenchmarkResult": "embedsearch.report.results",
     "run_benchmark": "embedsearch.report.study",
-    "load_results": "embedsearch.report.build",
+    "load_results": "embedsearch.report.results",
 }
 
 

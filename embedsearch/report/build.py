@@ -1,17 +1,17 @@
-"""Turn a study's ``results`` into figures, report.md, report.html and results.json."""
+"""Turn a study's ``results`` document into report.md, report.html and results.json.
+
+Everything shown is read from ``results`` (the same document results.json holds), so a
+report can be rebuilt from a results.json alone; the figures it shows come from
+:mod:`embedsearch.report.figures`."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from embedsearch.report.metrics import METRIC_NAMES as METRIC_LABELS
-from embedsearch.report.metrics import METRICS
-from embedsearch.report.render import (
+from embedsearch.render.document import (
     Bold,
     Bullets,
     Code,
@@ -27,87 +27,17 @@ from embedsearch.report.render import (
     to_html,
     to_markdown,
 )
-from embedsearch.report.study import HEAD_METHODS
-
-if TYPE_CHECKING:
-    from embedsearch.report.study import _Table
-
-FIGURES = "figures"
-
-
-# -- figures ------------------------------------------------------------------------------
-def _headline(methods: dict[str, Any]) -> list[str]:
-    from embedsearch.report.study import HEADLINE
-
-    return [m for m in HEADLINE if m in methods]
-
-
-GALLERY = ("knn", "linear", "mlp", "zeroshot")
-
-
-def draw_figures(results: dict[str, Any], table: _Table, test_rows: np.ndarray, out: Path,
-                 gallery_size: int) -> list[Path]:
-    """Draw every PNG under ``out/figures`` and record their relative paths in results."""
-    from embedsearch.report import plots
-
-    fig_dir = out / FIGURES
-    for old in fig_dir.glob("**/*.png") if fig_dir.is_dir() else []:
-        old.unlink()
-    written: list[Path] = []
-    classes = results["dataset"]["classes"]
-    y_true = np.asarray(results["predictions"]["y_true"])
-    single_split = len(results["splits"]["folds"]) == 1
-    bar_panels, sweep_panels = [], []
-    for enc in results["encoders"]:
-        methods = enc["methods"]
-        head = _headline(methods)
-        bar_panels.append((enc["label"], [
-            plots.Bar(methods[m]["name"],
-                      {k: methods[m]["metrics"][k] for k in METRICS},
-                      methods[m]["metrics"]["ci"]) for m in head]))
-        sweep = enc["k_sweep"]
-        lines = [plots.SweepLine(v, sweep[v]["k"], sweep[v]["accuracy"], sweep[v]["accuracy_ci"])
-                 for v in ("plain", "weighted")]
-        refs = {methods[m]["name"]: methods[m]["metrics"]["accuracy"]
-                for m in ("linear", "mlp", "zeroshot") if m in methods}
-        sel = methods.get("knn", {}).get("selection", {})
-        chosen = (sel["k"], sel["vote"]) if single_split and "k" in sel else None
-        sweep_panels.append((enc["label"], lines, refs, chosen))
-
-        figs: dict[str, dict[str, str]] = {"confusion": {}, "mistakes": {}}
-        preds = results["predictions"][enc["slug"]]
-        for mid in head:
-            m = methods[mid]
-            acc = m["metrics"]["accuracy"]
-            p = plots.confusion_matrix_png(
-                m["metrics"]["confusion"], classes,
-                f"{enc['label']}\n{m['name']} · accuracy {acc:.3f}",
-                fig_dir / enc["slug"] / f"confusion-{mid}.png")
-            written.append(p)
-            figs["confusion"][mid] = p.relative_to(out).as_posix()
-            if mid not in GALLERY:
-                continue
-            pred = np.asarray(preds[mid]["y_pred"])
-            conf = np.asarray(preds[mid]["confidence"], np.float64)
-            wrong = np.flatnonzero(pred != y_true)
-            order = wrong[np.lexsort((wrong, -conf[wrong]))][:gallery_size]
-            mistakes = [plots.Mistake(table.paths[test_rows[i]], str(table.ids[test_rows[i]]),
-                                      str(y_true[i]), str(pred[i]), float(conf[i]))
-                        for i in order]
-            p = plots.mistakes_gallery_png(
-                mistakes, f"{enc['label']} · {m['name']}: the "
-                f"{len(mistakes)} most confident of {len(wrong)} mistakes",
-                fig_dir / enc["slug"] / f"mistakes-{mid}.png")
-            written.append(p)
-            figs["mistakes"][mid] = p.relative_to(out).as_posix()
-        enc["figures"] = figs
-    p = plots.metric_bars_png(bar_panels, fig_dir / "methods.png")
-    written.append(p)
-    q = plots.k_sweep_png(sweep_panels, fig_dir / "k-sweep.png")
-    written.append(q)
-    results["figures"] = {"methods": p.relative_to(out).as_posix(),
-                          "k_sweep": q.relative_to(out).as_posix()}
-    return written
+from embedsearch.report.metrics import METRIC_NAMES as METRIC_LABELS
+from embedsearch.report.metrics import METRICS
+from embedsearch.report.results import (
+    HEAD_METHODS,
+    METHOD_NAMES,
+    EncoderResult,
+    Results,
+    dumps,
+    headline,
+    plain,
+)
 
 
 # -- formatting ---------------------------------------------------------------------------
@@ -148,7 +78,7 @@ def _pts(x: float) -> str:
 
 
 # -- the document -------------------------------------------------------------------------
-def build_document(results: dict[str, Any], out: Path) -> Document:
+def build_document(results: Results, out: Path) -> Document:
     ds, sp = results["dataset"], results["splits"]
     timings = results["timings"]["encoders"]
     doc = Document(results["title"])
@@ -165,7 +95,7 @@ def build_document(results: dict[str, Any], out: Path) -> Document:
     rows = []
     for e in encs:
         tm = timings[e["slug"]]["methods"]
-        for mid in _headline(e["methods"]):
+        for mid in headline(e["methods"]):
             m = e["methods"][mid]
             fig = m["metrics"]
             rows.append([e["label"], m["name"],
@@ -224,7 +154,7 @@ def build_document(results: dict[str, Any], out: Path) -> Document:
     return doc
 
 
-def _load(results: dict[str, Any]) -> str:
+def _load(results: Results) -> str:
     la = results["timings"].get("load_average_1min") or {}
     return f"{la.get('start')} at the start, {la.get('end')} at the end"
 
@@ -238,7 +168,7 @@ def _join(parts: list[Any], sep: str = ", ") -> list[Any]:
     return out
 
 
-def _comparison(results: dict[str, Any], slug: str, a: str, metric: str
+def _comparison(results: Results, slug: str, a: str, metric: str
                 ) -> dict[str, Any] | None:
     for c in results["comparisons"]:
         if c.get("encoder") == slug and c["a"] == a and c["b"] == "knn" \
@@ -247,7 +177,7 @@ def _comparison(results: dict[str, Any], slug: str, a: str, metric: str
     return None
 
 
-def _conclusions(results: dict[str, Any]) -> list[Any]:
+def _conclusions(results: Results) -> list[Any]:
     """One bullet per (encoder, trained method): the paired difference to kNN with its
     interval, a plain-words verdict, and what the difference costs."""
     out: list[Any] = []
@@ -297,8 +227,6 @@ def _conclusions(results: dict[str, Any]) -> list[Any]:
     for c in results["comparisons"]:
         if "method" in c:
             lo, hi = c["ci"]
-            from embedsearch.report.study import METHOD_NAMES
-
             out.append(f"{names[c['a']]} vs {names[c['b']]}, {METHOD_NAMES[c['method']]}: "
                        f"{_pts(c['difference'])} accuracy points (95 % CI {_pts(lo)} to "
                        f"{_pts(hi)}).")
@@ -311,7 +239,7 @@ def _share(part: float, whole: float) -> str:
     return f"{part / whole:.0%}" if whole else "n/a"
 
 
-def _finetune_verdict(e: dict[str, Any], timing: dict[str, Any]) -> list[Any]:
+def _finetune_verdict(e: EncoderResult, timing: dict[str, Any]) -> list[Any]:
     """"Frozen embeddings + head reach X of the fine-tuned accuracy at Y of its cost"."""
     methods, tm = e["methods"], timing["methods"]
     ft, ft_tm = methods["finetune"], tm["finetune"]
@@ -338,7 +266,7 @@ def _finetune_verdict(e: dict[str, Any], timing: dict[str, Any]) -> list[Any]:
     ]
 
 
-def _data_blocks(results: dict[str, Any]) -> list[Any]:
+def _data_blocks(results: Results) -> list[Any]:
     ds, sp = results["dataset"], results["splits"]
     blocks: list[Any] = []
     classes = ds["classes"]
@@ -389,7 +317,7 @@ def _data_blocks(results: dict[str, Any]) -> list[Any]:
     return blocks
 
 
-def _encoder_blocks(results: dict[str, Any], e: dict[str, Any], out: Path) -> list[Any]:
+def _encoder_blocks(results: Results, e: EncoderResult, out: Path) -> list[Any]:
     methods = e["methods"]
     tim = results["timings"]["encoders"][e["slug"]]
     ident = e["identity"]
@@ -446,7 +374,7 @@ def _encoder_blocks(results: dict[str, Any], e: dict[str, Any], out: Path) -> li
 
     per_class = []
     classes = results["dataset"]["classes"]
-    for mid in _headline(methods):
+    for mid in headline(methods):
         if mid == "majority":
             continue
         pc = methods[mid]["metrics"]["per_class"]
@@ -469,43 +397,11 @@ def _encoder_blocks(results: dict[str, Any], e: dict[str, Any], out: Path) -> li
 
 
 # -- files --------------------------------------------------------------------------------
-def _plain(obj: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN to null."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def dumps(obj: Any, indent: int = 0) -> str:
-    """Indented JSON whose lists of numbers or strings stay on one line."""
-    pad = " " * indent
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        inner = ",\n".join(f"{pad}  {json.dumps(k, ensure_ascii=False)}: "
-                           f"{dumps(v, indent + 2)}" for k, v in obj.items())
-        return "{\n" + inner + "\n" + pad + "}"
-    if isinstance(obj, list):
-        if all(not isinstance(v, (dict, list)) for v in obj):
-            return json.dumps(obj, ensure_ascii=False)
-        inner = ",\n".join(f"{pad}  {dumps(v, indent + 2)}" for v in obj)
-        return "[\n" + inner + "\n" + pad + "]"
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
-
-
-def write_report(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
+def write_report(results: Results, out: Path) -> tuple[Path, Path, Path]:
     """Write results.json, report.md and the self-contained report.html (atomically)."""
     from embedsearch.store.io import atomic_write
 
-    clean = _plain(results)
+    clean = plain(results)
     results.clear()
     results.update(clean)
     doc = build_document(results, out)
@@ -519,16 +415,4 @@ def write_report(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read a results.json written by :func:`write_report`."""
-    from embedsearch.errors import EmbedsearchError
-    from embedsearch.store.io import read_json
-
-    data = read_json(Path(path))
-    if not isinstance(data, dict) or data.get("format") != "embedsearch-benchmark":
-        raise EmbedsearchError(f"{path} is not an embedsearch benchmark results file")
-    return data
-
-
-__all__ = ["build_document", "draw_figures", "dumps", "load_results",
-           "write_report"]
+__all__ = ["build_document", "write_report"]

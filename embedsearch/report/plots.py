@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedsearch.render.thumbnails import thumbnail_square
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -226,20 +228,6 @@ class Mistake:
     confidence: float
 
 
-def _thumbnail(path: Path, size: int) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    from embedsearch.data.images import LoadedImage, load_image
-
-    loaded = load_image(path, target_size=size)
-    if not isinstance(loaded, LoadedImage):
-        return np.full((size, size, 3), 200, np.uint8)
-    img = ImageOps.contain(loaded.image, (size, size), Image.Resampling.BICUBIC)
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return np.asarray(canvas)
-
-
 def mistakes_gallery_png(mistakes: Sequence[Mistake], title: str, path: Path,
                          columns: int = 6, thumb: int = 150) -> Path:
     """A grid of thumbnails: the most confident wrong predictions first."""
@@ -255,7 +243,7 @@ def mistakes_gallery_png(mistakes: Sequence[Mistake], title: str, path: Path,
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center",
                         transform=axes[0, 0].transAxes)
     for ax, m in zip(axes.ravel(), mistakes, strict=False):
-        ax.imshow(_thumbnail(m.path, thumb))
+        ax.imshow(thumbnail_square(m.path, thumb))
         ax.set_title(f"true: {shorten(m.true, 18)}\npred: {shorten(m.pred, 18)} "
                      f"({m.confidence:.2f})", fontsize=7.5, color="#b00020", loc="left")
         ax.text(0.0, -0.04, shorten(Path(m.id).name, 28), transform=ax.transAxes, fontsize=6,

@@ -6,7 +6,10 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,3 +111,26 @@ def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):  # None or NaN
         return ""
     return str(value)
+
+
+def command_line(command: Sequence[str] | None = None) -> str | None:
+    """The command that produced a result (``command``, default this process's argv),
+    program name without its folder, shell-quoted."""
+    argv = list(command) if command is not None else list(sys.argv)
+    if not argv:
+        return None
+    argv[0] = Path(argv[0]).name
+    return shlex.join(argv)
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, machine and git revision together."""
+    return {"packages": package_versions(), "machine": machine(), "git": git_revision()}
+
+
+def load_average() -> float | None:
+    """1-minute load average: timings taken while the machine was busy read slower."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None

@@ -13,7 +13,6 @@ forward passes at once and heads may keep state; thumbnails are made outside the
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -29,6 +28,7 @@ import numpy as np
 
 from embedsearch.data import images as img_mod
 from embedsearch.data.images import LoadFailure, load_image
+from embedsearch.render.thumbnails import jpeg_bytes, make_thumbnail
 
 if TYPE_CHECKING:
     from embedsearch.bundle import Bundle
@@ -292,19 +292,16 @@ class IndexService:
         # Same decode slots as uploads: three thumbnails of 9000² PNGs at once would
         # otherwise hold three full-size decodes (~0.6 GB each) in memory together.
         with self._decode_slots:
-            loaded = load_image(path, target_size=self.thumbnail_size,
-                                max_pixels=img_mod.DEFAULT_MAX_PIXELS)
+            loaded = make_thumbnail(path, self.thumbnail_size,
+                                    max_pixels=img_mod.DEFAULT_MAX_PIXELS)
             if isinstance(loaded, LoadFailure):
                 raise QueryError(404, "image_unavailable",
                                  f"the indexed image can no longer be read ({loaded.reason})")
-            im = loaded.image  # decoded for us alone: shrink it in place, no copy
-            im.thumbnail((self.thumbnail_size, self.thumbnail_size))
         if loaded.width * loaded.height > _TRIM_PIXELS:
             _return_freed_memory()
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
         sha = self.bundle.items.iloc[row].get("sha256") or loaded.sha256
-        return Thumbnail(buf.getvalue(), f'"{str(sha)[:16]}-{self.thumbnail_size}"')
+        return Thumbnail(jpeg_bytes(loaded.image, quality=85),
+                         f'"{str(sha)[:16]}-{self.thumbnail_size}"')
 
     # -- internals -------------------------------------------------------------------------
     def _too_large(self, size: int | None = None) -> str:

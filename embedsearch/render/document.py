@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embedsearch.render.html import page
+
 # -- inline -------------------------------------------------------------------------------
 
 
@@ -246,25 +248,4 @@ def _html_block(block: Block) -> str:
 
 def to_html(doc: Document) -> str:
     """One self-contained page: inline CSS, images as data URIs, no scripts."""
-    body = "\n".join(_html_block(b) for b in doc.blocks)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(doc.title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            f"<h1>{html.escape(doc.title)}</h1>\n{body}\n</body></html>\n")
-
-
-def images_in(doc: Document) -> list[Path]:
-    """Every image file the document refers to."""
-    out: list[Path] = []
-
-    def walk(blocks: list[Block]) -> None:
-        for b in blocks:
-            if isinstance(b, Image):
-                out.append(b.path)
-            elif isinstance(b, ImageRow):
-                out.extend(im.path for im in b.images)
-            elif isinstance(b, Details):
-                walk(b.blocks)
-
-    walk(doc.blocks)
-    return out
+    return page(doc.title, "\n".join(_html_block(b) for b in doc.blocks), _CSS)
