@@ -20,11 +20,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "embedsearch"
 
-#: Cycles known and owned elsewhere, each listed exactly (none left: the report package's
-#: build <-> study cycle went when report/study.py was split into compute and render).
-KNOWN_CYCLES: set[frozenset[str]] = set()
-
-
 def module_files(package: Path) -> dict[str, Path]:
     """Dotted module name -> file, for every module of ``package`` (a folder)."""
     out = {}
@@ -133,16 +128,9 @@ def cycle_path(graph: dict[str, set[str]], component: list[str]) -> str:
 
 def test_no_import_cycle_inside_the_package() -> None:
     graph = import_graph(PACKAGE)
-    new = [c for c in cycles(graph) if frozenset(c) not in KNOWN_CYCLES]
-    assert not new, "import cycles inside embedsearch/:\n" + "\n".join(
-        f"  {cycle_path(graph, c)}  ({len(c)} modules: {', '.join(c)})" for c in new)
-
-
-def test_known_cycles_are_still_there() -> None:
-    """A known cycle that was fixed must leave KNOWN_CYCLES (else it could come back)."""
-    present = {frozenset(c) for c in cycles(import_graph(PACKAGE))}
-    gone = [sorted(c) for c in KNOWN_CYCLES if c not in present]
-    assert not gone, f"these cycles are fixed: remove them from KNOWN_CYCLES: {gone}"
+    found = cycles(graph)
+    assert not found, "import cycles inside embedsearch/:\n" + "\n".join(
+        f"  {cycle_path(graph, c)}  ({len(c)} modules: {', '.join(c)})" for c in found)
 
 
 def test_the_graph_counts_imports_in_functions_and_type_checking(tmp_path: Path) -> None:
