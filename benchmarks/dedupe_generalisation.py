@@ -275,7 +275,7 @@ def breakdown(folder: Path, out: Path) -> dict[str, float]:
     from embedsearch.bundle import load_bundle
     from embedsearch.data.images import load_image
     from embedsearch.dedupe import dedupe_bundle
-    from embedsearch.dedupe.group import HASH_FLOOR
+    from embedsearch.dedupe.links import HASH_FLOOR
     from embedsearch.dedupe.search import candidate_pairs
     from embedsearch.dedupe.views import bundle_hashes
     from embedsearch.embed import default_workers

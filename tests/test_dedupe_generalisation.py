@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from embedsearch import build_index, load_bundle
 from embedsearch.dedupe import candidate_pairs, dedupe_bundle, find_duplicates
 from embedsearch.dedupe.calibrate import HIGHEST, LOWEST, calibrate
-from embedsearch.dedupe.group import HASH_MAX_BITS, ROTATION_MAX_BITS
+from embedsearch.dedupe.links import HASH_MAX_BITS, ROTATION_MAX_BITS
 from embedsearch.dedupe.views import (
     CACHE_FILE,
     centre_hash,

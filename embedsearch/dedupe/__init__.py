@@ -26,7 +26,7 @@ from typing import Any
 
 _LAZY = {
     "DEFAULT_THRESHOLD": "group",
-    "KEEP_POLICIES": "group",
+    "KEEP_POLICIES": "facts",
     "SWEEP_THRESHOLDS": "group",
     "DedupeResult": "group",
     "find_duplicates": "group",

@@ -38,7 +38,7 @@ def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
     signal's perceptual hash (:func:`embedsearch.dedupe.views.bundle_hashes`: decoded once,
     then cached in the bundle).
     """
-    from embedsearch.dedupe.group import HASH_FLOOR
+    from embedsearch.dedupe.links import HASH_FLOOR
     from embedsearch.dedupe.views import bundle_hashes
 
     vectors = np.asarray(bundle.embeddings)
@@ -64,7 +64,7 @@ def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
 def sweep_bundle(bundle: Bundle, thresholds: Sequence[float] = SWEEP_THRESHOLDS,
                   keep: str = "resolution") -> pd.DataFrame:
     """:func:`sweep` over a bundle's embeddings, with the second signal's hashes."""
-    from embedsearch.dedupe.group import HASH_FLOOR
+    from embedsearch.dedupe.links import HASH_FLOOR
     from embedsearch.dedupe.views import bundle_hashes
 
     vectors = np.asarray(bundle.embeddings)
@@ -144,7 +144,7 @@ def calibrated_pairs(vectors: np.ndarray, *, sha256: Sequence[Any] | None = None
     calibration's evidence). The same code as ``dedupe``: :func:`find_duplicates` with
     ``threshold=None`` over a search down to ``HASH_FLOOR``, with the second signal's
     ``views(rows)`` when given (they set confirmed copies aside from the background)."""
-    from embedsearch.dedupe.group import HASH_FLOOR
+    from embedsearch.dedupe.links import HASH_FLOOR
 
     searched = candidate_pairs(vectors, HASH_FLOOR)
     hashes = views(np.concatenate([searched.i, searched.j])) if views is not None else None

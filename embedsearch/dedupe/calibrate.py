@@ -7,7 +7,7 @@ or too loose for the first (look-alikes grouped). So the threshold is read off t
 collection's own *look-alike background*:
 
 1. Confirmed duplicates are set aside first: images linked by the second signal (hashes
-   within :data:`~embedsearch.dedupe.group.HASH_MAX_BITS` bits), by an embedding cosine of
+   within :data:`~embedsearch.dedupe.links.HASH_MAX_BITS` bits), by an embedding cosine of
    at least :data:`CONFIRMED`, or by the same sha256 form components; similarity to a
    member of one's own component says nothing about look-alikes.
 2. For each image, the background is its similarity to the :data:`RANK`-th most similar

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedsearch.dedupe.facts import ItemFacts, exact_representatives
+from embedsearch.dedupe.links import HASH_FLOOR, HASH_MAX_BITS, Links, centre_groups, link_pairs
 from embedsearch.dedupe.search import (
     DEFAULT_POWER,
     EXACT_LIMIT,
@@ -49,126 +51,12 @@ if TYPE_CHECKING:
 #: Default cosine similarity for near-duplicates with the default encoder; chosen from
 #: benchmarks/results/dedupe_threshold.md (planted copies of real photos).
 DEFAULT_THRESHOLD = 0.90
-#: Lowest embedding cosine at which the hash (second signal) may confirm a pair. Greyscale
-#: copies of graphic images fall to 0.64–0.78 (benchmarks/results/dedupe_generalisation.md).
-HASH_FLOOR = 0.70
-#: Most differing hash bits (of 63) for a confirmed pair. Planted greyscale, half, tiny,
-#: squashed, mirrored and JPEG copies: ≤ 6 for 98 %+; the nearest distinct image of 99 % of
-#: real photos: ≥ 7 bits.
-HASH_MAX_BITS = 6
-#: Most differing bits between a rotated copy's centre turned back and its original's
-#: centre. Planted 30° rotations of real photos: 87 % of band pairs within 4 bits, 0 of
-#: 1,910 distinct band pairs; synthetic posters: 84 %, 15 of 51,902 (dedupe_generalisation).
-ROTATION_MAX_BITS = 4
-KEEP_POLICIES = ("resolution", "filesize", "path", "oldest")
 #: Thresholds printed by a sweep.
 SWEEP_THRESHOLDS = (0.80, 0.82, 0.84, 0.86, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98, 0.99)
 
 GROUP_COLUMNS = ["group", "id", "kept", "match", "similarity", "kept_id", "reason", "label",
                  "split", "width", "height", "size", "sha256", "centre_id", "signal",
                  "hash_bits"]
-
-
-def _array(values: Sequence[Any] | np.ndarray | None, n: int, what: str,
-           dtype: Any = object) -> np.ndarray | None:
-    if values is None:
-        return None
-    arr = np.asarray(values, dtype=dtype)
-    if arr.shape != (n,):
-        raise EmbedsearchError(f"{what} has {arr.shape[0] if arr.ndim else 0} entries, "
-                               f"expected one per vector ({n})")
-    return arr
-
-
-@dataclass
-class ItemFacts:
-    """Per-item facts the keep policy and reports use; every field but ids is optional."""
-
-    ids: np.ndarray
-    sha256: np.ndarray | None = None
-    width: np.ndarray | None = None
-    height: np.ndarray | None = None
-    size: np.ndarray | None = None
-    mtime_ns: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    splits: np.ndarray | None = None
-    grey: np.ndarray | None = None
-
-    @classmethod
-    def build(cls, n: int, ids: Sequence[Any] | None = None, **kw: Any) -> ItemFacts:
-        ids_arr = np.asarray([str(i) for i in ids] if ids is not None
-                             else [str(k) for k in range(n)], dtype=object)
-        if ids_arr.shape != (n,):
-            raise EmbedsearchError(f"ids has {len(ids_arr)} entries, expected {n}")
-        if len(set(ids_arr.tolist())) != n:
-            raise EmbedsearchError("ids are not unique")
-        numeric = {"width", "height", "size", "mtime_ns", "grey"}
-        arrays = {k: _array(v, n, k, np.float64 if k in numeric else object)
-                  for k, v in kw.items()}
-        return cls(ids_arr, **arrays)
-
-    def _num(self, name: str) -> np.ndarray:
-        arr = getattr(self, name)
-        if arr is None:
-            return np.zeros(len(self.ids))
-        return np.nan_to_num(arr.astype(np.float64), nan=0.0)
-
-    def priority(self, keep: str) -> np.ndarray:
-        """Item indices, the one to keep first. Ties are broken by path (id) order."""
-        if keep not in KEEP_POLICIES:
-            raise EmbedsearchError(f"unknown keep policy {keep!r}",
-                                   hint=f"use one of: {', '.join(KEEP_POLICIES)}")
-        id_rank = np.argsort(np.argsort(self.ids.astype(str), kind="stable"), kind="stable")
-        area = self._num("width") * self._num("height")
-        size = self._num("size")
-        if keep == "resolution":
-            # most pixels; then unedited over greyscale or rotated (``grey`` flags both:
-            # such a copy is an edit of the other, never the reverse); then most bytes per
-            # pixel (a re-compressed copy has fewer at the same size); then path order
-            keys = (id_rank, -size / np.maximum(area, 1), self._num("grey"), -area)
-        elif keep == "filesize":
-            keys = (id_rank, -area, -size)
-        elif keep == "oldest":
-            mt = self._num("mtime_ns") if self.mtime_ns is not None else np.zeros(len(self.ids))
-            keys = (id_rank, mt)
-        else:
-            keys = (id_rank,)
-        return np.lexsort(keys)
-
-    def keep_reason(self, keep: str, kept: int, members: list[int]) -> str:
-        """Why ``kept`` was chosen among ``members``."""
-        others = [m for m in members if m != kept]
-        if keep == "resolution" and self.width is not None and self.height is not None:
-            area = self._num("width") * self._num("height")
-            w, h = int(self._num("width")[kept]), int(self._num("height")[kept])
-            best = max(area[m] for m in others)
-            if area[kept] > best:
-                return f"largest resolution ({w}×{h})"
-            same = [m for m in others if area[m] == area[kept]]
-            grey = self._num("grey")
-            colour = [m for m in same if grey[m] == grey[kept]]
-            if same and not colour:
-                return (f"largest resolution ({w}×{h}), unedited where a copy of that size "
-                        "is greyscale or rotated")
-            if self.size is not None:
-                bpp = self._num("size") / np.maximum(area, 1)
-                if all(bpp[kept] > bpp[m] for m in colour):
-                    return (f"largest resolution ({w}×{h}), least re-compressed "
-                            f"({bpp[kept]:.2f} bytes per pixel)")
-            return f"largest resolution ({w}×{h}), tie broken by path order"
-        if keep == "filesize" and self.size is not None:
-            size = self._num("size")
-            if size[kept] > max(size[m] for m in others):
-                return f"largest file ({int(size[kept]):,} bytes)"
-            return f"largest file ({int(size[kept]):,} bytes), tie broken by resolution/path"
-        if keep == "oldest" and self.mtime_ns is not None:
-            mt = self._num("mtime_ns")
-            if mt[kept] < min(mt[m] for m in others):
-                return "oldest file (earliest modification time)"
-            return "oldest file, tie broken by path order"
-        if keep != "path":
-            return f"first in path order ({keep} not known for these images)"
-        return "first in path order"
 
 
 @dataclass
@@ -239,73 +127,6 @@ class DedupeResult:
         }
 
 
-def _exact_representatives(facts: ItemFacts, rank: np.ndarray) -> np.ndarray:
-    """rep[k] = the highest-ranked item with k's sha256 (k itself when unique/unknown)."""
-    n = len(facts.ids)
-    rep = np.arange(n)
-    if facts.sha256 is None:
-        return rep
-    best: dict[str, int] = {}
-    for k in np.argsort(rank, kind="stable"):
-        h = facts.sha256[k]
-        if not isinstance(h, str) or not h:
-            continue
-        if h in best:
-            rep[k] = best[h]
-        else:
-            best[h] = int(k)
-    return rep
-
-
-@dataclass
-class Links:
-    """Accepted pairs (i < j): embedding cosine, hash distance (-1: not hashed) and which
-    signal accepted them ("embedding", "hash", "rotation" or "margin")."""
-
-    i: np.ndarray
-    j: np.ndarray
-    sim: np.ndarray
-    bits: np.ndarray
-    signal: np.ndarray
-
-
-def link_pairs(pairs: Pairs, threshold: float, views: ImageViews | None
-               ) -> tuple[Links, np.ndarray, np.ndarray]:
-    """(accepted links, hash distance per searched pair, confirmed-by-a-view mask per pair).
-
-    A pair at or above the threshold is linked by its embeddings. Below it, down to
-    :data:`HASH_FLOOR`, the hashes may confirm it: within :data:`HASH_MAX_BITS` bits
-    (mirror-invariant), or, when exactly one of the two has the filled corners of a
-    rotated copy, its centre turned back by one of the tried angles within
-    :data:`ROTATION_MAX_BITS` bits of the other's centre (stricter: 18 angles are tried).
-    """
-    from embedsearch.dedupe.views import hash_distance
-
-    n_pairs = len(pairs)
-    bits = np.full(n_pairs, -1, np.int64)
-    signal = np.full(n_pairs, "", object)
-    signal[pairs.sim >= threshold] = "embedding"
-    if views is not None:
-        band = (pairs.sim >= HASH_FLOOR) & (pairs.sim < threshold)
-        bits = hash_distance(views.hash[pairs.i], views.hash[pairs.j])
-        signal[band & (bits <= HASH_MAX_BITS)] = "hash"
-        turned = views.rotated[:, 0] != 0
-        one = band & (signal == "") & (turned[pairs.i] != turned[pairs.j])
-        k = np.flatnonzero(one)
-        if len(k):
-            first = turned[pairs.i[k]]
-            rot = np.where(first, pairs.i[k], pairs.j[k])
-            other = np.where(first, pairs.j[k], pairs.i[k])
-            d = hash_distance(views.rotated[rot], views.centre[other][:, None]).min(axis=1)
-            ok = d <= ROTATION_MAX_BITS
-            signal[k[ok]] = "rotation"
-            bits[k[ok]] = d[ok]
-    confirmed = (signal == "hash") | (signal == "rotation")
-    ok = signal != ""
-    links = Links(pairs.i[ok], pairs.j[ok], pairs.sim[ok], bits[ok], signal[ok])
-    return links, bits, confirmed
-
-
 def _add_margin_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links, threshold: float,
                       facts: ItemFacts, keep: str) -> tuple[Links, dict[str, Any]]:
     """``links`` plus the lone matches of :func:`embedsearch.dedupe.calibrate.margin_links`."""
@@ -317,7 +138,7 @@ def _add_margin_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links, thre
     key = pairs.i * n + pairs.j
     linked[np.isin(key, links.i * n + links.j)] = True
     a, b, s, info = margin_links(n, pairs.i, pairs.j, pairs.sim, linked, threshold,
-                                 pairs.threshold, _exact_representatives(facts, rank))
+                                 pairs.threshold, exact_representatives(facts, rank))
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     new_key, first = np.unique(lo * n + hi, return_index=True)
     lo, hi, s = lo[first], hi[first], s[first]
@@ -328,41 +149,6 @@ def _add_margin_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links, thre
     return Links(np.concatenate([links.i, lo]), np.concatenate([links.j, hi]),
                  np.concatenate([links.sim, s]), np.concatenate([links.bits, pair_bits]),
                  np.concatenate([links.signal, np.full(len(lo), "margin", object)])), info
-
-
-def _centre_groups(n: int, links: Links, active: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """centre[k] (k itself for centres and lone items, -1 for inactive) and the index of the
-    link joining k to its centre (-1 for none). See the module docstring."""
-    keep = active[links.i] & active[links.j]
-    idx = np.flatnonzero(keep)
-    a = np.concatenate([links.i[idx], links.j[idx]])
-    b = np.concatenate([links.j[idx], links.i[idx]])
-    e = np.concatenate([idx, idx])
-    s = links.sim[e]
-    order = np.lexsort((-s, a))
-    a, b, e = a[order], b[order], e[order]
-    starts = np.searchsorted(a, np.arange(n + 1))
-    degree = starts[1:] - starts[:-1]
-    strength = np.bincount(a, weights=links.sim[e], minlength=n)
-    centre = np.where(active, np.arange(n), -1)
-    via = np.full(n, -1, np.int64)
-    is_centre = np.zeros(n, bool)
-    grouped = ~active | (degree == 0)
-    for k in np.lexsort((np.arange(n), -strength, -degree)):
-        if grouped[k]:
-            continue
-        nb, ne = b[starts[k]:starts[k + 1]], e[starts[k]:starts[k + 1]]
-        at_centre = np.flatnonzero(is_centre[nb])
-        if len(at_centre):  # neighbours are sorted by similarity: the first is the closest
-            centre[k], via[k] = nb[at_centre[0]], ne[at_centre[0]]
-            grouped[k] = True
-            continue
-        is_centre[k] = grouped[k] = True
-        free = ~grouped[nb]
-        centre[nb[free]], via[nb[free]] = k, ne[free]
-        grouped[nb[free]] = True
-    return centre, via
 
 
 def find_duplicates(
@@ -429,7 +215,7 @@ def find_duplicates(
         rank = np.empty(n, np.int64)
         rank[facts.priority(keep)] = np.arange(n)
         calibration = calibrate(n, pairs.i, pairs.j, pairs.sim, confirmed, floor,
-                                _exact_representatives(facts, rank))
+                                exact_representatives(facts, rank))
         threshold = calibration.threshold
     links, bits, _ = link_pairs(pairs, threshold, hashes)
     margin_info = None
@@ -454,9 +240,9 @@ def _group(vectors: np.ndarray, facts: ItemFacts, links: Links, pairs: Pairs, th
     order = facts.priority(keep)
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    rep = _exact_representatives(facts, rank)
+    rep = exact_representatives(facts, rank)
     active = rep == np.arange(n)
-    centre, via = _centre_groups(n, links, active)
+    centre, via = centre_groups(n, links, active)
     # Exact copies follow their representative.
     copies = np.flatnonzero(~active)
     centre[copies] = centre[rep[copies]]

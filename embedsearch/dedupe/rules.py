@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedsearch.dedupe.group import KEEP_POLICIES, find_duplicates
+from embedsearch.dedupe.facts import KEEP_POLICIES
+from embedsearch.dedupe.group import find_duplicates
 from embedsearch.errors import InputError
 
 if TYPE_CHECKING:
