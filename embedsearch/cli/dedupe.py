@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from embedsearch.cli.index import KEEP_POLICIES
 from embedsearch.cli.options import (
     command,
     deprecation_note,
@@ -20,6 +19,7 @@ from embedsearch.cli.options import (
     out_option,
 )
 from embedsearch.cli.output import echo_json, echo_reuse, progress_factory
+from embedsearch.dedupe import KEEP_POLICIES
 from embedsearch.errors import EmbedsearchError
 
 _FOLDER_MODEL = "Used when DATA has to be embedded (default: the bundle's, else " \
@@ -78,7 +78,7 @@ def _dedupe_bundle_arg(ctx: click.Context, data: Path | None, index_name: str | 
 @dup_threshold_option("calibrated on the collection (above its look-alike background; the "
                       "value and its evidence are printed). Check it with --sweep and the "
                       "report")
-@click.option("--keep", type=click.Choice(KEEP_POLICIES),
+@click.option("--keep", type=click.Choice(list(KEEP_POLICIES)),
               default="resolution", show_default=True,
               help="Which image of a group to keep: largest resolution, largest file, first "
               "in path order, or oldest modification time.")

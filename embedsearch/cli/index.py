@@ -24,6 +24,7 @@ from embedsearch.cli.options import (
     workers_option,
 )
 from embedsearch.cli.output import echo_encoder, echo_json, progress_factory
+from embedsearch.dedupe import KEEP_POLICIES
 
 
 @command("models")
@@ -41,9 +42,6 @@ def models_cmd(as_json: bool) -> None:
         else:
             click.echo(f"{spec:42s} dim {e.dim:>15s}  {e.description}")
             click.echo(f"{'':42s} weights: {e.weights}")
-
-
-KEEP_POLICIES = ["resolution", "filesize", "path", "oldest"]
 
 
 @command("build-index", renamed={"--dedupe-threshold": "--dup-threshold",
@@ -86,7 +84,7 @@ KEEP_POLICIES = ["resolution", "filesize", "path", "oldest"]
               help="Leave near-duplicates out of the index (recorded in the manifest; the "
               "choice sticks to the bundle). Default: as the bundle was built.")
 @dup_threshold_option("0.90 (with --dedupe)")
-@click.option("--dedupe-keep", type=click.Choice(KEEP_POLICIES),
+@click.option("--dedupe-keep", type=click.Choice(list(KEEP_POLICIES)),
               help="Which image of a duplicate group --dedupe keeps (default: resolution).")
 @exclude_option
 @click.option("--views", help="Also embed augmented views of the labelled training images "
