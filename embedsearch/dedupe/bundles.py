@@ -239,7 +239,7 @@ def build_settings(old_manifest: dict[str, Any] | None, dedupe: bool | None,
         return None
     if dedupe is None and previous is None:
         if threshold is not None or keep is not None:
-            raise InputError("--dedupe-threshold/--dedupe-keep need --dedupe")
+            raise InputError("--dup-threshold/--dedupe-keep need --dedupe")
         return None
     base = previous or {"threshold": DEFAULT_THRESHOLD, "keep": "resolution"}
     settings = {"threshold": float(threshold if threshold is not None else base["threshold"]),
