@@ -180,7 +180,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
 def info_cmd(name: str | None, index_name: str | None, as_json: bool) -> None:
     """Show a bundle's manifest (verifying its files).
 
-    The bundle is given with --index NAME (``info NAME`` still works for one release).
+    The bundle is given with --index NAME (the older `info NAME` still works for one
+    release).
     """
     from embedsearch.bundle import load_bundle
 
