@@ -6,6 +6,7 @@ Nothing binary is committed: every image is drawn at test time.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EMBEDSEARCH_SHARED", REPO.parent / "shared"))
 CLOTHING = SHARED / "datasets" / "clothing-small"
 MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet1k.safetensors"
+
+#: The test encoder ``test:tiny`` is an encoder plugin (tests/plugins/): on the path of this
+#: process and of every process the tests start, its entry point registers it exactly as an
+#: installed third-party package's would.
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+sys.path.insert(0, str(PLUGINS))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(PLUGINS), os.environ.get("PYTHONPATH")) if p)
 
 #: Classes of the generated collection: a dominant colour and a shape.
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}

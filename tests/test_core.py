@@ -139,7 +139,7 @@ def test_bundle_from_other_encoder_refused(collection: Path) -> None:
     with pytest.raises(BundleMismatchError, match="test:tiny"):
         b.check_vectors_from({"spec": "efficientnet-lite0", "dim": 1280}, "an index")
     # Re-building the same bundle with another encoder is refused without --overwrite.
-    import embedsearch.encoders.families as fam
+    import embedsearch_test_encoders as fam
 
     with pytest.raises(BundleMismatchError, match="--overwrite"):
         build_index(collection, name="c", encoder=_other_tiny(fam))

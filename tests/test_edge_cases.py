@@ -114,7 +114,7 @@ def test_dimension_mismatch_is_explained() -> None:
 
 def test_encoder_producing_nan_stops_with_a_clear_error(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedsearch.encoders.families as fam
+    import embedsearch_test_encoders as fam
 
     images = make_collection(tmp_path / "images", per_class=2)
     monkeypatch.setattr(fam.TinyEncoder, "_forward",

@@ -355,7 +355,8 @@ def test_default_encoder_identity_unchanged() -> None:
 def test_bundle_built_before_the_config_was_recorded_is_refused(collection: Path) -> None:
     """An open_clip bundle from before (no resolved config in its identity) is refused by
     a build with the new, configured encoder, saying what differs and how to rebuild."""
-    from embedsearch.encoders.families import build_tiny
+    from embedsearch_test_encoders import build_tiny
+
     from embedsearch.pipeline import build_index
 
     build_index(collection, name="old", encoder=build_tiny("test:tiny", "tiny", None))

@@ -292,7 +292,7 @@ def test_auto_prefers_knn_when_it_beat_the_head(tiny_bundle) -> None:
 
 
 def test_head_from_another_encoder_is_refused(tiny_bundle, split_collection: Path) -> None:
-    import embedsearch.encoders.families as fam
+    import embedsearch_test_encoders as fam
 
     fit_head(tiny_bundle, "linear")
     other = fam.build_tiny("test:tiny", "tiny", None)

@@ -28,7 +28,7 @@ SHARD = 8
 DRIVER = r"""
 import os, sys, time
 from pathlib import Path
-import embedsearch.encoders.families as fam
+import embedsearch_test_encoders as fam  # the test encoder plugin (tests/plugins)
 import embedsearch.index as index_mod
 import embedsearch.bundle as bundle_mod  # writes manifest.json (write_manifest)
 from embedsearch.store.cache import ShardCache

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from embedsearch_test_encoders import DELAY_ENV
 
 from embedsearch import build_index, load_bundle
 from embedsearch.cli import main
-from embedsearch.engines.ray_engine import THROTTLE_ENV, RayOptions
+from embedsearch.engines.ray_engine import RayOptions
 from tests.conftest import make_collection
 
 # The test cluster's own token (Ray's token authentication), for every process of the
@@ -39,7 +40,8 @@ pytestmark = pytest.mark.slow
 
 TINY = "test:tiny"
 RAY = Path(sys.executable).with_name("ray")
-#: Per-batch sleep on the cluster's actors, so the resume test can kill a job midway.
+#: Per-batch sleep of the test encoder on the cluster's nodes (the test plugin's DELAY_ENV),
+#: so the resume test can kill a job midway.
 THROTTLE_S = 0.25
 HEAD_IP = "127.0.0.2"
 
@@ -86,7 +88,7 @@ def ray_cluster() -> Iterator[str]:
     address = f"{HEAD_IP}:{port}"
     # Short: Ray's unix socket paths must fit in 107 bytes.
     temp = tempfile.mkdtemp(prefix="esray", dir="/tmp")
-    env = {**os.environ, THROTTLE_ENV: str(THROTTLE_S)}
+    env = {**os.environ, DELAY_ENV: str(THROTTLE_S)}
     common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
     procs: list[subprocess.Popen[bytes]] = []
     log = open(Path(temp) / "start.log", "wb")  # noqa: SIM115 - closed in the finally

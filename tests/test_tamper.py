@@ -168,7 +168,7 @@ def test_damaged_or_edited_manifest(bundle: Path, damage: str) -> None:
 
 def _other_tiny():
     """Another encoder with the same 64-d output (colour channels swapped)."""
-    import embedsearch.encoders.families as fam
+    import embedsearch_test_encoders as fam
 
     class Swapped(fam.TinyEncoder):
         def _forward(self, batch):  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from embedsearch.data.jpeg_guard import scan_work_problem
+from embedsearch.store.io import open_for_reading
 
 #: Formats Pillow may open. Everything else (EPS via Ghostscript, PSD, ...) is refused.
 #: PPM covers the Netpbm family (.ppm/.pgm/.pbm/.pnm). A camera's multi-picture JPEG (MPO)
@@ -77,7 +78,7 @@ def sniff_format(path: Path) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+            with open_for_reading(path) as fh:
                 if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                     return None
                 with Image.open(fh) as img:
@@ -89,8 +90,7 @@ def sniff_format(path: Path) -> str | None:
 def read_bytes(path: Path) -> bytes | LoadFailure:
     """Read a whole file, turning OS errors into a failure record."""
     try:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+        with open_for_reading(path) as fh:  # a FIFO must not block the open
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 # Reading a FIFO or a device would block or never end.

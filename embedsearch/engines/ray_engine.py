@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'install the optional extra: pip install "embedsearch[ray]"'
-#: Seconds each actor sleeps per batch (read on the worker). Throttles a job that shares its
-#: nodes with other work, and lets tests kill a job reliably midway.
-THROTTLE_ENV = "EMBEDSEARCH_RAY_THROTTLE_S"
 #: Ray's switch between "one machine, loopback" (0) and "cluster, interface address" (1).
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -132,7 +129,6 @@ class EncoderActor:
         from embedsearch.encoders.base import fingerprint_image
 
         torch.set_num_threads(max(1, threads))
-        self.throttle = float(os.environ.get(THROTTLE_ENV, "0") or 0)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.encoder = load_encoder(spec, weights, precision=precision,
                                     channels_last=channels_last, device=self.device)
@@ -161,9 +157,6 @@ class EncoderActor:
         from embedsearch.data.images import DECODE_ERROR, LoadFailure, load_image
 
         cpu0, wall0 = time.process_time(), time.time()
-        if self.throttle > 0:
-            time.sleep(self.throttle)
-
         enc = self.encoder
         prep = enc.preprocess
         n = len(batch["pos"])

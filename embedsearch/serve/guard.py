@@ -20,7 +20,6 @@ Work per request is bounded elsewhere: upload size and pixel limits, the JPEG sc
 
 from __future__ import annotations
 
-import resource
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,10 @@ TICK = 0.5
 
 def _fd_room(wanted: int) -> int:
     """``wanted`` connections, or fewer when the open-file limit cannot hold them."""
+    try:
+        import resource  # POSIX only; Windows has no per-process open-file limit to raise
+    except ImportError:
+        return wanted
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted + 128 and \
             (hard == resource.RLIM_INFINITY or hard > soft):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -27,6 +26,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 TMP_PREFIX = ".tmp-"
+#: Flags for reading a file without waiting: O_NONBLOCK keeps a FIFO from blocking until a
+#: writer comes (POSIX only: Windows has no FIFOs in the file system, and wants O_BINARY).
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def open_for_reading(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for binary reading at once, whatever it is (callers check ``S_ISREG``
+    on ``os.fstat(fh.fileno())`` before reading: a FIFO or device would block or never end).
+    """
+    return os.fdopen(os.open(path, _READ_FLAGS), "rb")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -74,7 +83,8 @@ def atomic_write(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()
-            os.fchmod(fh.fileno(), default_file_mode())
+            if hasattr(os, "fchmod"):  # POSIX (Windows from Python 3.13: a read-only bit)
+                os.fchmod(fh.fileno(), default_file_mode())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
@@ -151,8 +161,7 @@ def read_parquet(path: Path) -> pd.DataFrame:
 def file_digest(path: Path) -> str:
     """sha256 of a regular file; anything else (a FIFO, /dev/zero) raises OSError at once."""
     h = hashlib.sha256()
-    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; a device never ends.
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+    with open_for_reading(path) as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)",
                           str(path))
@@ -174,28 +183,44 @@ def remove_temp_files(folder: Path) -> int:
 
 @contextlib.contextmanager
 def exclusive_lock(folder: Path, wait: bool = False) -> Iterator[None]:
-    """Hold an advisory lock on ``folder``.
+    """Hold an advisory lock on ``folder`` (its ``.lock`` file says which process holds it).
 
-    ``flock`` is released by the kernel when the process dies, so a ``kill -9`` never
-    leaves a stale lock behind.
+    filelock's native lock (``flock`` on POSIX, ``LockFileEx`` on Windows) is released by
+    the OS when the process dies, so a ``kill -9`` never leaves a stale lock behind. It
+    locks a descriptor opened here, without truncating: a refused writer still reads the
+    holder's pid.
     """
+    from filelock import lock_descriptor, unlock_descriptor
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0),
+                     0o644)
     except OSError as exc:  # read-only, full, or the path is a file: nothing to build into
         raise _write_error(folder / ".lock", exc) from exc
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        if not lock_descriptor(fd, blocking=wait):
             raise BundleLockedError(
-                f"{folder} is being written by {holder}",
+                f"{folder} is being written by {_lock_holder(fd)}",
                 hint="wait for the other build to finish (or stop it); the lock is released "
                 "automatically when that process ends",
-            ) from None
+            )
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        yield
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        try:
+            yield
+        finally:
+            unlock_descriptor(fd)
     finally:
         os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """What the holder wrote into the lock file ("pid N"); Windows forbids reading a
+    region another process has locked."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 64).decode(errors="replace").strip() or "another process"
+    except OSError:
+        return "another process"
