@@ -93,9 +93,76 @@ def test_heads_are_scikit_learn_estimators() -> None:
     for head in (LinearHead(C=0.1, select_by="accuracy"), MLPHead(hidden=16)):
         twin = clone(head)
         assert twin.get_params() == head.get_params() and twin is not head
-        scores = cross_val_score(head, X, y, cv=3)
+        scores = cross_val_score(head, X, y, cv=3, error_score="raise")
         assert scores.shape == (3,) and scores.min() > 0.8, scores
     assert LinearHead(C=0.3).set_params(C=1.0).C == 1.0
+
+
+def test_estimators_in_grid_search_and_pipelines() -> None:
+    """kNN and the linear head tune with GridSearchCV and run inside a Pipeline; a clone
+    of a fitted estimator is unfitted; set_params reaches nested parameters."""
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+    from sklearn.utils.validation import check_is_fitted
+
+    from embedsearch.classify.knn import KNNClassifier
+
+    X, y = blobs((40, 40, 40), spread=0.4, seed=22, flip=0.1)
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    knn = KNNClassifier(k=5, weighting="uniform")
+    assert knn.get_params() == {"k": 5, "weighting": "uniform"}
+    with pytest.raises(NotFittedError):
+        check_is_fitted(knn)
+    fitted = knn.fit(X, y)
+    check_is_fitted(fitted)
+    assert list(fitted.classes_) == ["c0", "c1", "c2"] and fitted.n_features_in_ == X.shape[1]
+    assert not hasattr(clone(fitted), "classes_")  # clone: same parameters, not fitted
+    assert fitted.score(X, y) == np.mean(fitted.predict(X) == y)
+    grid = GridSearchCV(KNNClassifier(), {"k": [1, 15], "weighting": ["similarity", "uniform"]},
+                        cv=cv, error_score="raise").fit(X, y)
+    # 10 % of the labels were redrawn: one neighbour copies the noise, 15 outvote it.
+    assert grid.best_params_["k"] == 15
+    assert grid.cv_results_["mean_test_score"].shape == (4,)
+    for est, param, values in ((KNNClassifier(), "k", [9, 15]),
+                               (LinearHead(select_by="accuracy"), "C", [0.01, 1.0])):
+        pipe = make_pipeline(StandardScaler(), Normalizer(), est)  # kNN: unit vectors
+        name = type(est).__name__.lower()
+        pipe.set_params(**{f"{name}__{param}": values[0]})
+        assert getattr(pipe.steps[-1][1], param) == values[0]
+        scores = cross_val_score(pipe, X, y, cv=cv, error_score="raise")
+        assert scores.min() > 0.55, (name, scores)  # chance: 1/3
+        search = GridSearchCV(pipe, {f"{name}__{param}": values}, cv=cv,
+                              error_score="raise").fit(X, y)
+        assert search.best_params_[f"{name}__{param}"] in values
+        assert (search.predict(X[:5]) == search.best_estimator_.predict(X[:5])).all()
+    # The MLP shares this estimator code (Head); cross_val_score above covers its fits.
+    assert MLPHead().set_params(hidden=16, lr=0.01).get_params()["hidden"] == 16
+    with pytest.raises(EmbedsearchError, match="k must be at least 1"):
+        KNNClassifier(k=0).fit(X, y)
+    with pytest.raises(EmbedsearchError, match="unknown weighting"):
+        KNNClassifier(weighting="distance").fit(X, y)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_figures_are_scikit_learn_s() -> None:
+    """Heads, fine-tuning and predict report scikit-learn's figures (one definition), also
+    when a predicted class is absent from the truth; log loss skips unknown classes."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    from embedsearch.classify.metrics import classification_figures
+
+    t = np.array(["a", "a", "a", "b", "b", "c"])
+    p = np.array(["a", "b", "d", "b", "b", "a"])  # "d" never true
+    proba = np.full((6, 3), 1 / 3)
+    fig = classification_figures(t, p, proba, ["a", "b", "d"])
+    assert fig["accuracy"] == round(accuracy_score(t, p), 4)
+    assert fig["balanced_accuracy"] == round(balanced_accuracy_score(t, p), 4)
+    assert fig["macro_f1"] == round(f1_score(t, p, average="macro", zero_division=0), 4)
+    assert fig["log_loss"] == round(float(np.log(3)), 4)  # the "c" row is left out
+    assert classification_figures([], []) == {"n": 0}
 
 
 @pytest.mark.parametrize("make", HEADS, ids=["linear", "mlp"])

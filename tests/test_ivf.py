@@ -17,7 +17,13 @@ from embedsearch.index import (
     search,
     write_faiss,
 )
-from embedsearch.index.ivf import build_ivf, choose_nlist, exact_topk, range_pairs, recall_at_k
+from embedsearch.index.ivf import (
+    build_ivf,
+    choose_nlist,
+    exact_topk,
+    range_search_blocks,
+    recall_at_k,
+)
 
 
 def clustered(n: int, dim: int = 32, centres: int = 50, spread: float = 0.35,
@@ -91,7 +97,18 @@ def test_auto_picks_flat_then_ivf_then_ivfpq() -> None:
     assert auto_index_type(10_000_000, 1280) == "ivfpq"
 
 
-def test_range_pairs_find_duplicates_per_block_like_brute_force() -> None:
+def range_pairs(index, x: np.ndarray, threshold: float, block: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, sim) with i < j from the per-block range search, as dedupe's ivf path uses it."""
+    out = []
+    for first, lims, sims, ids in range_search_blocks(index, x, threshold, block):
+        rows = first + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
+        keep = ids > rows
+        out.append((rows[keep], ids[keep], sims[keep]))
+    return tuple(np.concatenate(c) for c in zip(*out, strict=True))
+
+
+def test_range_search_blocks_find_duplicates_per_block_like_brute_force() -> None:
     x = clustered(800, seed=5)
     rng = np.random.default_rng(0)
     dup_of = rng.choice(800, 40, replace=False)

@@ -1,4 +1,4 @@
-"""Training-free kNN classifier over unit-vector embeddings (scikit-learn-like contract)."""
+"""Training-free kNN classifier over unit-vector embeddings (a scikit-learn estimator)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from embedsearch.errors import EmbedsearchError
 from embedsearch.index import Neighbours, make_index, search
@@ -38,20 +39,25 @@ def vote(neigh: Neighbours, y_idx: np.ndarray, n_classes: int, weighting: str = 
     return proba / totals
 
 
-class KNNClassifier:
-    """kNN over an inner-product faiss index; ``classes_`` sorted like scikit-learn."""
+class KNNClassifier(ClassifierMixin, BaseEstimator):
+    """kNN over an inner-product faiss index, a scikit-learn estimator.
+
+    ``k`` and ``weighting`` are its parameters (``get_params``/``set_params``, so ``clone``,
+    ``Pipeline``, ``cross_val_score`` and ``GridSearchCV`` work); they are checked by
+    ``fit``. Fitted attributes: ``classes_`` (sorted like scikit-learn), ``index_`` (the
+    faiss index searched), ``n_reference_`` (its first rows, the labelled reference set,
+    searched) and ``n_features_in_``. Inputs are compared by inner product: pass unit
+    vectors for cosine similarity (embeddings are; in a ``Pipeline`` put a ``Normalizer``
+    first). Labels are compared as strings, as bundles store them: ``classes_`` and
+    ``predict`` are str, so give scikit-learn's scorers string labels too.
+    """
 
     def __init__(self, k: int = 10, weighting: str = "similarity") -> None:
-        if k < 1:
-            raise EmbedsearchError(f"k must be at least 1, got {k}")
         self.k = k
         self.weighting = weighting
-        self.classes_: np.ndarray = np.array([])
-        self._y_idx = np.zeros(0, np.int64)
-        self._index: faiss.Index | None = None
-        self._limit: int | None = None
 
     def fit(self, X: np.ndarray, y: Sequence[str] | np.ndarray) -> KNNClassifier:
+        self._check_params()
         index, _ = make_index(np.asarray(X, np.float32), "flat")
         return self.fit_index(index, y)
 
@@ -61,24 +67,42 @@ class KNNClassifier:
 
         Missing labels (None or NaN) mark unlabelled rows: never a class, never a vote.
         """
+        self._check_params()
         labels = np.array([None if _missing(v) else str(v) for v in y], dtype=object)
         known = labels != None  # noqa: E711 (element-wise on an object array)
         if not known.any():
             raise EmbedsearchError("cannot fit a kNN classifier on zero labelled vectors",
                                    hint="the index has no labelled reference images")
         self.classes_, idx = np.unique(labels[known].astype(str), return_inverse=True)
+        # Class index per reference row, -1 for unlabelled rows (like scikit-learn's
+        # KNeighborsClassifier._y: private, set by fit).
         self._y_idx = np.full(len(labels), -1, np.int64)
         self._y_idx[known] = idx
-        self._index, self._limit = index, (limit if limit is not None else len(labels))
+        self.index_ = index
+        self.n_reference_ = limit if limit is not None else len(labels)
+        self.n_features_in_ = int(index.d)
         return self
 
+    def _check_params(self) -> None:
+        if not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise EmbedsearchError(f"k must be at least 1, got {self.k}")
+        if self.weighting not in WEIGHTINGS:
+            raise EmbedsearchError(f"unknown weighting {self.weighting!r}",
+                                   hint=f"use one of {WEIGHTINGS}")
+
     def kneighbors(self, X: np.ndarray, k: int | None = None) -> Neighbours:
-        if self._index is None:
-            raise EmbedsearchError("KNNClassifier is not fitted")
-        return search(self._index, X, k or self.k, self._limit)
+        """The ``k`` (default: the classifier's) nearest reference rows of each row of X."""
+        if not hasattr(self, "index_"):
+            raise EmbedsearchError("KNNClassifier is not fitted",
+                                   hint="call fit (or fit_index) first")
+        return search(self.index_, X, k or self.k, self.n_reference_)
+
+    def vote(self, neigh: Neighbours) -> np.ndarray:
+        """Class probabilities (columns: ``classes_``) from already searched neighbours."""
+        return vote(neigh, self._y_idx, len(self.classes_), self.weighting)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return vote(self.kneighbors(X), self._y_idx, len(self.classes_), self.weighting)
+        return self.vote(self.kneighbors(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]

@@ -1,7 +1,14 @@
-"""Classification figures in plain numpy (no scikit-learn import needed to report them)."""
+"""Classification figures: the one home of accuracy, balanced accuracy and macro-F1.
+
+The three headline figures are scikit-learn's (:func:`headline_metrics`), for heads,
+fine-tuning, ``predict`` and the benchmark report alike. Log loss and the expected
+calibration error stay here in numpy: scikit-learn has no ECE, and its ``log_loss`` refuses
+rows whose class the model never saw, which a validation split may hold.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,41 +29,41 @@ def class_counts(y: Sequence[str] | np.ndarray) -> dict[str, int]:
     return {str(c): int(n) for c, n in zip(labels, counts, strict=True)}
 
 
-def balanced_weights(y_idx: np.ndarray, n_classes: int) -> np.ndarray:
-    """scikit-learn's "balanced" weights: n_samples / (n_classes * count), per class."""
-    counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes)
-    w[present] = len(y_idx) / (present.sum() * counts[present])
-    return w
+def headline_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray
+                     ) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1 of string labels, from scikit-learn.
+
+    Balanced accuracy is the mean recall over the classes in ``y_true``; macro-F1 the mean
+    F1 over the classes in ``y_true`` or ``y_pred`` (scikit-learn's defaults), so a rare
+    class counts as much as a common one. Empty inputs give NaN.
+    """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    t = np.asarray(y_true).astype(str)
+    p = np.asarray(y_pred).astype(str)
+    if len(t) == 0:
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"),
+                "macro_f1": float("nan")}
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected on a subset of the classes.
+        warnings.simplefilter("ignore", UserWarning)
+        return {"accuracy": float(accuracy_score(t, p)),
+                "balanced_accuracy": float(balanced_accuracy_score(t, p)),
+                "macro_f1": float(f1_score(t, p, average="macro", zero_division=0))}
 
 
 def classification_figures(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray,
                            proba: np.ndarray | None = None,
                            classes: Sequence[str] | np.ndarray | None = None) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1 (and log loss + ECE when ``proba`` is given).
-
-    Balanced accuracy and macro-F1 average over the classes present in ``y_true``, so a
-    rare class counts as much as a common one. ``proba`` columns follow ``classes``.
-    """
+    """Accuracy, balanced accuracy, macro-F1 (:func:`headline_metrics`, rounded to 4
+    digits), and log loss + ECE when ``proba`` (columns following ``classes``) is given."""
     t = np.asarray(y_true).astype(str)
     p = np.asarray(y_pred).astype(str)
     n = len(t)
     out: dict[str, Any] = {"n": n}
     if n == 0:
         return out
-    present = np.unique(t)
-    recalls, f1s = [], []
-    for c in present:
-        tp = float(np.sum((t == c) & (p == c)))
-        support, predicted = float(np.sum(t == c)), float(np.sum(p == c))
-        recall = tp / support
-        precision = tp / predicted if predicted else 0.0
-        recalls.append(recall)
-        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-    out["accuracy"] = round(float(np.mean(t == p)), 4)
-    out["balanced_accuracy"] = round(float(np.mean(recalls)), 4)
-    out["macro_f1"] = round(float(np.mean(f1s)), 4)
+    out.update({k: round(v, 4) for k, v in headline_metrics(t, p).items()})
     if proba is not None and classes is not None:
         cls = np.asarray(classes).astype(str)
         col = {c: i for i, c in enumerate(cls)}

@@ -203,10 +203,6 @@ class DedupeResult:
     def removed_ids(self) -> list[str]:
         return self.groups.loc[~self.groups["kept"], "id"].tolist()
 
-    @property
-    def kept_ids(self) -> list[str]:
-        return self.groups.loc[self.groups["kept"], "id"].tolist()
-
     def removed_mask(self) -> np.ndarray:
         """Boolean per item (in input order): True where the item is a removed duplicate."""
         removed = set(self.removed_ids)
@@ -452,6 +448,8 @@ def _group(vectors: np.ndarray, facts: ItemFacts, links: Links, pairs: Pairs, th
            keep: str, t0: float, power: float) -> DedupeResult:
     import pandas as pd
 
+    from embedsearch.dedupe.calibrate import components
+
     n = len(facts.ids)
     order = facts.priority(keep)
     rank = np.empty(n, np.int64)
@@ -510,8 +508,9 @@ def _group(vectors: np.ndarray, facts: ItemFacts, links: Links, pairs: Pairs, th
     groups = pd.DataFrame(rows, columns=GROUP_COLUMNS)
     for col in ("width", "height", "size", "hash_bits"):
         groups[col] = groups[col].astype("Int64")
-    components = _components(n, links, rep)
-    res = DedupeResult(groups, group_of, components, facts.ids, float(threshold), keep,
+    # Connected components over the links and exact copies, numbered from 1.
+    component_of = components(n, links.i, links.j, rep).astype(np.int64) + 1
+    res = DedupeResult(groups, group_of, component_of, facts.ids, float(threshold), keep,
                        pairs.method, time.perf_counter() - t0, n)
     res.extra["links_by_hash"] = int((links.signal == "hash").sum())
     res.extra["links_by_rotation"] = int((links.signal == "rotation").sum())
@@ -568,18 +567,6 @@ def _near_misses(pairs: Pairs, threshold: float, group_of: np.ndarray,
     idx = idx[np.argsort(-pairs.sim[idx], kind="stable")][:MAX_NEAR_MISSES]
     return pd.DataFrame({"id_a": ids[pairs.i[idx]].astype(str), "id_b": ids[pairs.j[idx]]
                          .astype(str), "similarity": np.round(pairs.sim[idx], 4)})
-
-
-def _components(n: int, pairs: Pairs | Links, rep: np.ndarray) -> np.ndarray:
-    """Connected components over linked pairs and exact copies, numbered from 1."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    i = np.concatenate([pairs.i, np.arange(n)])
-    j = np.concatenate([pairs.j, rep])
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    return labels.astype(np.int64) + 1
 
 
 def _value(arr: np.ndarray | None, k: int) -> Any:

@@ -192,18 +192,21 @@ def projection(x: np.ndarray, dim: int, sample: int = PCA_SAMPLE, seed: int = 0)
     estimates the true cosine without bias, with an error that shrinks as vectors get
     more alike.
     """
+    from sklearn.utils.extmath import randomized_svd
+
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))
     s = np.asarray(x[rows], np.float32)
     m = (s.T @ s).astype(np.float64)
     k1 = dim // 2
-    # Top eigenvectors by subspace iteration + Rayleigh-Ritz: a full eigh of the d×d
-    # matrix costs seconds, this milliseconds, and only the subspace matters here.
-    q = rng.standard_normal((m.shape[0], min(k1 + 16, m.shape[0])))
-    for _ in range(4):
-        q, _ = np.linalg.qr(m @ q)
-    _, vecs = np.linalg.eigh(q.T @ m @ q)
-    top = q @ vecs[:, ::-1][:, :k1]
+    # Top eigenvectors of the (symmetric) d×d second moment by scikit-learn's randomized
+    # SVD: a full eigh costs seconds, this about as long as the product above. Measured on
+    # 25,000 synthetic 1280-d descriptors (benchmarks/results/library_swaps.md, one
+    # thread): 99.9 % (clustered) / 97.0 % (gaussian) of the exact top-64 energy in 0.30 s,
+    # where the former hand-written subspace iteration took 0.29 s for 99.2 % / 90.1 %,
+    # and the same pairs found.
+    _, _, vt = randomized_svd(m, k1, n_oversamples=16, n_iter=4, random_state=seed)
+    top = vt.T
     g = rng.standard_normal((x.shape[1], dim - k1)) / np.sqrt(dim - k1)
     sketch = g - top @ (top.T @ g)  # of the residual only
     return np.ascontiguousarray(np.hstack([top, sketch]), dtype=np.float32)

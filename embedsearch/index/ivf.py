@@ -12,8 +12,9 @@
   collections whose vectors do not fit in memory; PQ caps its recall (the nprobe sweep stops
   at the plateau), which is measured and recorded the same way.
 
-:func:`range_search_blocks` runs a range search block by block with any such index, which
-is how near-duplicate detection scales (no n×n similarity matrix).
+:func:`range_search_blocks` range-searches one block of query rows at a time: the ``ivf``
+path of :mod:`embedsearch.dedupe.search` (above 200,000 images) finds its candidate pairs
+with it over an IVF index of the projected descriptors (no n×n similarity matrix).
 """
 
 from __future__ import annotations
@@ -225,18 +226,3 @@ def range_search_blocks(index: faiss.Index, vectors: np.ndarray, threshold: floa
         lims, sims, ids = index.range_search(q, float(threshold))
         yield start + s, lims, sims, ids
 
-
-def range_pairs(index: faiss.Index, vectors: np.ndarray, threshold: float,
-                block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs (i, j), i < j, whose similarity is ≥ ``threshold``, as (i, j, sim) arrays;
-    ``vectors`` are the index's own rows in order."""
-    out_i, out_j, out_s = [], [], []
-    for first, lims, sims, ids in range_search_blocks(index, vectors, threshold, block):
-        rows = first + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
-        keep = ids > rows
-        out_i.append(rows[keep])
-        out_j.append(ids[keep])
-        out_s.append(sims[keep])
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)

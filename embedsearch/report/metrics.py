@@ -1,9 +1,11 @@
 """Classification figures for the benchmark report, computed with scikit-learn.
 
-Point estimates come straight from scikit-learn so an independent check with the same
-functions gives the same numbers. Confidence intervals are a percentile bootstrap over the
-test rows: every method of a study is resampled with the *same* seeded row indices (a
-paired bootstrap), so the interval of a difference between two methods is meaningful.
+Point estimates come straight from scikit-learn (the headline three through
+:func:`embedsearch.classify.metrics.headline_metrics`, their one home) so an independent
+check with the same functions gives the same numbers. Confidence intervals are a
+percentile bootstrap over the test rows: every method of a study is resampled with the
+*same* seeded row indices (a paired bootstrap), so the interval of a difference between
+two methods is meaningful.
 """
 
 from __future__ import annotations
@@ -38,13 +40,9 @@ def point_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np
     predictions), as ``f1_score(y_true, y_pred, average="macro")`` does; the per-class table
     and the confusion matrix list every class in ``labels`` (support 0 included).
     """
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        f1_score,
-        precision_recall_fscore_support,
-    )
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from embedsearch.classify.metrics import headline_metrics
 
     t = np.asarray(y_true).astype(str)
     p = np.asarray(y_pred).astype(str)
@@ -53,9 +51,7 @@ def point_metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np
         t, p, labels=labels, zero_division=0)
     return {
         "n": len(t),
-        "accuracy": float(accuracy_score(t, p)),
-        "balanced_accuracy": float(balanced_accuracy_score(t, p)),
-        "macro_f1": float(f1_score(t, p, average="macro", zero_division=0)),
+        **headline_metrics(t, p),
         "per_class": {
             c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
                 "support": int(support[i]), "predicted": int(np.sum(p == c))}
@@ -82,7 +78,11 @@ def resampled_metrics(t_idx: np.ndarray, p_idx: np.ndarray, n_labels: int, seed:
 
     Per resample, from the confusion counts C: balanced accuracy = mean of tp/row-sum over
     classes present in the truth; macro-F1 = mean of 2·tp/(row + column sum) over classes
-    present in truth or predictions; both are what scikit-learn computes on that resample.
+    present in truth or predictions; both are what scikit-learn computes on that resample
+    (tests/test_report.py checks each one against it). Counted in numpy, all resamples at
+    once, because calling scikit-learn per resample is ~600x slower: 1000 resamples of 372
+    rows x 10 classes took 0.004-0.009 s vs 5.7 s (one thread, shared 2-core machine;
+    benchmarks/results/library_swaps.md).
     """
     n = len(t_idx)
     if n == 0:
