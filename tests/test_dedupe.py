@@ -438,13 +438,21 @@ def split_folder(tmp_path: Path) -> Path:
 
 def test_leakage_finds_a_planted_duplicate_across_train_and_test(split_folder: Path) -> None:
     build_index(split_folder, name="splits", model=TINY)
-    pairs = leakage_bundle(load_bundle("splits"))
+    bundle = load_bundle("splits")
+    pairs = leakage_bundle(bundle)
     assert len(pairs) == 1
     row = pairs.iloc[0]
     assert (row["split_a"], row["id_a"], row["split_b"], row["id_b"]) == \
         ("test", "test/b/leak.jpg", "train", "train/b/2.jpg")
-    assert not row["exact"] and row["similarity"] >= DEFAULT_THRESHOLD
-    assert leakage_bundle(load_bundle("splits"), between="train,val").empty
+    # the threshold is the one dedupe calibrates on the same bundle (same function)
+    assert pairs.attrs["threshold"] == dedupe_bundle(bundle).threshold
+    assert pairs.attrs["calibration"]["images"] == len(bundle.items)
+    assert not row["exact"] and row["similarity"] >= pairs.attrs["threshold"]
+    assert leakage_bundle(bundle, between="train,val").empty
+    # --threshold overrides: above the planted pair's similarity it is gone
+    given = leakage_bundle(bundle, threshold=min(1.0, row["similarity"] + 0.001))
+    assert given.empty and given.attrs == {"threshold": min(1.0, row["similarity"] + 0.001),
+                                           "calibration": None}
 
 
 def test_leakage_cli_on_two_folders(split_folder: Path, tmp_path: Path) -> None:
@@ -463,9 +471,13 @@ def test_leakage_cli_on_two_folders(split_folder: Path, tmp_path: Path) -> None:
 def test_build_index_dedupe_drops_duplicates_and_sticks(dup_folder: Path) -> None:
     res = build_index(dup_folder, name="d", model=TINY, dedupe=True)
     m = res.manifest
-    assert m["dedupe"]["removed"] == 7 and m["dedupe"]["settings"]["threshold"] == \
-        DEFAULT_THRESHOLD
+    # no threshold given: calibrated on the build's vectors by dedupe's own function
+    assert m["dedupe"]["removed"] == 7 and m["dedupe"]["settings"]["threshold"] is None
     b = load_bundle("d")
+    every = np.concatenate([np.asarray(b.embeddings), np.load(
+        b.path / b.manifest["roles"]["dedupe_removed_embeddings"])])
+    assert m["dedupe"]["threshold"] == find_duplicates(every, threshold=None).threshold
+    assert m["dedupe"]["calibration"]["images"] == 19
     assert len(b.items) == 12 == b.index.ntotal and m["counts"]["embedded"] == 12
     assert "cats/p00_double.jpg" in set(b.items["id"])
     gone = pd.read_parquet(b.path / m["dedupe"]["removed_file"])
@@ -480,8 +492,10 @@ def test_build_index_dedupe_drops_duplicates_and_sticks(dup_folder: Path) -> Non
     assert len(load_bundle("d").items) == 19
     text = run_cli("build-index", str(dup_folder), "--name", "d2", "--model", TINY,
                    "--dedupe", "--dup-threshold", "0.99")
-    assert "duplicates left out" in text
-    assert load_bundle("d2").manifest["dedupe"]["settings"]["threshold"] == 0.99
+    assert "duplicates left out" in text and "threshold 0.99)" in text
+    given = load_bundle("d2").manifest["dedupe"]
+    assert given["settings"]["threshold"] == given["threshold"] == 0.99
+    assert given["calibration"] is None
 
 
 def test_importing_dedupe_stays_light() -> None:

@@ -151,3 +151,27 @@ def test_edited_copies_found_and_netpbm_embedded(edited_folder: Path, tmp_path: 
     group = json.loads(lines[0])
     assert group["kept"] == "p0.jpg" and len(group["members"]) == 3
     assert json.loads(lines[-1])["summary"]["skipped"] == 1
+
+
+def test_dedupe_cli_groups_csv_is_what_the_benchmark_scorer_reads(tmp_path: Path) -> None:
+    """`embedsearch dedupe DIR --out D` writes groups.csv (columns group, id; ids relative
+    to DIR) that benchmarks/dedupe_generalisation.py scores against the truth that
+    benchmarks/plant_duplicates.py writes."""
+    from benchmarks.dedupe_generalisation import read_groups, score
+    from benchmarks.plant_duplicates import plant
+
+    truth_csv = plant(tmp_path / "planted", [picture(0)], [picture(k) for k in range(1, 10)],
+                      ("tiny", "grey"), seed=0)
+    truth = read_groups(truth_csv)
+    assert len(truth) == 12 and len(set(truth.values())) == 10
+    run_cli("dedupe", str(tmp_path / "planted"), "--model", TINY, "--out",
+            str(tmp_path / "d"), "--no-html")
+    with open(tmp_path / "d" / "groups.csv") as fh:
+        assert fh.readline().startswith("group,id,")
+    predicted = read_groups(tmp_path / "d" / "groups.csv")
+    assert set(predicted) <= set(truth)  # the same ids, relative to the folder
+    assert score(truth, predicted) == {"precision": 1.0, "recall": 1.0, "f1": 1.0,
+                                       "true_pairs": 3, "predicted_pairs": 3,
+                                       "correct_pairs": 3}
+    # a wrong grouping is scored as wrong (the scorer is not blind)
+    assert score(truth, {**predicted, "d00000.jpg": predicted["o00000.jpg"]})["precision"] < 1

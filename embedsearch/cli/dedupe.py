@@ -120,10 +120,9 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
     bundle = _dedupe_bundle_arg(ctx, data, index_name, model, device)
     if leakage:
         deprecation_note("dedupe --leakage", "embedsearch leakage --index NAME")
-        t = dd.DEFAULT_THRESHOLD if dup_threshold is None else dup_threshold
         ctx.invoke(leakage_cmd, folders=(), index_names=(str(bundle.path),), between=None,
-                   dup_threshold=t, out=out, no_html=no_html, model=None, fail_on_leak=False,
-                   device=device, as_json=as_json)
+                   dup_threshold=dup_threshold, out=out, no_html=no_html, model=None,
+                   fail_on_leak=False, device=device, as_json=as_json)
         return
     if sweep:
         table = dd.sweep_bundle(bundle, keep=keep)
@@ -190,7 +189,8 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
         click.echo(f"conflicts  {s['label_conflict_groups']:,} groups hold images with "
                    f"different labels (label noise): {files['label_conflicts']}")
     click.echo(f"report     {files.get('html', files['groups_csv'])}")
-    click.echo(f"           {files['groups_csv']}")
+    if "html" in files:  # with --no-html, groups.csv is the report line itself
+        click.echo(f"           {files['groups_csv']}")
     if action is None:
         click.echo("action     none (report only). To act: --move-to DIR (undoable), "
                    "--copy-clean-to DIR, or --delete")
@@ -227,7 +227,7 @@ def dedupe_undo_cmd(manifest: Path, as_json: bool) -> None:
               "reused).")
 @click.option("--between", help="Two splits to compare, e.g. train,test "
               "(default: every two splits).")
-@dup_threshold_option("the dedupe default (0.90)")
+@dup_threshold_option("calibrated on both sides together, as dedupe does")
 @out_option("Report folder (default: reports/leakage-<name>).")
 @no_html_option
 @model_option("Used when folders have to be embedded.")
@@ -248,7 +248,7 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
     from embedsearch import dedupe as dd
     from embedsearch.bundle import load_bundle
 
-    t = dd.DEFAULT_THRESHOLD if dup_threshold is None else dup_threshold
+    t = dup_threshold
     if len(index_names) == 1 and not folders:
         bundle = load_bundle(index_names[0])
         pairs = dd.leakage_bundle(bundle, threshold=t, between=between)
@@ -283,7 +283,13 @@ def leakage_cmd(ctx: click.Context, folders: tuple[Path, ...], index_names: tupl
         if len(pairs) > 50:
             click.echo(f"… {len(pairs) - 50} more in {files['leakage_csv']}")
     n_exact = int(pairs["exact"].sum()) if len(pairs) else 0
+    from embedsearch.dedupe.calibrate import Calibration
+
+    chosen = pairs.attrs["threshold"]
+    how = "given" if dup_threshold is not None else Calibration(chosen, pairs.attrs[
+        "calibration"]).describe().partition(", ")[2]
     click.echo(f"{len(pairs)} duplicate pairs across splits ({n_exact} byte-identical) at "
-               f"threshold {t:g}; {files['leakage_csv']}", err=True)
+               f"threshold {chosen:.3f} ({how}; override: --dup-threshold); "
+               f"{files['leakage_csv']}", err=True)
     if fail_on_leak and len(pairs):
         ctx.exit(1)

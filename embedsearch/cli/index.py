@@ -83,7 +83,7 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--dedupe/--no-dedupe", default=None,
               help="Leave near-duplicates out of the index (recorded in the manifest; the "
               "choice sticks to the bundle). Default: as the bundle was built.")
-@dup_threshold_option("0.90 (with --dedupe)")
+@dup_threshold_option("calibrated on the collection, as dedupe does (with --dedupe)")
 @click.option("--dedupe-keep", type=click.Choice(list(KEEP_POLICIES)),
               help="Which image of a duplicate group --dedupe keeps (default: resolution).")
 @exclude_option
@@ -159,7 +159,8 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     if "dedupe" in m:
         d = m["dedupe"]
         click.echo(f"dedupe   {d['removed']:,} duplicates left out ({d['groups']:,} groups, "
-                   f"threshold {d['settings']['threshold']:g}); listed in "
+                   f"threshold {d.get('threshold', d['settings']['threshold']):g}"
+                   f"{'' if d['settings']['threshold'] else ' calibrated'}); listed in "
                    f"{result.path / d['removed_file']}")
     if "views" in m:
         v = m["views"]

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedsearch.dedupe.group import (
-    DEFAULT_THRESHOLD,
     KEEP_POLICIES,
     SWEEP_THRESHOLDS,
     DedupeResult,
     find_duplicates,
     sweep,
 )
-from embedsearch.dedupe.search import candidate_pairs
+from embedsearch.dedupe.search import Pairs, candidate_pairs
 from embedsearch.errors import EmbedsearchError, InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from embedsearch.bundle import Bundle
+    from embedsearch.dedupe.views import ImageViews
     from embedsearch.pipeline import BuildResult
 
 
@@ -102,13 +102,18 @@ LEAK_COLUMNS = ["id_a", "split_a", "id_b", "split_b", "similarity", "exact", "la
 
 
 def leakage(vectors: np.ndarray, ids: Sequence[Any], splits: Sequence[Any], *,
-            threshold: float = DEFAULT_THRESHOLD, sha256: Sequence[Any] | None = None,
+            threshold: float | None = None, sha256: Sequence[Any] | None = None,
             labels: Sequence[Any] | None = None,
-            between: Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
+            between: Sequence[tuple[str, str]] | None = None,
+            views: Callable[[np.ndarray], ImageViews] | None = None) -> pd.DataFrame:
     """Duplicate pairs whose two images sit in different splits (train vs test, …).
 
     ``between`` limits the split pairs checked (default: every two distinct splits).
     One row per pair, most similar first; ``exact`` marks byte-identical files.
+    ``threshold=None`` calibrates it on all the vectors together, exactly as ``dedupe``
+    does (:func:`calibrated_pairs`; ``views(rows)`` gives the second signal's views of
+    those rows for it); the value is in ``attrs["threshold"]``, its evidence in
+    ``attrs["calibration"]`` (None when given).
     """
     import pandas as pd
 
@@ -122,7 +127,12 @@ def leakage(vectors: np.ndarray, ids: Sequence[Any], splits: Sequence[Any], *,
     lab = np.asarray(labels, dtype=object) if labels is not None else np.full(n, None, object)
     sha = np.asarray(sha256, dtype=object) if sha256 is not None else np.full(n, None, object)
     allowed = {tuple(sorted(p)) for p in between} if between else None
-    pairs = candidate_pairs(vectors, threshold)
+    calibration = None
+    if threshold is None:
+        pairs, calibration = calibrated_pairs(vectors, sha256=sha256, views=views)
+        threshold = pairs.threshold
+    else:
+        pairs = candidate_pairs(vectors, threshold)
     known = np.array([v is not None for v in sp])
     cross = known[pairs.i] & known[pairs.j] & (sp[pairs.i] != sp[pairs.j])
     rows = []
@@ -142,8 +152,26 @@ def leakage(vectors: np.ndarray, ids: Sequence[Any], splits: Sequence[Any], *,
                      "exact": bool(sha[i]) and sha[i] == sha[j],
                      "label_a": lab[i], "label_b": lab[j]})
     out = pd.DataFrame(rows, columns=LEAK_COLUMNS)
-    return out.sort_values(["similarity", "id_a", "id_b"], ascending=[False, True, True],
-                           ignore_index=True)
+    out = out.sort_values(["similarity", "id_a", "id_b"], ascending=[False, True, True],
+                          ignore_index=True)
+    out.attrs.update(threshold=float(threshold), calibration=calibration)
+    return out
+
+
+def calibrated_pairs(vectors: np.ndarray, *, sha256: Sequence[Any] | None = None,
+                     views: Callable[[np.ndarray], ImageViews] | None = None
+                     ) -> tuple[Pairs, dict[str, Any]]:
+    """(pairs at or above the threshold ``dedupe`` would calibrate on these vectors, the
+    calibration's evidence). The same code as ``dedupe``: :func:`find_duplicates` with
+    ``threshold=None`` over a search down to ``HASH_FLOOR``, with the second signal's
+    ``views(rows)`` when given (they set confirmed copies aside from the background)."""
+    from embedsearch.dedupe.group import HASH_FLOOR
+
+    searched = candidate_pairs(vectors, HASH_FLOOR)
+    hashes = views(np.concatenate([searched.i, searched.j])) if views is not None else None
+    res = find_duplicates(vectors, threshold=None, pairs=searched, sha256=sha256,
+                          hashes=hashes)
+    return searched.at_least(res.threshold), res.extra["calibration"]
 
 
 def _between(value: str | Sequence[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
@@ -157,10 +185,12 @@ def _between(value: str | Sequence[tuple[str, str]] | None) -> list[tuple[str, s
     return [tuple(p) for p in value]  # type: ignore[misc]
 
 
-def leakage_bundle(bundle: Bundle, *, threshold: float = DEFAULT_THRESHOLD,
+def leakage_bundle(bundle: Bundle, *, threshold: float | None = None,
                    between: str | Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
     """Cross-split duplicate pairs inside one bundle (built from train/val/test folders or a
-    CSV with a split column)."""
+    CSV with a split column); ``threshold=None``: calibrated as ``dedupe`` does."""
+    from embedsearch.dedupe.views import bundle_hashes
+
     items = bundle.items
     if items["split"].dropna().nunique() < 2:
         raise InputError(
@@ -170,7 +200,8 @@ def leakage_bundle(bundle: Bundle, *, threshold: float = DEFAULT_THRESHOLD,
             "column, or pass two folders: embedsearch leakage TRAIN_DIR TEST_DIR")
     return leakage(np.asarray(bundle.embeddings), items["id"].tolist(), items["split"].tolist(),
                    threshold=threshold, sha256=items["sha256"].tolist(),
-                   labels=items["label"].tolist(), between=_between(between))
+                   labels=items["label"].tolist(), between=_between(between),
+                   views=lambda rows: bundle_hashes(bundle, rows))
 
 
 def folder_bundle_name(folder: str | os.PathLike[str]) -> str:
@@ -180,7 +211,7 @@ def folder_bundle_name(folder: str | os.PathLike[str]) -> str:
 
 
 def leakage_folders(folder_a: str | os.PathLike[str], folder_b: str | os.PathLike[str], *,
-                    threshold: float = DEFAULT_THRESHOLD, model: str | None = None,
+                    threshold: float | None = None, model: str | None = None,
                     index_root: str | os.PathLike[str] | None = None,
                     **build_kw: Any) -> pd.DataFrame:
     """Duplicates between two folders (e.g. train/ and test/), each embedded into a bundle
@@ -207,10 +238,21 @@ def folder_bundle(folder: str | os.PathLike[str], *, model: str | None = None,
     return load_bundle(res.path), res
 
 
-def leakage_bundles(a: Bundle, b: Bundle, *, threshold: float = DEFAULT_THRESHOLD,
+def leakage_bundles(a: Bundle, b: Bundle, *, threshold: float | None = None,
                     names: tuple[str, str] | None = None) -> pd.DataFrame:
     """Duplicates between the images of two bundles (a folder's and an index's, two
-    folders', …), from their cached vectors. Ids are each bundle's own."""
+    folders', …), from their cached vectors. Ids are each bundle's own;
+    ``threshold=None``: calibrated on both together, as ``dedupe`` does."""
+    from dataclasses import fields
+
+    from embedsearch.dedupe.views import ImageViews, bundle_hashes
+
+    def views(rows: np.ndarray) -> ImageViews:
+        na = len(a.items)
+        va, vb = bundle_hashes(a, rows[rows < na]), bundle_hashes(b, rows[rows >= na] - na)
+        return ImageViews(*(np.concatenate([getattr(va, f.name), getattr(vb, f.name)])
+                            for f in fields(ImageViews)))
+
     a.check_vectors_from(b.encoder_identity, f"bundle {b.path}")
     names = names or (a.name, b.name)
     names = (names[0] or "a", names[1] or "b")
@@ -224,7 +266,7 @@ def leakage_bundles(a: Bundle, b: Bundle, *, threshold: float = DEFAULT_THRESHOL
     out = leakage(vectors, uniq, splits, threshold=threshold,
                   sha256=[*a.items["sha256"].tolist(), *b.items["sha256"].tolist()],
                   labels=[*a.items["label"].tolist(), *b.items["label"].tolist()],
-                  between=[names])
+                  between=[names], views=views)
     for col, name in (("id_a", names[0]), ("id_b", names[1])):
         out[col] = out[col].str.slice(len(name) + 1)
     return out
@@ -241,8 +283,10 @@ def build_settings(old_manifest: dict[str, Any] | None, dedupe: bool | None,
         if threshold is not None or keep is not None:
             raise InputError("--dup-threshold/--dedupe-keep need --dedupe")
         return None
-    base = previous or {"threshold": DEFAULT_THRESHOLD, "keep": "resolution"}
-    settings = {"threshold": float(threshold if threshold is not None else base["threshold"]),
+    # threshold None: calibrated on the build's vectors at every build, as dedupe does
+    base = previous or {"threshold": None, "keep": "resolution"}
+    chosen = threshold if threshold is not None else base["threshold"]
+    settings = {"threshold": None if chosen is None else float(chosen),
                 "keep": keep or base["keep"]}
     if settings["keep"] not in KEEP_POLICIES:
         raise InputError(f"unknown keep policy {settings['keep']!r}",
@@ -270,7 +314,9 @@ def apply_build_dedupe(items: pd.DataFrame, vectors: np.ndarray, settings: dict[
     kept = items[~removed].copy()
     kept["row"] = np.arange(len(kept))
     s = res.summary()
-    record = {"settings": settings, "groups": s["groups"], "removed": s["removed"],
+    record = {"settings": settings, "threshold": res.threshold,
+              "calibration": res.extra.get("calibration"), "groups": s["groups"],
+              "removed": s["removed"],
               "removed_exact": s["removed_exact"], "removed_near": s["removed_near"],
               "label_conflict_groups": s["label_conflict_groups"], "method": s["method"]}
     return (kept.reset_index(drop=True), np.ascontiguousarray(vectors[~removed]),
