@@ -175,9 +175,10 @@ def off_topic_images(work: Path, seed: int = 0) -> list[Path]:
 def off_topic_benchmark(bundle: Any, work: Path) -> dict[str, Any]:
     from embedsearch.audit.core import OUTLIER_Z
     from embedsearch.audit.labels import Neighbourhood, mahalanobis_scores, outlier_scores
+    from embedsearch.query import embed_paths
 
     paths = off_topic_images(work)
-    planted, statuses = bundle.embed_paths(paths)
+    planted, statuses = embed_paths(bundle, paths)
     assert all(s == "ok" for _, s, _ in statuses), statuses
     real = np.asarray(bundle.embeddings)
     vectors = np.vstack([real, planted])

@@ -177,7 +177,7 @@ def analyse(bundle, table: Path, args) -> None:
 def measure(bundle, items, power: float) -> dict:
     """Copy/original similarities, nearest-distinct similarities and a grouping sweep."""
     from embedsearch.dedupe import find_duplicates
-    from embedsearch.dedupe.bundles import item_facts
+    from embedsearch.dedupe.rules import item_facts
     from embedsearch.dedupe.search import as_unit_vectors, candidate_pairs
 
     X = as_unit_vectors(np.asarray(bundle.embeddings), power)

@@ -96,6 +96,7 @@ def main() -> int:
                     "embedding_options")
     args = ap.parse_args()
     from embedsearch.bundle import load_bundle
+    from embedsearch.query import embed_paths
     from embedsearch.report.provenance import git_revision, machine, package_versions
     from embedsearch.views import bundle_views
 
@@ -109,7 +110,7 @@ def main() -> int:
     te = split == "test"
     t = time.perf_counter()
     src = Path(b.manifest["source"]["path"])
-    X_tta = b.embed_paths([src / i for i in items["id"][te]], tta="flip")[0]
+    X_tta = embed_paths(b, [src / i for i in items["id"][te]], tta="flip")[0]
     tta_seconds = time.perf_counter() - t
     matrices = {b.encoder_identity["spec"]: X}
     if args.second:

@@ -146,7 +146,9 @@ def knn_accuracy(bundle: Any) -> dict[str, Any]:
     test = (items["split"] == "test").to_numpy()
     if not test.any():
         return {"accuracy": None, "n": 0}
-    pred = bundle.knn(K).predict(np.asarray(bundle.embeddings)[test])
+    from embedsearch.predict import Predictor
+
+    pred = Predictor(bundle).knn(K).predict(np.asarray(bundle.embeddings)[test])
     truth = items["label"].to_numpy()[test]
     return {"accuracy": round(float((pred == truth).mean()), 4), "n": int(test.sum()),
             "predictions": pred.tolist()}
@@ -155,7 +157,8 @@ def knn_accuracy(bundle: Any) -> dict[str, Any]:
 def cross_device(path: str, device: str) -> float:
     """Load a bundle for queries on another device: the fingerprint cosine that
     Bundle.encoder() checks (it refuses below FINGERPRINT_MIN_COSINE)."""
-    from embedsearch.bundle import fingerprint_cosine, load_bundle
+    from embedsearch.bundle import load_bundle
+    from embedsearch.encoders.identity import fingerprint_cosine
 
     b = load_bundle(path)
     b.device = device

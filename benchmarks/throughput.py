@@ -109,22 +109,24 @@ def subset(files: list[Path], n: int, dest: Path) -> Path:
 
 
 def knn_latency(data: Path, query: Path) -> dict:
-    from embedsearch import build_index, load_bundle
+    from embedsearch import build_index
+    from embedsearch.predict import Predictor
 
     with tempfile.TemporaryDirectory() as tmp:
         build_index(data, out=Path(tmp) / "b")
-        bundle = load_bundle(Path(tmp) / "b")
-        bundle.predict([query], num_workers=0)  # warm: model loaded, caches filled
+        predictor = Predictor(Path(tmp) / "b")
+        bundle = predictor.bundle
+        predictor.predict([query], num_workers=0)  # warm: model loaded, caches filled
         single = []
         for _ in range(20):
             t = time.perf_counter()
-            bundle.predict([query], num_workers=0)
+            predictor.predict([query], num_workers=0)
             single.append(time.perf_counter() - t)
         emb = np.asarray(bundle.embeddings)
         rng = np.random.default_rng(0)
         q = emb[rng.integers(0, len(emb), 1000)] + rng.normal(0, 0.01, (1000, emb.shape[1]))
         q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-        clf = bundle.knn(10)
+        clf = predictor.knn(10)
         t = time.perf_counter()
         clf.predict_proba(q)
         batched = time.perf_counter() - t
@@ -196,6 +198,7 @@ def dedupe_timing(sizes: list[int], dim: int = 1280) -> dict:
 
 def accuracy_bf16(spec: str) -> dict:
     from embedsearch import build_index, load_bundle
+    from embedsearch.predict import Predictor
 
     out: dict[str, Any] = {}
     preds = {}
@@ -206,7 +209,8 @@ def accuracy_bf16(spec: str) -> dict:
             b = load_bundle(res.path)
             n = b.reference_rows
             test = b.items.iloc[n:]
-            p = b.predict_vectors(np.asarray(b.embeddings[n:]), test["id"].tolist(), k=10)
+            p = Predictor(b).predict_vectors(np.asarray(b.embeddings[n:]), test["id"].tolist(),
+                                             k=10)
             labels = np.array([x.label for x in p])
             preds[precision] = labels
             out[precision] = {"knn10_accuracy": round(float(np.mean(labels == test["label"])), 4),
@@ -329,11 +333,12 @@ def backend_agreement(reference: Path, backends: list[str]) -> dict:
     """10-NN test predictions of clothing-small re-embedded by each backend vs ``reference``
     (a bundle of all of clothing-small built with torch fp32): same labels, or the list."""
     from embedsearch import build_index, load_bundle
+    from embedsearch.predict import Predictor
 
     def test_predictions(bundle: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
         n = bundle.reference_rows
         ids = bundle.items["id"].iloc[n:].tolist()
-        preds = bundle.predict_vectors(np.asarray(bundle.embeddings[n:]), ids, k=10)
+        preds = Predictor(bundle).predict_vectors(np.asarray(bundle.embeddings[n:]), ids, k=10)
         truth = bundle.items["label"].iloc[n:].to_numpy()
         return np.array([p.label for p in preds]), ids, truth
 

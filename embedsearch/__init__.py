@@ -12,19 +12,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from embedsearch.version import __version__
 
-__all__ = ["Bundle", "EmbedsearchError", "__version__", "build_index", "load_bundle"]
+__all__ = ["BuildOptions", "Bundle", "EmbedsearchError", "Predictor", "__version__",
+           "build_index", "load_bundle"]
 
 if TYPE_CHECKING:
+    from embedsearch.build_options import BuildOptions
     from embedsearch.bundle import Bundle, load_bundle
     from embedsearch.errors import EmbedsearchError
     from embedsearch.pipeline import build_index
+    from embedsearch.predict import Predictor
 
 _LAZY = {
     "Bundle": "embedsearch.bundle",
     "load_bundle": "embedsearch.bundle",
     "build_index": "embedsearch.pipeline",
+    "BuildOptions": "embedsearch.build_options",
+    "Predictor": "embedsearch.predict",
     "EmbedsearchError": "embedsearch.errors",
 }
 

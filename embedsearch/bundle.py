@@ -21,41 +21,39 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
+from embedsearch.encoders.identity import (
+    FINGERPRINT_MIN_COSINE,
+    check_same_encoder,
+    encoder_key,
+    fingerprint_cosine,
+)
+from embedsearch.errors import BundleError, BundleMismatchError
 from embedsearch.store.io import (
-    file_digest,
     read_npy,
     read_parquet,
     read_versioned_json,
     write_json,
 )
+from embedsearch.store.verify import CHANGED, file_mismatch
 
 if TYPE_CHECKING:
     import faiss
     import pandas as pd
 
-    from embedsearch.classify.knn import KNNClassifier
     from embedsearch.encoders.base import Encoder
-    from embedsearch.index import Neighbours
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "embedsearch-bundle"
 SCHEMA_VERSION = 1
 DEFAULT_ROOT = Path("indexes")
-#: Cosine similarity two fingerprints of the same encoder must reach (CPU kernels differ).
-FINGERPRINT_MIN_COSINE = 0.999
 HELD_OUT_SPLITS = frozenset({"test"})
-#: A query at least this similar to an indexed image is that image (re-saved, re-encoded):
-#: it is left out of its own neighbours, like one with the same sha256.
-SELF_COSINE = 0.9999
 #: faiss class of each index type the manifest may name.
 _INDEX_CLASSES = {"flat": "IndexFlat", "ivf": "IndexIVFFlat", "ivfpq": "IndexIVFPQ",
                   "hnsw": "IndexHNSW"}
@@ -75,84 +73,12 @@ def bundle_path(name_or_path: str | os.PathLike[str]) -> Path:
     return DEFAULT_ROOT / p
 
 
-#: Encoder families whose resolved configuration is part of the key (see encoder_key).
-CONFIG_CHECKED_FAMILIES = ("openclip",)
-
-
-def encoder_key(identity: dict[str, Any]) -> str:
-    """The parts of an encoder identity that decide its vectors, as one comparable string."""
-    w = identity.get("weights", {})
-    key = "|".join(str(x) for x in (
-        identity.get("spec"), identity.get("dim"), w.get("sha256"), identity.get("impl_version"),
-        identity.get("precision", "fp32"),
-        sorted(identity.get("preprocess", {}).items()),
-    ))
-    # The resolved model configuration (pretrained tag, activation, resize mode) of open_clip
-    # encoders: one built before it was recorded lacks it and is refused (those were built
-    # with the architecture's defaults, e.g. GELU for OpenAI's QuickGELU tags). timm and
-    # torchvision resolved theirs from the spec the same way before it was recorded, and
-    # EfficientNet-Lite has none: their keys, and their existing bundles, are unchanged.
-    config = identity.get("config")
-    if config is not None and config.get("family") in CONFIG_CHECKED_FAMILIES:
-        key += "|" + json.dumps(config, sort_keys=True)
-    return key
-
-
-def identity_diffs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The parts of two encoder identities that differ (for messages)."""
-    return [k for k in ("spec", "dim", "weights", "preprocess", "precision", "impl_version",
-                        "config") if a.get(k) != b.get(k)]
-
-
-def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], what: str,
-                       fix: str) -> None:
-    """Refuse ``what`` when it was made with another encoder than ``expected``."""
-    if encoder_key(expected) == encoder_key(found):
-        return
-    diffs = identity_diffs(expected, found)
-    raise BundleMismatchError(
-        f"{what} was made with encoder {found.get('spec')} ({found.get('dim')}-d), "
-        f"not with {expected.get('spec')} ({expected.get('dim')}-d); differs in: "
-        f"{', '.join(diffs) or 'identity'}",
-        hint=fix,
-    )
-
-
-def fingerprint_cosine(a: Any, b: Any) -> float:
-    va, vb = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if va.shape != vb.shape:
-        return -1.0
-    return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
-
-
-@dataclass
-class Prediction:
-    """One query image's result (``status`` is "ok" or the reason it could not be read)."""
-
-    id: str
-    status: str = "ok"
-    label: str | None = None
-    confidence: float | None = None
-    method: str | None = None
-    probabilities: dict[str, float] = field(default_factory=dict)
-    neighbours: list[dict[str, Any]] = field(default_factory=list)
-    detail: str = ""
-    #: With ``method="all"``: {"knn" | "head:NAME" | "zeroshot": {"label", "confidence",
-    #: "probabilities", "method"}} (or {"error"} for a head that could not be loaded).
-    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: When the query is itself an indexed reference image (same sha256, or cosine >=
-    #: SELF_COSINE): {"id": its indexed id, "split": its split, "excluded": how many of its
-    #: copies were left out of the neighbours, 0 with allow_self: it voted for itself}.
-    #: Empty when it is not an indexed reference image.
-    in_index: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, "", [], {})
-                or k in ("id", "status")}
-
-
 class Bundle:
-    """A loaded, verified index bundle. Use :func:`load_bundle`."""
+    """A loaded, verified index bundle: its facts, arrays and encoder. Use :func:`load_bundle`.
+
+    Queries and predictions are :mod:`embedsearch.query` and :mod:`embedsearch.predict`;
+    trained heads, :mod:`embedsearch.head_store`.
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
@@ -162,9 +88,9 @@ class Bundle:
         #: encoder's identity.
         self.device = "auto"
         self._light: Any = None
-        #: Of the last :meth:`embed_files` call: files encoded, files whose vectors were
-        #: reused (from this bundle or the shared embedding cache).
-        self.embed_counts: dict[str, int] = {"encoded": 0, "reused": 0}
+        #: Objects derived from this generation (verified heads, zero-shot classifiers),
+        #: kept while the bundle is open; cleared by :meth:`refresh`.
+        self.memo: dict[tuple[str, ...], Any] = {}
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -202,7 +128,7 @@ class Bundle:
             raise BundleError(f"{self.file('items')} has no column {', '.join(sorted(lacking))}",
                               hint=self.rebuild_hint)
         # The manifest's facts must be the items table's: an edited manifest is refused.
-        labels = sorted({str(v) for v in df["label"] if _none(v) is not None})
+        labels = sorted({str(v) for v in df["label"] if text_or_none(v) is not None})
         held = self.manifest["index"].get("held_out", {})
         held = held.get("splits", HELD_OUT_SPLITS) if isinstance(held, dict) else ()
         n_ref = int((~df["split"].isin(list(held))).sum())
@@ -289,8 +215,8 @@ class Bundle:
                     raise BundleError(
                         f"the bundle's encoder weights {weights} are gone",
                         hint="pass the same weights file again with --weights FILE")
-            if "parts" in ident:  # several encoders, concatenated (embedsearch.combine)
-                from embedsearch.combine import encoder_from_identity
+            if "parts" in ident:  # several encoders, concatenated (encoders.combine)
+                from embedsearch.encoders.combine import encoder_from_identity
 
                 enc = encoder_from_identity(ident, weights, device or self.device)
             else:
@@ -330,92 +256,6 @@ class Bundle:
         check_same_encoder(self.encoder_identity, identity, what,
                            f"embed with {self.encoder_identity['spec']} or rebuild {what}")
 
-    # -- search & classify --------------------------------------------------------------
-    def knn(self, k: int = 10, weighting: str = "similarity") -> KNNClassifier:
-        from embedsearch.classify.knn import KNNClassifier
-
-        labels = self.reference_labels()
-        if self.labelled and len(labels) == 0:
-            raise EmbedsearchError(
-                f"bundle {self.name} has no reference images to classify against: all "
-                f"{len(self.items)} are held-out test images",
-                hint="build it from train/ (or unsplit) class folders; test/ images are "
-                "only scored, never voted with")
-        if not self.labelled or all(_none(lbl) is None for lbl in labels):
-            raise EmbedsearchError(f"bundle {self.name} has no labels, so it cannot classify",
-                                   hint="it still supports similar-image search")
-        return KNNClassifier(k, weighting).fit_index(self.index, labels, self.reference_rows)
-
-    def embed_paths(self, paths: list[Path], batch_size: int | None = None,
-                    num_workers: int | None = None, tta: str | None = None
-                    ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
-        """Embed query files. Returns (vectors for readable files, statuses of all files).
-
-        ``tta="flip"`` averages each embedding with its mirror image's, re-normalised.
-        """
-        vectors, statuses, _ = self.embed_files(paths, batch_size, num_workers)
-        return self._tta(vectors, statuses, tta, batch_size, num_workers), statuses
-
-    def _tta(self, vectors: np.ndarray, statuses: list[tuple[str, str, str]], tta: str | None,
-             batch_size: int, num_workers: int | None) -> np.ndarray:
-        """``vectors`` (of the readable files, in order) averaged with their mirror images'
-        embeddings (``tta="flip"``), re-normalised; unchanged when ``tta`` is None."""
-        from embedsearch.embed import embed_sources
-        from embedsearch.views import tta_augment
-
-        augment = tta_augment(tta)
-        if augment is None or not len(vectors):
-            return vectors
-        ok = [Path(p) for p, status, _ in statuses if status == "ok"]
-        flipped = [fv for _, fv, _ in embed_sources(self.encoder(), ok, batch_size=batch_size,
-                                                     num_workers=num_workers, augment=augment)]
-        mirrored = np.concatenate(flipped)
-        if len(mirrored) != len(vectors):  # a file changed between the two reads
-            raise EmbedsearchError(f"{len(vectors)} images decoded, {len(mirrored)} mirrored",
-                                   hint="predict again once the files stop changing")
-        out = vectors + mirrored
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-    def embed_files(self, paths: list[Path], batch_size: int | None = None,
-                    num_workers: int | None = None
-                    ) -> tuple[np.ndarray, list[tuple[str, str, str]], list[str | None]]:
-        """Embed query files, reusing vectors this bundle or the shared embedding cache
-        already holds for the same bytes (by sha256). Returns (vectors of the readable
-        files, (path, status, detail) of every file, sha256 of the readable files)."""
-        from embedsearch.embed import embed_sources
-        from embedsearch.store.shared import hash_files, open_shared
-
-        shas = hash_files(paths, num_workers)
-        found: dict[int, np.ndarray] = {}
-        rows = self.rows_by_sha256
-        for i, sha in enumerate(shas):
-            if sha in rows:
-                found[i] = np.asarray(self.embeddings[rows[sha][0]])
-        enc = self.image_encoder()
-        shared = open_shared(enc.identity()) if len(found) < len(paths) else None
-        if shared is not None:
-            hits = shared.get_many([s for i, s in enumerate(shas) if s and i not in found])
-            found.update({i: hits[s].vector for i, s in enumerate(shas)
-                          if s in hits and i not in found})
-        todo = [i for i in range(len(paths)) if i not in found]
-        self.embed_counts = {"encoded": len(todo), "reused": len(found)}
-        results: dict[int, tuple[str, str, np.ndarray | None]] = {
-            i: ("ok", "", v) for i, v in found.items()}
-        for idx, v, infos in embed_sources(enc, [paths[i] for i in todo],
-                                           batch_size=batch_size, num_workers=num_workers):
-            ok = [j for j, info in zip(idx, infos, strict=True) if info.status == "ok"]
-            row = {j: n for n, j in enumerate(ok)}  # vectors hold the decoded files only
-            for j, info in zip(idx, infos, strict=True):
-                results[todo[j]] = (info.status, info.detail, v[row[j]] if j in row else None)
-                shas[todo[j]] = info.sha256 or shas[todo[j]]
-            if shared is not None and ok:
-                shared.put_many([shas[todo[j]] for j in ok], v)
-        statuses = [(str(p), results[i][0], results[i][1]) for i, p in enumerate(paths)]
-        good = [i for i in range(len(paths)) if results[i][0] == "ok"]
-        vectors = (np.stack([results[i][2] for i in good]).astype(np.float32) if good
-                   else np.zeros((0, self.dim), np.float32))
-        return vectors, statuses, [shas[i] for i in good]
-
     @cached_property
     def rows_by_sha256(self) -> dict[str, list[int]]:
         """sha256 → rows of the bundle's images with those bytes."""
@@ -425,142 +265,10 @@ class Bundle:
                 rows.setdefault(sha, []).append(row)
         return rows
 
-    def neighbours(self, vectors: np.ndarray, k: int, sha256: list[str | None] | None = None,
-                   allow_self: bool = False) -> tuple[Neighbours, list[dict[str, Any]]]:
-        """The ``k`` nearest searchable rows (reference rows of a labelled bundle, all rows
-        of an unlabelled one) of each query, leaving out the query's own copies: rows with
-        its sha256 and rows at cosine >= SELF_COSINE (leave-one-out), unless ``allow_self``.
-
-        Returns (neighbours, per query {"id", "split", "excluded"} of its indexed copy, or
-        {} when it has none among the searched rows). With ``allow_self`` a copy found
-        among the neighbours is reported with ``excluded`` 0: it votes for itself.
-        """
-        from embedsearch.index import Neighbours, search
-
-        limit = self.reference_rows if self.labelled else None
-        n_rows = self.index.ntotal if limit is None else min(limit, self.index.ntotal)
-        rows = self.rows_by_sha256
-        own = [np.array([r for r in rows.get(s or "", []) if r < n_rows], np.int64)
-               for s in (sha256 or [None] * len(vectors))]
-        pad = 0 if allow_self else max((len(o) for o in own), default=0) + 4
-        while True:
-            want = min(k + pad, n_rows)
-            raw = search(self.index, vectors, max(want, 1), limit)
-            ids, sims, found = [], [], []
-            short = False
-            for q in range(len(vectors)):
-                qi, qs = raw.ids[q], raw.similarities[q]
-                copy = (qs >= SELF_COSINE) | np.isin(qi, own[q])
-                keep = np.ones_like(copy) if allow_self else ~copy
-                ids.append(qi[keep][:k])
-                sims.append(qs[keep][:k])
-                first = int(qi[copy][0]) if copy.any() else (int(own[q][0]) if len(own[q])
-                                                              else None)
-                found.append({} if first is None else {
-                    "id": str(self.items["id"].iat[first]),
-                    "split": _none(self.items["split"].iat[first]),
-                    "excluded": 0 if allow_self else int(copy.sum())})
-                short |= len(ids[-1]) < k and want < n_rows
-            if not short:
-                return Neighbours(ids, sims), found
-            pad = max(pad, 4) * 4
-
-    def predict_vectors(self, vectors: np.ndarray, ids: list[str], k: int = 10,
-                        n_neighbours: int = 5, weighting: str = "similarity",
-                        method: str = "auto", head_name: str | None = None,
-                        classes: list[str] | None = None,
-                        templates: str | list[str] | None = None,
-                        sha256: list[str | None] | None = None,
-                        allow_self: bool = False) -> list[Prediction]:
-        """Predictions for embedded queries, with their nearest reference images.
-
-        A query that is itself an indexed reference image (the same ``sha256``, or cosine
-        >= SELF_COSINE) does not vote for itself: its own copies are left out of its
-        neighbours (leave-one-out) and ``Prediction.in_index`` says so; ``allow_self=True``
-        keeps them (similar-image search).
-
-        ``method``: "auto" (the best available: a trained head that beat kNN on validation,
-        else kNN, else zero-shot on an unlabelled CLIP bundle given ``classes``, else a
-        similar-image search), "knn", "head" (``head_name`` or the best head), "zeroshot"
-        (``classes`` default to the bundle's; ``templates`` "photo", "art" or a list) or
-        "all" (every method in ``Prediction.methods``, the auto choice in ``label``).
-        """
-        from embedsearch.classify.knn import vote
-        from embedsearch.training import MethodOutput, run_methods, top_probabilities
-
-        items = self.items
-        item_ids, item_labels = items["id"].to_numpy(), items["label"].to_numpy()
-        knn_out = None
-        use_knn = self.labelled and method != "zeroshot"
-        clf = self.knn(k, weighting) if use_knn else None
-        neigh, in_index = self.neighbours(vectors, max(k, n_neighbours) if use_knn
-                                          else n_neighbours, sha256, allow_self)
-        if clf is not None:
-            trimmed = type(neigh)([i[:k] for i in neigh.ids], [s[:k] for s in neigh.similarities])
-            proba = vote(trimmed, clf._y_idx, len(clf.classes_), weighting)
-            knn_out = MethodOutput("knn", f"knn(k={k}, {weighting})", clf.classes_, proba)
-        chosen, outputs = run_methods(self, vectors, method, knn_out, head_name, classes,
-                                      templates)
-        out = []
-        for q, qid in enumerate(ids):
-            shown = [
-                {"id": str(item_ids[j]), "label": _none(item_labels[j]),
-                 "similarity": round(float(s), 4)}
-                for j, s in zip(neigh.ids[q][:n_neighbours], neigh.similarities[q][:n_neighbours],
-                                strict=True)
-            ]
-            pred = Prediction(qid, neighbours=shown, in_index=in_index[q])
-            for key, o in outputs.items():
-                if o.proba is None:
-                    res: dict[str, Any] = {"error": o.error}
-                else:
-                    best = int(o.proba[q].argmax())
-                    res = {"label": str(o.classes[best]),
-                           "confidence": round(float(o.proba[q, best]), 4),
-                           "probabilities": top_probabilities(o.classes, o.proba[q]),
-                           "method": o.description}
-                if key == chosen:
-                    pred.label, pred.confidence = res["label"], res["confidence"]
-                    pred.probabilities, pred.method = res["probabilities"], res["method"]
-                if method == "all":
-                    pred.methods[key] = res
-            out.append(pred)
-        return out
-
-    def predict(self, paths: list[Path], k: int = 10, n_neighbours: int = 5,
-                weighting: str = "similarity", batch_size: int | None = None,
-                num_workers: int | None = None, method: str = "auto",
-                head_name: str | None = None, classes: list[str] | None = None,
-                templates: str | list[str] | None = None,
-                allow_self: bool = False, tta: str | None = None) -> list[Prediction]:
-        """Embed image files and predict them; unreadable files come back with a status.
-
-        Files that are indexed reference images do not vote for themselves (see
-        :meth:`predict_vectors`); their vectors are reused, not re-encoded. ``tta="flip"``:
-        see :meth:`embed_paths`.
-        """
-        def run() -> list[Prediction]:
-            vectors, statuses, shas = self.embed_files(paths, batch_size, num_workers)
-            vectors = self._tta(vectors, statuses, tta, batch_size, num_workers)
-            ok_ids = [p for p, status, _ in statuses if status == "ok"]
-            preds = iter(self.predict_vectors(vectors, ok_ids, k, n_neighbours, weighting,
-                                              method, head_name, classes, templates, shas,
-                                              allow_self))
-            return [next(preds) if status == "ok"
-                    else Prediction(p, status=status, detail=detail)
-                    for p, status, detail in statuses]
-
-        try:
-            return run()
-        except BundleError:
-            # A rebuild may have committed (and removed this generation's files) since the
-            # bundle was opened: answer from the new generation rather than call it damaged.
-            if not self._follow_new_generation():
-                raise
-            return run()
-
-    def _follow_new_generation(self) -> bool:
-        """Switch to the generation committed since this bundle was opened, if any."""
+    def refresh(self) -> bool:
+        """Switch to the generation committed since this bundle was opened, if any (its
+        files verified); False when there is none. Cached data and :attr:`memo` are
+        dropped."""
         try:
             latest = read_manifest(self.path)
         except (BundleError, OSError):
@@ -573,57 +281,19 @@ class Bundle:
         if encoder_key(latest["encoder"]) != encoder_key(self.encoder_identity):
             self._encoder = None
         self.manifest = latest
-        for cached in ("items", "failures", "embeddings", "index", "rows_by_sha256",
-                       "_loaded_classifiers"):
+        for cached in ("items", "failures", "embeddings", "index", "rows_by_sha256"):
             self.__dict__.pop(cached, None)
+        self.memo.clear()
         return True
 
-    # -- trained heads & zero-shot (see embedsearch.training) ------------------------------
+    # -- trained heads (see embedsearch.head_store) -----------------------------------------
     def heads(self) -> list[dict[str, Any]]:
         """Registered heads: name, kind, validation figures, training seconds, files."""
         return [{"name": n, **e} for n, e in self.manifest.get("heads", {}).items()]
 
-    def load_head(self, name: str | os.PathLike[str] | None = None) -> Any:
-        """A trained head by name (None: the best by validation macro-F1) or head folder;
-        refused when it was trained on another encoder's embeddings."""
-        from embedsearch.training import load_bundle_head
 
-        return load_bundle_head(self, name)
-
-    def fit_head(self, kind: str = "linear", **options: Any) -> Any:
-        """Train and save a head on the cached embeddings (see ``training.fit_head``)."""
-        from embedsearch.training import fit_head
-
-        return fit_head(self, kind, **options)
-
-    def zeroshot(self, classes: list[str] | None = None,
-                 templates: str | list[str] | None = None) -> Any:
-        """A CLIP zero-shot classifier over ``classes`` (default: the bundle's classes)."""
-        from embedsearch.training import bundle_zeroshot
-
-        return bundle_zeroshot(self, classes, templates)
-
-    def classifier(self, method: str = "auto", k: int = 10, weighting: str = "similarity",
-                   head_name: str | None = None, classes: list[str] | None = None,
-                   templates: str | list[str] | None = None) -> Any:
-        """A fitted classifier (``predict_proba`` / ``predict`` / ``classes_``) for arrays."""
-        from embedsearch.training import choose_method
-
-        kind = method
-        if method == "auto":
-            kind, head_name = choose_method(self, head_name, classes)
-        if kind == "knn":
-            return self.knn(k, weighting)
-        if kind == "head":
-            return self.load_head(head_name)
-        if kind == "zeroshot":
-            return self.zeroshot(classes, templates)
-        raise EmbedsearchError(f"no classifier for method {method!r} on bundle {self.name}",
-                               hint="use knn, head or zeroshot (an unlabelled bundle needs a "
-                               "CLIP encoder and --classes)")
-
-
-def _none(value: Any) -> Any:
+def text_or_none(value: Any) -> str | None:
+    """A table cell as text; None for a missing one (None or NaN)."""
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
@@ -742,16 +412,14 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file listed in the manifest exists with the recorded size and sha256."""
     for rel, meta in manifest.get("files", {}).items():
         f = path / rel
-        try:
-            same = f.stat().st_size == meta["bytes"] and file_digest(f) == meta["sha256"]
-        except OSError as exc:  # gone (or unreadable) even if it existed a moment ago
-            raise BundleError(f"{f} is missing or unreadable ({exc.strerror})",
-                              hint=Bundle(path, manifest).rebuild_hint) from exc
-        if not same:
+        problem = file_mismatch(f, meta)
+        if problem == CHANGED:
             raise BundleError(
-                f"{f} does not match manifest.json (size or sha256 differs): it was modified "
+                f"{f} does not match manifest.json ({CHANGED}): it was modified "
                 "or truncated after the bundle was written, or manifest.json comes from "
                 "another bundle", hint=Bundle(path, manifest).rebuild_hint)
+        if problem is not None:
+            raise BundleError(f"{f} is {problem}", hint=Bundle(path, manifest).rebuild_hint)
 
 
 def load_bundle(name_or_path: str | os.PathLike[str], verify: bool = True) -> Bundle:

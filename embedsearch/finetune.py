@@ -383,14 +383,14 @@ def _save(folder: Path, net: torch.nn.Module, info: dict[str, Any]) -> None:
     """weights.safetensors, then finetune.json (the commit point) with its sha256."""
     from safetensors.torch import save
 
-    from embedsearch.store.io import atomic_write, file_digest, write_json
+    from embedsearch.store.io import atomic_write, write_json
+    from embedsearch.store.verify import file_record
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()
              if v.is_floating_point()}
     data = save(state, metadata={"format": FINETUNE_FORMAT})
     atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(data))
-    info["files"] = {WEIGHTS_FILE: {"bytes": len(data),
-                                    "sha256": file_digest(folder / WEIGHTS_FILE)}}
+    info["files"] = {WEIGHTS_FILE: file_record(folder / WEIGHTS_FILE)}
     info["model_bytes"] = len(data)
     write_json(folder / META_FILE, info)
 
@@ -415,16 +415,17 @@ def load_finetuned(folder: str | os.PathLike[str],
     """Load a saved fine-tune, refusing a modified weights file or another base encoder."""
     from safetensors.torch import load_file
 
-    from embedsearch.bundle import check_same_encoder
     from embedsearch.encoders import load_encoder
-    from embedsearch.store.io import file_digest, read_versioned_json
+    from embedsearch.encoders.identity import check_same_encoder
+    from embedsearch.store.io import read_versioned_json
+    from embedsearch.store.verify import file_mismatch
 
     folder = Path(folder)
     info = read_versioned_json(folder / META_FILE, FINETUNE_FORMAT, FINETUNE_SCHEMA,
                                "fine-tuned model", "fine-tune again with this version")
     meta = info.get("files", {}).get(WEIGHTS_FILE, {})
     wfile = folder / WEIGHTS_FILE
-    if not wfile.is_file() or file_digest(wfile) != meta.get("sha256"):
+    if file_mismatch(wfile, {"sha256": meta.get("sha256")}) is not None:
         raise BundleError(f"{wfile} is missing or does not match {folder / META_FILE}",
                           hint="fine-tune again: embedsearch finetune DATA --out " + str(folder))
     base = info["base_encoder"]

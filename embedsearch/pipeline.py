@@ -5,43 +5,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedsearch import __version__
+from embedsearch.build_options import BuildOptions
 from embedsearch.bundle import (
-    BUNDLE_FORMAT,
-    FINGERPRINT_MIN_COSINE,
-    HELD_OUT_SPLITS,
-    SCHEMA_VERSION,
     bundle_path,
+    read_manifest,
+    verify_files,
+)
+from embedsearch.data.scan import Collection, Record, scan
+from embedsearch.encoders.identity import (
+    FINGERPRINT_MIN_COSINE,
     encoder_key,
     fingerprint_cosine,
     identity_diffs,
-    read_manifest,
-    verify_files,
-    write_manifest,
 )
-from embedsearch.data.scan import Collection, Record, scan
 from embedsearch.engines import ENGINES
 from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
+from embedsearch.generation import remove_stale_generations, write_generation
 from embedsearch.store.cache import ShardCache
 from embedsearch.store.io import (
     exclusive_lock,
-    file_digest,
     read_npy,
     read_parquet,
     remove_temp_files,
-    write_npy,
-    write_parquet,
 )
 from embedsearch.store.shared import SharedCache, hash_files, open_shared
 
@@ -56,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 512
 #: Failures that depend on more than the file's size and mtime (a chmod changes neither):
 #: tried again by every build, which costs one open() each.
 _RETRIED = frozenset({"unreadable", "not_a_regular_file"})
@@ -139,84 +131,51 @@ class _Cache:
         return self.arrays[source][row]
 
 
-def build_index(
-    source: str | os.PathLike[str],
-    *,
-    name: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    model: str | list[str] | None = None,
-    weights: str | os.PathLike[str] | None = None,
-    precision: str | None = None,
-    path_col: str | None = None,
-    label_col: str | None = None,
-    split_col: str | None = None,
-    follow_symlinks: bool = False,
-    skip_missing: bool = False,
-    split_map: str | dict[str, str] | None = None,
-    overwrite: bool = False,
-    index_type: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    encoder: Encoder | None = None,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    engine: str = "local",
-    ray_options: RayOptions | None = None,
-    dedupe: bool | None = None,
-    dedupe_threshold: float | None = None,
-    dedupe_keep: str | None = None,
-    views: str | None = None,
-    device: str = "auto",
-    exclude: str | os.PathLike[str] | None = None,
-) -> BuildResult:
+def build_index(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                options: BuildOptions | None = None, *, name: str | None = None,
+                **overrides: Any) -> BuildResult:
     """Embed a collection into an index bundle, re-encoding only what changed.
 
-    ``progress(total, already_done)`` may return a callback that receives image counts as
-    encoding advances (the CLI passes a progress bar). ``engine="ray"`` encodes on a Ray
-    cluster (see :mod:`embedsearch.engines.ray_engine`); the bundle is the same.
-    ``dedupe=True`` leaves near-duplicates out of the index (see :mod:`embedsearch.dedupe`);
-    the choice sticks to the bundle until ``dedupe=False``. ``split_map``
-    ("sample_train=train,holdout=test") names split folders or values that are not
-    recognised from their words. ``views="flip,crop2"`` also embeds augmented views of the
-    training images for heads (see :mod:`embedsearch.views`); it sticks too, until
-    ``views="none"``. Several ``model`` specs (``SPEC`` or ``SPEC=FILE``) make one bundle of
-    their concatenated embeddings (see :mod:`embedsearch.combine`).
-    ``device`` ("auto", "cpu", "cuda[:N]", "mps") is where
-    images are encoded; it is not part of the bundle's identity, the precision is.
-    ``batch_size`` defaults to the device's (32 on CPU, 256 on CUDA).
-    ``exclude`` names a reviewed list of ids to leave out
-    (:mod:`embedsearch.audit.exclude`), recorded as skipped.
+    ``out`` is the bundle folder (default ``indexes/NAME``, ``name`` defaulting to the
+    source's name); ``options`` says how to read, encode and store (:class:`BuildOptions`).
+    Keyword ``overrides`` replace fields of ``options`` (``build_index(data, model=SPEC)``
+    is ``build_index(data, None, BuildOptions(model=SPEC))``), so a one-off build needs no
+    options object; an unknown field is a TypeError naming it.
     """
+    opts = replace(options or BuildOptions(), **overrides)
+    engine, model, weights, precision = opts.engine, opts.model, opts.weights, opts.precision
+    encoder, progress = opts.encoder, opts.progress
     if engine not in ENGINES:
         raise EmbedsearchError(f"unknown engine {engine!r}",
                                hint=f"use one of {', '.join(ENGINES)}")
     t0 = time.perf_counter()
-    collection = scan(source, path_col=path_col, label_col=label_col, split_col=split_col,
-                      follow_symlinks=follow_symlinks, skip_missing=skip_missing,
-                      split_map=split_map)
-    if exclude is not None:
+    collection = scan(source, path_col=opts.path_col, label_col=opts.label_col,
+                      split_col=opts.split_col, follow_symlinks=opts.follow_symlinks,
+                      skip_missing=opts.skip_missing, split_map=opts.split_map)
+    if opts.exclude is not None:
         from embedsearch.audit.exclude import exclude_records
 
-        collection = exclude_records(collection, exclude)
+        collection = exclude_records(collection, opts.exclude)
     path = Path(out) if out else bundle_path(name or Path(source).stem)
     with exclusive_lock(path):
         remove_temp_files(path)
         old = _previous_manifest(path)
-        from embedsearch.dedupe.bundles import build_settings
+        from embedsearch.dedupe.rules import build_settings
 
-        dedupe_settings = build_settings(old, dedupe, dedupe_threshold, dedupe_keep)
+        dedupe_settings = build_settings(old, opts.dedupe, opts.dedupe_threshold,
+                                          opts.dedupe_keep)
         if isinstance(model, list | tuple):
             model = model[0] if len(model) == 1 else list(model)
         if encoder is None and (isinstance(model, list) or (
                 not model and old is not None and "parts" in old["encoder"])):
-            from embedsearch.combine import combine, encoder_from_identity
+            from embedsearch.encoders.combine import combine, encoder_from_identity
 
             if isinstance(model, list) and weights is not None:
                 raise EmbedsearchError("--weights is ambiguous with several --model",
                                        hint="give each its file: --model SPEC=WEIGHTS")
-            encoder = combine(model, precision, device) if isinstance(model, list) \
+            encoder = combine(model, precision, opts.device) if isinstance(model, list) \
                 else encoder_from_identity(old["encoder"], weights,  # type: ignore[index]
-                                           device)
+                                           opts.device)
         if encoder is None:
             from embedsearch.encoders import DEFAULT_ENCODER, DEFAULT_PRECISION, load_encoder
 
@@ -227,13 +186,13 @@ def build_index(
             if precision is None:
                 precision = old["encoder"].get("precision", "fp32") if old and not model \
                     else DEFAULT_PRECISION
-            encoder = load_encoder(spec, weights, precision=precision, device=device)
+            encoder = load_encoder(spec, weights, precision=precision, device=opts.device)
         identity = encoder.identity()
         fingerprint = encoder.fingerprint()
-        if old is not None and not overwrite:
+        if old is not None and not opts.overwrite:
             _check_compatible(path, old, identity, fingerprint)
         cache = _Cache()
-        if old is not None and not overwrite and _reusable(path, old):
+        if old is not None and not opts.overwrite and _reusable(path, old):
             cache.add(read_npy(path / old["roles"]["embeddings"]),
                       read_parquet(path / old["roles"]["items"]))
             failed_before = read_parquet(path / old["roles"]["failures"])
@@ -243,7 +202,7 @@ def build_index(
                 cache.add(read_npy(path / old["roles"]["dedupe_removed_embeddings"]),
                           read_parquet(path / old["roles"]["dedupe_removed"]))
         shards = ShardCache(path / "cache", encoder_key(identity))
-        if overwrite:
+        if opts.overwrite:
             shards.clear()
         for vectors, meta in shards.load():
             cache.add(vectors, meta)
@@ -257,18 +216,21 @@ def build_index(
         todo = [i for i in todo if not cache.reusable(collection.records[i], keys[i])]
         reused = len(collection.records) - len(todo)
         t_enc = time.perf_counter()
-        _encode_missing(encoder, collection, keys, todo, shards, cache, batch_size, num_workers,
-                        shard_size, progress(len(collection.records), reused) if progress else None,
-                        engine, ray_options, shared)
+        _encode_missing(encoder, collection, keys, todo, shards, cache, opts.batch_size,
+                        opts.num_workers, opts.shard_size,
+                        progress(len(collection.records), reused) if progress else None,
+                        engine, opts.ray_options, shared)
         encode_seconds = time.perf_counter() - t_enc
         encoding = _encoding_record(old, shared, len(todo), encode_seconds)
-        view_set = _encode_views(path, old, overwrite, collection, keys, cache, encoder, views,
-                                 batch_size, num_workers, progress)
-        manifest, failures = _consolidate(path, old, collection, keys, cache, encoder,
-                                          fingerprint, index_type, dedupe_settings, encoding,
-                                          view_set)
+        view_set = _encode_views(path, old, opts.overwrite, collection, keys, cache, encoder,
+                                 opts.views, opts.batch_size, opts.num_workers, progress)
+        metas = [cache.get(rec, key) for rec, key in zip(collection.records, keys, strict=True)]
+        assert all(m is not None for m in metas)
+        manifest, failures = write_generation(path, old, collection, metas, cache.vector,
+                                              encoder, fingerprint, opts.index_type,
+                                              dedupe_settings, encoding, view_set)
         shards.clear()
-        _remove_stale_generations(path, manifest)
+        remove_stale_generations(path, manifest)
         if shared is not None:
             _seed_shared(shared, path, manifest)
     return BuildResult(path, manifest, len(todo), reused, failures,
@@ -282,7 +244,7 @@ def _encode_views(path: Path, old: dict[str, Any] | None, overwrite: bool,
                   views: str | None, batch_size: int, num_workers: int | None,
                   progress: Callable[[int, int], Callable[[int], None]] | None
                   ) -> ViewSet | None:
-    from embedsearch import views as views_mod
+    import embedsearch.views as views_mod
 
     names = views_mod.settings(old, views)
     if not names:
@@ -357,22 +319,6 @@ def _encoding_record(old: dict[str, Any] | None, shared: SharedCache | None, enc
     if previous:
         return previous
     return shared.throughput() if shared is not None else None
-
-
-def held_out_splits(splits: list[str]) -> tuple[frozenset[str], str]:
-    """The splits kept out of the kNN reference (and of head training), and why.
-
-    ``test`` when there is one. A collection published as ``train`` + ``val`` only (e.g.
-    Imagenette) has its ``val`` as the evaluation split: it is held out instead, so that
-    predicting it measures images the reference has never seen.
-    """
-    if HELD_OUT_SPLITS & set(splits):
-        return frozenset(HELD_OUT_SPLITS & set(splits)), "the test split is only scored"
-    if "val" in splits and "train" in splits:
-        return frozenset({"val"}), ("there is no test split, so val is the held-out "
-                                    "evaluation split: kNN votes with train only and heads "
-                                    "are trained on train only")
-    return frozenset(), ""
 
 
 def _previous_manifest(path: Path) -> dict[str, Any] | None:
@@ -484,128 +430,3 @@ def _encode_missing(encoder: Encoder, collection: Collection, keys: list[tuple[i
                 ok = meta[meta["status"] == "ok"]
                 shared.put_many(ok["sha256"].tolist(), vectors,
                                 zip(ok["width"].tolist(), ok["height"].tolist(), strict=True))
-
-
-def _consolidate(path: Path, old: dict[str, Any] | None, collection: Collection,
-                 keys: list[tuple[int, int]], cache: _Cache, encoder: Encoder,
-                 fingerprint: np.ndarray, index_type: str,
-                 dedupe: dict[str, Any] | None = None,
-                 encoding: dict[str, Any] | None = None, views: ViewSet | None = None
-                 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Write a new generation of the bundle's files, then the manifest (the commit)."""
-    import pandas as pd
-
-    from embedsearch.audit.pixels import STAT_COLUMNS
-    from embedsearch.index import make_index, write_faiss
-
-    ok_rows, failed_rows = [], []
-    for rec, key in zip(collection.records, keys, strict=True):
-        meta = cache.get(rec, key)
-        assert meta is not None, rec.id
-        row = {**meta, "label": rec.label, "split": rec.split}
-        (ok_rows if meta["status"] == "ok" else failed_rows).append(row)
-    # Reference rows first, held-out rows last: kNN searches a prefix of the index.
-    held_out, held_out_reason = held_out_splits(collection.splits)
-    ok_rows.sort(key=lambda r: r["split"] in held_out)
-    vectors = np.stack([cache.vector(r["id"]) for r in ok_rows]) if ok_rows \
-        else np.zeros((0, encoder.dim), np.float32)
-    # px_*: pixel statistics for the audit (NaN for images encoded before they existed).
-    columns = ["id", "label", "split", "size", "mtime_ns", "sha256", "width", "height",
-               *STAT_COLUMNS]
-    items = pd.DataFrame(ok_rows, columns=[*columns, "status", "detail", "row"])
-    items["row"] = np.arange(len(items))
-    items = items[[*columns, "row"]]
-    failures = pd.DataFrame(
-        [{"id": r["id"], "reason": r["status"], "detail": r["detail"], "size": r["size"],
-          "mtime_ns": r["mtime_ns"], "sha256": r["sha256"], "status": r["status"], "row": -1}
-         for r in failed_rows]
-        + [{"id": s.id, "reason": s.reason, "detail": s.detail, "size": -1, "mtime_ns": -1,
-            "sha256": None, "status": s.reason, "row": -2} for s in collection.skipped],
-        columns=["id", "reason", "detail", "size", "mtime_ns", "sha256", "status", "row"],
-    )
-    if len(items) == 0:
-        raise BundleError(
-            f"none of the {len(collection.records)} images could be read "
-            f"({Counter(failures['reason']).most_common(3)})",
-            hint="check the files; run with --debug for details")
-    gen = (old["generation"] + 1) if old else 1
-    roles = {r: f"data/{r}-{gen:06d}.{ext}" for r, ext in
-             (("embeddings", "npy"), ("items", "parquet"), ("failures", "parquet"),
-              ("index", "faiss"))}
-    dedupe_record = None
-    if dedupe:
-        from embedsearch.dedupe.bundles import apply_build_dedupe
-
-        items, vectors, gone, gone_vectors, dedupe_record = apply_build_dedupe(items, vectors,
-                                                                               dedupe)
-        roles["dedupe_removed"] = f"data/dedupe_removed-{gen:06d}.parquet"
-        roles["dedupe_removed_embeddings"] = f"data/dedupe_removed_embeddings-{gen:06d}.npy"
-        write_parquet(path / roles["dedupe_removed"], gone)
-        write_npy(path / roles["dedupe_removed_embeddings"], gone_vectors)
-    write_npy(path / roles["embeddings"], vectors)
-    write_parquet(path / roles["items"], items)
-    write_parquet(path / roles["failures"], failures)
-    views_record = None
-    if views is not None:
-        from embedsearch.views import write as write_views
-
-        view_roles, views_record = write_views(path, gen, views, items)
-        roles.update(view_roles)
-    del vectors  # the index is filled from the written file, block by block
-    index, index_info = make_index(read_npy(path / roles["embeddings"]), index_type)
-    write_faiss(path / roles["index"], index)
-    n_ref = int((~items["split"].isin(held_out)).sum())
-    index_info["reference_rows"] = n_ref
-    if held_out:
-        index_info["held_out"] = {"splits": sorted(held_out), "why": held_out_reason}
-    labels = items["label"].dropna()
-    manifest = {
-        "format": BUNDLE_FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "generation": gen,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "embedsearch_version": __version__,
-        "encoder": encoder.identity(),
-        "fingerprint": [round(float(x), 6) for x in fingerprint],
-        "source": {"path": str(collection.root if collection.source == "folder"
-                               else collection.root / collection.source.split(":", 1)[1]),
-                   "kind": collection.source.split(":")[0], "splits": collection.splits},
-        "classes": sorted(labels.unique().tolist()),
-        "counts": {
-            "scanned": len(collection.records) + len(collection.skipped),
-            "embedded": len(items),
-            "failed": len(failed_rows),
-            "skipped": len(collection.skipped),
-            "by_reason": dict(Counter(failures["reason"])),
-            "by_class": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()},
-            "by_split": {str(k): int(v) for k, v in
-                         items["split"].fillna("none").value_counts().sort_index().items()},
-        },
-        "index": index_info,
-        "roles": roles,
-        "files": {rel: {"bytes": (path / rel).stat().st_size, "sha256": file_digest(path / rel)}
-                  for rel in roles.values()},
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "backend": encoder.backend},
-    }
-    if old:
-        for key in ("heads", "dedupe"):
-            if key in old:
-                manifest[key] = old[key]
-    manifest.pop("dedupe", None)
-    if encoding:
-        manifest["encoding"] = encoding
-    if dedupe_record is not None:
-        manifest["dedupe"] = {**dedupe_record, "removed_file": roles["dedupe_removed"]}
-    if views_record is not None:
-        manifest["views"] = views_record
-    write_manifest(path, manifest)
-    return manifest, failures
-
-
-def _remove_stale_generations(path: Path, manifest: dict[str, Any]) -> None:
-    keep = {path / rel for rel in manifest["roles"].values()}
-    for f in (path / "data").glob("*-*.*"):
-        if f not in keep:
-            with contextlib.suppress(OSError):
-                f.unlink()

@@ -1,9 +1,9 @@
-"""Heads and zero-shot on a bundle: train from cached embeddings, save, load, choose.
+"""Train heads on a bundle's cached embeddings, and score them against kNN.
 
 ``fit_head(bundle, "linear")`` trains on the bundle's reference rows (``split == "val"``
 rows as validation when there are any; ``test`` rows never), compares with kNN on the same
 validation protocol, saves the head under ``bundle/heads/NAME/`` and registers it in the
-manifest. Nothing here opens an image.
+manifest (:mod:`embedsearch.head_store`). Nothing here opens an image.
 """
 
 from __future__ import annotations
@@ -12,24 +12,20 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedsearch.classify.metrics import class_counts, classification_figures
-from embedsearch.errors import BundleError, EmbedsearchError
+from embedsearch.errors import EmbedsearchError
 
 if TYPE_CHECKING:
     from embedsearch.bundle import Bundle
     from embedsearch.classify.heads import ExtraTrain, Head
-    from embedsearch.classify.zeroshot import ZeroShotClassifier
 
 log = logging.getLogger(__name__)
 
-HEADS_DIR = "heads"
-ZEROSHOT_DIR = "zeroshot"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -70,20 +66,20 @@ def _bundle(bundle: Bundle | str | os.PathLike[str]) -> Bundle:
 
 def _labelled_rows(bundle: Bundle) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference rows with a label: (row numbers, labels, is-validation mask)."""
-    from embedsearch.bundle import _none
+    from embedsearch.bundle import text_or_none
 
     items = bundle.items.iloc[: bundle.reference_rows]
-    labels = np.array([_none(v) for v in items["label"]], dtype=object)
+    labels = np.array([text_or_none(v) for v in items["label"]], dtype=object)
     split = items["split"].astype(object).to_numpy()
     rows = np.flatnonzero(labels != None)  # noqa: E711 (object array comparison)
     return rows, labels[rows].astype(str), split[rows] == "val"
 
 
 def _test_rows(bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
-    from embedsearch.bundle import _none
+    from embedsearch.bundle import text_or_none
 
     items = bundle.items.iloc[bundle.reference_rows:]
-    labels = np.array([_none(v) for v in items["label"]], dtype=object)
+    labels = np.array([text_or_none(v) for v in items["label"]], dtype=object)
     keep = np.flatnonzero(labels != None)  # noqa: E711
     return keep + bundle.reference_rows, labels[keep].astype(str)
 
@@ -131,6 +127,7 @@ def fit_head(bundle: Bundle | str | os.PathLike[str], kind: str = "linear", *,
     """
     from embedsearch.classify import DEFAULT_SELECT_BY
     from embedsearch.classify.heads import HEAD_KINDS, check_choice, make_head
+    from embedsearch.head_store import save_head
 
     b = _bundle(bundle)
     check_choice(kind, (*HEAD_KINDS, "auto"), "head")
@@ -219,285 +216,3 @@ def _extra_for(extra: ExtraTrain | None, train_rows: np.ndarray) -> ExtraTrain |
     if not keep.all():
         log.info("extra_train: %d views of validation/test images left out", int((~keep).sum()))
     return np.asarray(Xe)[keep], ye[keep], mapped[keep]
-
-
-def save_head(bundle: Bundle, head: Head, name: str, extra: dict[str, Any] | None = None
-              ) -> Path:
-    """Write ``heads/NAME/`` and register it in the manifest (the commit point)."""
-    from embedsearch.bundle import read_manifest, write_manifest
-    from embedsearch.store.io import exclusive_lock
-
-    rel = f"{HEADS_DIR}/{name}"
-    folder = bundle.path / rel
-    with exclusive_lock(bundle.path):
-        manifest = read_manifest(bundle.path)
-        files = head.save(folder, encoder=bundle.encoder_identity,
-                          extra={"name": name, **(extra or {})})
-        entry = {
-            "kind": head.kind,
-            "path": rel,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "classes": len(head.classes_),
-            "encoder": {"spec": bundle.encoder_identity.get("spec"),
-                        "key_sha256": _encoder_digest(bundle.encoder_identity)},
-            "bundle_generation": manifest.get("generation"),
-            "train_seconds": head.info.get("train_seconds"),
-            "validation": head.info.get("validation", {}),
-            "select_by": head.info.get("selection", {}).get("metric"),
-            "knn_validation": (extra or {}).get("knn_validation", {}),
-            "files": {f"{rel}/{fname}": meta for fname, meta in files.items()},
-        }
-        manifest.setdefault("heads", {})[name] = entry
-        write_manifest(bundle.path, manifest)
-    bundle.manifest = manifest
-    return folder
-
-
-def load_bundle_head(bundle: Bundle, name: str | os.PathLike[str] | None = None) -> Head:
-    """A head registered in ``bundle`` (by name; None = the best) or a head folder, verified
-    (file hashes) and refused when it was trained on another encoder's embeddings."""
-    from embedsearch.bundle import check_same_encoder
-    from embedsearch.classify.heads import HEAD_FILE, load_head, read_head_meta
-    from embedsearch.store.io import file_digest
-
-    heads = bundle.manifest.get("heads", {})
-    if name is None:
-        name = best_head_name(bundle)
-        if name is None:
-            raise EmbedsearchError(f"bundle {bundle.name} has no trained head",
-                                   hint=f"train one: embedsearch train --index {bundle.path} "
-                                   "--head linear")
-    # Verified once per Bundle object and manifest entry (a server predicts many times).
-    cache = _loaded(bundle)
-    key = ("head", str(name), repr(heads.get(str(name))))
-    if key in cache:
-        return cache[key]
-    if str(name) in heads:
-        entry = heads[str(name)]
-        folder = bundle.path / entry["path"]
-        for rel, meta in entry.get("files", {}).items():
-            f = bundle.path / rel
-            if not f.is_file() or f.stat().st_size != meta["bytes"] \
-                    or file_digest(f) != meta["sha256"]:
-                raise BundleError(
-                    f"{f} is missing or was modified after the head was saved",
-                    hint=f"retrain it: embedsearch train --index {bundle.path} --head "
-                    f"{entry['kind']} --head-name {name}")
-        kind = entry["kind"]
-    elif Path(name).is_dir():
-        folder = Path(name)
-        kind = read_head_meta(folder)["kind"]
-    else:
-        raise EmbedsearchError(
-            f"bundle {bundle.name} has no head {str(name)!r}",
-            hint=f"trained heads: {', '.join(heads) or 'none'}; train one with embedsearch "
-            f"train --index {bundle.path} --head linear --head-name {name}")
-    meta = read_head_meta(folder)
-    check_same_encoder(bundle.encoder_identity, meta.get("encoder") or {},
-                       f"head {folder / HEAD_FILE}",
-                       f"retrain it on this bundle: embedsearch train --index {bundle.path} "
-                       f"--head {kind}" + (f" --head-name {name}" if str(name) in heads else ""))
-    head = load_head(folder)
-    if str(name) in heads:
-        cache[key] = head
-    return head
-
-
-def _loaded(bundle: Bundle) -> dict[tuple[str, ...], Any]:
-    """Per-Bundle cache of verified heads and zero-shot classifiers."""
-    return vars(bundle).setdefault("_loaded_classifiers", {})
-
-
-def _encoder_digest(identity: dict[str, Any]) -> str:
-    import hashlib
-
-    from embedsearch.bundle import encoder_key
-
-    return hashlib.sha256(encoder_key(identity).encode()).hexdigest()[:16]
-
-
-def best_head_name(bundle: Bundle) -> str | None:
-    """The registered head with the best validation figure, or None: by the metric the
-    heads were selected by when they all share one, else macro-F1 (then accuracy).
-
-    Heads trained before the bundle was rebuilt with another encoder are passed over (they
-    are refused when asked for by name).
-    """
-    current = _encoder_digest(bundle.encoder_identity)
-    heads = {n: e for n, e in bundle.manifest.get("heads", {}).items()
-             if e.get("encoder", {}).get("key_sha256") == current}
-    if not heads:
-        return None
-
-    metrics = {e.get("select_by") for e in heads.values()}
-    metric = metrics.pop() if len(metrics) == 1 and None not in metrics else "macro_f1"
-
-    def score(item: tuple[str, dict[str, Any]]) -> tuple[float, float]:
-        v = item[1].get("validation", {})
-        return float(v.get(metric, -1.0)), float(v.get("accuracy", -1.0))
-
-    return max(heads.items(), key=score)[0]
-
-
-def head_beats_knn(bundle: Bundle, name: str) -> bool:
-    """Whether head ``name`` scored at least kNN's validation macro-F1 when it was trained."""
-    entry = bundle.manifest.get("heads", {}).get(name, {})
-    head_f1 = entry.get("validation", {}).get("macro_f1")
-    knn_f1 = entry.get("knn_validation", {}).get("macro_f1")
-    if head_f1 is None or knn_f1 is None:
-        return True
-    return float(head_f1) >= float(knn_f1)
-
-
-def bundle_zeroshot(bundle: Bundle, classes: list[str] | None = None,
-                    templates: str | list[str] | None = None) -> ZeroShotClassifier:
-    """A zero-shot classifier for ``bundle`` with text embeddings cached in the bundle.
-
-    ``classes`` default to the bundle's own classes; an unlabelled bundle needs them.
-    A cache hit does not load the encoder at all.
-    """
-    from embedsearch.classify.zeroshot import ZeroShotClassifier, check_text_capable
-
-    identity = bundle.encoder_identity
-    check_text_capable(identity)
-    names = classes or bundle.classes
-    if not names:
-        raise EmbedsearchError(f"bundle {bundle.name} has no labels, so zero-shot needs the "
-                               "class names", hint="pass them: --classes cat,dog,bird")
-    clf = ZeroShotClassifier(None, names, templates)
-    cache = _loaded(bundle)
-    key = ("zeroshot", clf.cache_key(identity))
-    if key in cache:
-        return cache[key]
-    folder = bundle.path / ZEROSHOT_DIR
-    if not clf.load_cache(folder, identity):
-        clf.encoder = bundle.encoder()
-        clf.fit()
-        try:
-            clf.save_cache(folder, identity)
-        except (BundleError, OSError) as exc:  # a read-only bundle still predicts
-            log.warning("could not cache zero-shot text embeddings in %s: %s", folder, exc)
-    cache[key] = clf
-    return clf
-
-
-# -- choosing and running methods for Bundle.predict_vectors ---------------------------------
-METHODS = ("auto", "knn", "head", "zeroshot", "all")
-
-
-@dataclass
-class MethodOutput:
-    """One method's probabilities for a batch of queries (columns follow ``classes``)."""
-
-    key: str  # "knn", "head:NAME" or "zeroshot": stable, for JSON and tables
-    description: str  # e.g. "knn(k=10, similarity)", "head:linear (linear, C=0.01)"
-    classes: np.ndarray
-    proba: np.ndarray | None
-    error: str = ""
-
-
-def choose_method(bundle: Bundle, head_name: str | None = None,
-                  classes: list[str] | None = None) -> tuple[str, str | None]:
-    """The best available method: ("head", name), ("knn", None), ("zeroshot", None), or
-    ("search", None) when nothing can classify.
-
-    A trained head is chosen when its validation macro-F1 was at least kNN's on the same
-    rows; then kNN on a labelled bundle; then zero-shot on a CLIP bundle with class names.
-    """
-    if head_name is not None:
-        return "head", head_name
-    best = best_head_name(bundle)
-    if best is not None and head_beats_knn(bundle, best):
-        return "head", best
-    if bundle.labelled:
-        return "knn", None
-    if bundle.encoder_identity.get("supports_text") and classes:
-        return "zeroshot", None
-    return "search", None
-
-
-def head_output(bundle: Bundle, name: str, vectors: np.ndarray) -> MethodOutput:
-    head = load_bundle_head(bundle, name)
-    sel = head.info.get("selection", {})
-    setting = f"C={sel['C']:g}" if "C" in sel else (
-        f"{sel['best_epoch']} epochs" if "best_epoch" in sel else "")
-    desc = f"head:{name} ({head.kind}{', ' + setting if setting else ''})"
-    return MethodOutput(f"head:{name}", desc, head.classes_, head.predict_proba(vectors))
-
-
-def zeroshot_output(bundle: Bundle, vectors: np.ndarray, classes: list[str] | None,
-                    templates: str | list[str] | None) -> MethodOutput:
-    clf = bundle_zeroshot(bundle, classes, templates)
-    return MethodOutput("zeroshot", f"zeroshot({len(clf.templates)} prompts per class)",
-                        clf.classes_, clf.predict_proba(vectors))
-
-
-def run_methods(bundle: Bundle, vectors: np.ndarray, method: str, knn: MethodOutput | None,
-                head_name: str | None = None, classes: list[str] | None = None,
-                templates: str | list[str] | None = None
-                ) -> tuple[str | None, dict[str, MethodOutput]]:
-    """Run ``method`` (or every available one for "all"); returns (chosen key, outputs).
-
-    ``knn`` is the kNN output the caller already computed with its neighbour search.
-    With "all", a head that cannot be loaded comes back with ``error`` set instead of
-    failing the whole prediction.
-    """
-    if method not in METHODS:
-        raise EmbedsearchError(f"unknown method {method!r}", hint=f"use one of {METHODS}")
-    outputs: dict[str, MethodOutput] = {}
-    if method == "knn":
-        if knn is None:
-            bundle.knn()  # raises the "no labels" error
-        assert knn is not None
-        return knn.key, {knn.key: knn}
-    if method == "head":
-        out = head_output(bundle, head_name or _require_head(bundle), vectors)
-        return out.key, {out.key: out}
-    if method == "zeroshot":
-        out = zeroshot_output(bundle, vectors, classes, templates)
-        return out.key, {out.key: out}
-    kind, name = choose_method(bundle, head_name, classes)
-    if method == "auto":
-        if kind == "head":
-            assert name is not None
-            out = head_output(bundle, name, vectors)
-        elif kind == "knn" and knn is not None:
-            out = knn
-        elif kind == "zeroshot":
-            out = zeroshot_output(bundle, vectors, classes, templates)
-        else:
-            return None, {}
-        return out.key, {out.key: out}
-    # "all": every method this bundle can run, side by side.
-    if knn is not None:
-        outputs[knn.key] = knn
-    for hname in bundle.manifest.get("heads", {}):
-        try:
-            out = head_output(bundle, hname, vectors)
-        except EmbedsearchError as exc:
-            out = MethodOutput(f"head:{hname}", f"head:{hname}", np.array([], str), None,
-                               error=exc.message)
-        outputs[out.key] = out
-    if bundle.encoder_identity.get("supports_text") and (classes or bundle.classes):
-        out = zeroshot_output(bundle, vectors, classes, templates)
-        outputs[out.key] = out
-    chosen = {"head": f"head:{name}", "knn": "knn", "zeroshot": "zeroshot"}.get(kind)
-    if chosen not in outputs or outputs[chosen].proba is None:
-        chosen = next((k for k, o in outputs.items() if o.proba is not None), None)
-    return chosen, outputs
-
-
-def _require_head(bundle: Bundle) -> str:
-    name = best_head_name(bundle)
-    if name is None:
-        raise EmbedsearchError(f"bundle {bundle.name} has no trained head",
-                               hint=f"train one: embedsearch train --index {bundle.path} "
-                               "--head linear")
-    return name
-
-
-def top_probabilities(classes: np.ndarray, row: np.ndarray, limit: int = 10,
-                      floor: float = 5e-4) -> dict[str, float]:
-    """The ``limit`` most likely classes with probability ≥ ``floor``, highest first."""
-    order = np.argsort(-row, kind="stable")[:limit]
-    return {str(classes[i]): round(float(row[i]), 4) for i in order if row[i] >= floor}

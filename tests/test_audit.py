@@ -26,6 +26,7 @@ from embedsearch.audit.pixels import (
 )
 from embedsearch.audit.planted import flip_labels, spurious_images
 from embedsearch.cli import main
+from embedsearch.query import embed_paths
 from tests.conftest import CLOTHING, draw_image, make_collection, require_shared
 
 
@@ -238,7 +239,7 @@ def test_real_photos_label_flips_and_off_topic(clothing_bundle, tmp_path: Path) 
         p = tmp_path / f"drawing_{k}.png"
         _photo(100 + k).save(p)
         paths.append(p)
-    planted, _ = clothing_bundle.embed_paths(paths)
+    planted, _ = embed_paths(clothing_bundle, paths)
     labels = np.r_[items["label"].to_numpy(dtype=object), ["dress"] * len(planted)]
     score = outlier_scores(np.vstack([X, planted]), labels)
     truth = np.r_[np.zeros(len(X), bool), np.ones(len(planted), bool)]

@@ -12,6 +12,7 @@ from embedsearch import build_index, load_bundle
 from embedsearch.encoders import backends, load_encoder
 from embedsearch.encoders.base import Encoder, WeightsInfo
 from embedsearch.errors import EncoderError
+from embedsearch.query import embed_paths
 
 TINY = "test:tiny"
 RUNTIMES = [pytest.param(b, marks=pytest.mark.skipif(not backends.installed(b),
@@ -131,11 +132,11 @@ def test_light_path_embeds_without_torch_and_rechecks(name: str, _cache: Path,
     paths = list(queries.values())
     on_torch = load_bundle("b")
     on_torch._encoder = _conv("torch")  # what Bundle.encoder() would build for a registry spec
-    np.testing.assert_allclose(bundle.embed_paths(paths)[0], on_torch.embed_paths(paths)[0],
+    np.testing.assert_allclose(embed_paths(bundle, paths)[0], embed_paths(on_torch, paths)[0],
                                atol=1e-5)
     # A fresh process predicts through the export without importing torch at all.
-    code = ("import sys; from pathlib import Path; from embedsearch import load_bundle; "
-            f"p = load_bundle('b').predict([Path({str(paths[0])!r})], k=3); "
+    code = ("import sys; from pathlib import Path; from embedsearch.predict import Predictor; "
+            f"p = Predictor('b').predict([Path({str(paths[0])!r})], k=3); "
             "assert p[0].status == 'ok', p; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})

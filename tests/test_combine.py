@@ -10,10 +10,12 @@ from click.testing import CliRunner
 
 from embedsearch.bundle import load_bundle
 from embedsearch.cli import main
-from embedsearch.combine import CombinedEncoder, combine
 from embedsearch.encoders import load_encoder
+from embedsearch.encoders.combine import CombinedEncoder, combine
 from embedsearch.errors import EmbedsearchError, EncoderError
 from embedsearch.pipeline import build_index
+from embedsearch.predict import Predictor
+from embedsearch.query import embed_paths
 from tests.conftest import MOBILENET, REPO
 
 TINY = "test:tiny"
@@ -32,7 +34,7 @@ def test_concatenated_bundle_is_the_normalised_join(collection: Path,
     assert np.allclose(Xb[:, :64] * np.sqrt(2), Xa, atol=1e-6)
     assert np.allclose(Xb[:, 64:], Xb[:, :64])
     # Queries are embedded by the combination rebuilt from the recorded parts.
-    q = b.embed_paths([queries["red"]])[0]
+    q = embed_paths(b, [queries["red"]])[0]
     assert q.shape == (1, 128) and np.isclose(np.linalg.norm(q), 1, atol=1e-6)
     from embedsearch.data.images import load_image  # the server's path: one image
 
@@ -40,7 +42,7 @@ def test_concatenated_bundle_is_the_normalised_join(collection: Path,
     image = load_image(queries["red"], target_size=enc2.preprocess.resize).image
     one = enc2.encode_tensors(enc2.transform(image)[None])
     assert np.allclose(one, q, atol=1e-5)
-    assert b.predict([queries["red"]])[0].label == "red"
+    assert Predictor(b).predict([queries["red"]])[0].label == "red"
     # A rebuild without --model keeps the combination and re-encodes nothing.
     again = build_index(collection, name="two")
     assert again.encoded == 0 and again.manifest["encoder"]["spec"] == ident["spec"]

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from embedsearch import build_index, load_bundle
 from embedsearch.cli import main
 from embedsearch.errors import BundleError, BundleMismatchError, EncoderError, InputError
+from embedsearch.predict import Predictor
 from tests.conftest import COLOURS, draw_image, make_collection
 
 TINY = "test:tiny"
@@ -31,13 +32,26 @@ def test_build_then_predict_right_class(collection: Path, queries: dict[str, Pat
     assert res.manifest["counts"]["embedded"] == 24
     assert res.manifest["classes"] == sorted(COLOURS)
     bundle = load_bundle("colours")
-    preds = bundle.predict(list(queries.values()), k=5)
+    preds = Predictor(bundle).predict(list(queries.values()), k=5)
     assert [p.label for p in preds] == list(queries)
     assert all(p.confidence > 0.5 for p in preds)
     # Neighbours are real items of the bundle, most similar first.
     sims = [n["similarity"] for n in preds[0].neighbours]
     assert sims == sorted(sims, reverse=True)
     assert {n["id"].split("/")[0] for n in preds[0].neighbours} == {"red"}
+
+
+def test_build_options_object_and_keyword_overrides(collection: Path, tmp_path: Path) -> None:
+    from embedsearch import BuildOptions
+
+    opts = BuildOptions(model=TINY, index_type="flat")
+    a = build_index(collection, tmp_path / "a", opts)
+    # A keyword overrides the options' field; the options object itself is unchanged.
+    b = build_index(collection, tmp_path / "b", opts, dedupe=True, dedupe_threshold=0.99)
+    assert opts.dedupe is None and "dedupe" not in a.manifest and "dedupe" in b.manifest
+    assert a.manifest["encoder"] == b.manifest["encoder"] and a.manifest["index"]["type"] == "flat"
+    with pytest.raises(TypeError, match="modle"):
+        build_index(collection, tmp_path / "c", modle=TINY)
 
 
 def test_rerun_encodes_nothing_and_new_files_only(collection: Path) -> None:
@@ -77,7 +91,7 @@ def test_split_layout_recorded_and_test_rows_not_used_as_reference(split_collect
     assert (b.items["split"].iloc[24:] == "test").all()
     # A test image predicted against the index never finds itself.
     test_ids = b.items["id"].iloc[24:].tolist()
-    preds = b.predict_vectors(np.asarray(b.embeddings[24:]), test_ids, k=3)
+    preds = Predictor(b).predict_vectors(np.asarray(b.embeddings[24:]), test_ids, k=3)
     for p in preds:
         assert all(n["id"] not in test_ids for n in p.neighbours)
 
@@ -114,7 +128,7 @@ def test_unlabelled_folder_is_a_similarity_search(tmp_path: Path, queries: dict[
         draw_image(cls, 100 + i).save(flat / f"img_{i:02d}_{cls}.png")
     res = build_index(flat, name="u", model=TINY)
     assert res.manifest["classes"] == []
-    preds = load_bundle("u").predict([queries["blue"]], n_neighbours=3)
+    preds = Predictor("u").predict([queries["blue"]], n_neighbours=3)
     assert preds[0].label is None
     assert all(n["id"].endswith("_blue.png") for n in preds[0].neighbours)
 
@@ -257,8 +271,8 @@ def test_default_encoder_knn_on_clothing(clothing_bundle) -> None:
     assert b.encoder_identity["spec"] == "efficientnet-lite0"
     assert b.manifest["counts"]["by_split"] == {"test": 372, "train": 3068, "val": 341}
     test = b.items.iloc[b.reference_rows:]
-    preds = b.predict_vectors(np.asarray(b.embeddings[b.reference_rows:]),
-                              test["id"].tolist(), k=10)
+    preds = Predictor(b).predict_vectors(np.asarray(b.embeddings[b.reference_rows:]),
+                                         test["id"].tolist(), k=10)
     acc = np.mean([p.label == t for p, t in zip(preds, test["label"], strict=True)])
     # Shared README: plain 10-NN majority vote measured 0.852 over these weights.
     assert acc >= 0.83, acc

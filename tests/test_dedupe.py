@@ -35,6 +35,7 @@ from embedsearch.dedupe import (
     write_report,
 )
 from embedsearch.errors import EmbedsearchError, InputError
+from embedsearch.query import embed_paths
 from tests.conftest import REPO
 
 TINY = "test:tiny"
@@ -525,7 +526,7 @@ def test_default_threshold_groups_real_photo_copies(clothing_bundle, tmp_path: P
             copy.save(p, quality=q)
             paths.append(p)
             origin.append(r)
-    vecs, _ = clothing_bundle.embed_paths(paths, num_workers=0)
+    vecs, _ = embed_paths(clothing_bundle, paths, num_workers=0)
     x = np.concatenate([np.asarray(clothing_bundle.embeddings), vecs])
     ids = [*items["id"].tolist(), *[p.name for p in paths]]
     res = find_duplicates(x, ids)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedsearch.bundle import encoder_key, load_bundle
+from embedsearch.bundle import load_bundle
 from embedsearch.cli import main
 from embedsearch.encoders import load_encoder
 from embedsearch.encoders.devices import default_batch_size, resolve_device
+from embedsearch.encoders.identity import encoder_key
 from embedsearch.errors import EncoderError
 from embedsearch.pipeline import build_index
 

@@ -15,6 +15,7 @@ from embedsearch.classify.knn import KNNClassifier
 from embedsearch.cli import main
 from embedsearch.errors import EmbedsearchError, EncoderError, InputError
 from embedsearch.index import make_index, search
+from embedsearch.predict import Predictor
 from tests import badfiles
 from tests.conftest import make_collection
 
@@ -64,7 +65,7 @@ def test_k_larger_than_the_bundle_through_predict(tmp_path: Path) -> None:
 def test_one_class_index(tmp_path: Path, queries: dict[str, Path]) -> None:
     images = make_collection(tmp_path / "images", per_class=4, classes=("red",))
     build_index(images, out=tmp_path / "b", model=TINY)
-    preds = load_bundle(tmp_path / "b").predict([queries["blue"], queries["red"]], k=3)
+    preds = Predictor(tmp_path / "b").predict([queries["blue"], queries["red"]], k=3)
     assert [p.label for p in preds] == ["red", "red"]
     assert all(p.confidence == 1.0 and p.probabilities == {"red": 1.0} for p in preds)
     clf = KNNClassifier(3).fit(unit(4), ["only"] * 4)
@@ -88,7 +89,7 @@ def test_bundle_whose_rows_are_all_held_out(tmp_path: Path, queries: dict[str, P
     b = load_bundle(tmp_path / "b")
     assert b.reference_rows == 0
     with pytest.raises(EmbedsearchError, match="no reference images"):
-        b.predict([queries["red"]])
+        Predictor(b).predict([queries["red"]])
     code, out = cli("predict", str(queries["red"]), "--index", str(tmp_path / "b"))
     assert code != 0 and "Traceback" not in out and "all 6 are held-out test images" in out
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedsearch.bundle import check_same_encoder, encoder_key
 from embedsearch.encoders import load_encoder
+from embedsearch.encoders.identity import check_same_encoder, encoder_key
 from embedsearch.errors import BundleMismatchError, EncoderError, WeightsDownloadError
 from tests.conftest import MOBILENET
 

@@ -11,9 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from embedsearch import build_index, load_bundle
-from embedsearch.classify.heads import LinearHead, MLPHead, load_head
+from embedsearch.classify.heads import LinearHead, MLPHead
 from embedsearch.cli import main
 from embedsearch.errors import BundleError, BundleMismatchError, EmbedsearchError
+from embedsearch.head_store import load_bundle_head, load_head, write_head
+from embedsearch.predict import Predictor
 from embedsearch.training import fit_head
 from tests.conftest import COLOURS, draw_image
 
@@ -257,7 +259,7 @@ def test_mlp_is_never_below_its_linear_base_on_validation() -> None:
 def test_saved_head_loads_with_identical_predictions(make, tmp_path: Path) -> None:
     X, y = blobs((40, 40, 40), spread=0.8, seed=9)
     head = make().fit(X, y)
-    files = head.save(tmp_path / "h", encoder={"spec": "x", "dim": 32})
+    files = write_head(head, tmp_path / "h", encoder={"spec": "x", "dim": 32})
     assert set(files) == {"weights.safetensors", "head.json"}
     meta = json.loads((tmp_path / "h" / "head.json").read_text())
     assert meta["classes"] == ["c0", "c1", "c2"] and meta["encoder"]["spec"] == "x"
@@ -314,10 +316,10 @@ def test_fit_head_on_bundle_uses_cached_embeddings_only(tiny_bundle, queries, mo
     b = load_bundle("tb")
     assert [h["name"] for h in b.heads()] == ["linear"]
     assert b.heads()[0]["encoder"]["spec"] == TINY
-    head = b.load_head("linear")
+    head = load_bundle_head(b, "linear")
     X = np.asarray(b.embeddings)
     assert np.array_equal(head.predict_proba(X), res.head.predict_proba(X))
-    preds = b.predict(list(queries.values()), method="head")
+    preds = Predictor(b).predict(list(queries.values()), method="head")
     assert [p.label for p in preds] == list(queries)
     assert preds[0].method.startswith("head:linear (linear, C=")
     assert all(p.confidence > 0.5 for p in preds)
@@ -331,7 +333,7 @@ def test_several_heads_side_by_side_and_auto_choice(tiny_bundle, queries) -> Non
     X = np.asarray(b.embeddings[b.reference_rows:])
     ids = b.items["id"].iloc[b.reference_rows:].tolist()
     truth = b.items["label"].iloc[b.reference_rows:].tolist()
-    preds = b.predict_vectors(X, ids, k=3, method="all")
+    preds = Predictor(b).predict_vectors(X, ids, k=3, method="all")
     for p, t in zip(preds, truth, strict=True):
         assert set(p.methods) == {"knn", "head:linear", "head:mlp-small"}
         assert {m["label"] for m in p.methods.values()} == {t}
@@ -340,13 +342,13 @@ def test_several_heads_side_by_side_and_auto_choice(tiny_bundle, queries) -> Non
         d = p.as_dict()
         assert json.loads(json.dumps(d))["methods"]["knn"]["probabilities"][t] > 0.5
     # auto == the best head on validation (both perfect here: ties go to the first best).
-    auto = b.predict_vectors(X, ids, method="auto")
+    auto = Predictor(b).predict_vectors(X, ids, method="auto")
     assert auto[0].method == preds[0].method
-    knn = b.predict_vectors(X, ids, k=3, method="knn")
+    knn = Predictor(b).predict_vectors(X, ids, k=3, method="knn")
     assert knn[0].method == "knn(k=3, similarity)" and not knn[0].methods
     # The shared classes_: every method's predict_proba has the same column order.
     for m in ("knn", "head"):
-        assert list(b.classifier(m).classes_) == b.classes
+        assert list(Predictor(b).classifier(m).classes_) == b.classes
 
 
 def test_auto_prefers_knn_when_it_beat_the_head(tiny_bundle) -> None:
@@ -354,8 +356,9 @@ def test_auto_prefers_knn_when_it_beat_the_head(tiny_bundle) -> None:
     b = load_bundle("tb")
     b.manifest["heads"]["linear"]["validation"]["macro_f1"] = 0.5  # pretend a poor head
     X = np.asarray(b.embeddings[:2])
-    assert b.predict_vectors(X, ["a", "b"])[0].method.startswith("knn")
-    assert b.predict_vectors(X, ["a", "b"], method="head")[0].method.startswith("head:linear")
+    p = Predictor(b)
+    assert p.predict_vectors(X, ["a", "b"])[0].method.startswith("knn")
+    assert p.predict_vectors(X, ["a", "b"], method="head")[0].method.startswith("head:linear")
 
 
 def test_head_from_another_encoder_is_refused(tiny_bundle, split_collection: Path) -> None:
@@ -367,13 +370,14 @@ def test_head_from_another_encoder_is_refused(tiny_bundle, split_collection: Pat
     build_index(split_collection, name="other", encoder=other)
     ob = load_bundle("other")
     with pytest.raises(BundleMismatchError, match="retrain"):
-        ob.load_head(tiny_bundle.path / "heads" / "linear")
+        load_bundle_head(ob, tiny_bundle.path / "heads" / "linear")
     # Copied in with its manifest entry: still refused by name, and "auto" passes it over.
     shutil.copytree(tiny_bundle.path / "heads", ob.path / "heads")
     ob.manifest["heads"] = tiny_bundle.manifest["heads"]
     with pytest.raises(BundleMismatchError, match="test:tiny"):
-        ob.load_head("linear")
-    assert ob.predict_vectors(np.asarray(ob.embeddings[:1]), ["q"])[0].method.startswith("knn")
+        load_bundle_head(ob, "linear")
+    pred = Predictor(ob).predict_vectors(np.asarray(ob.embeddings[:1]), ["q"])[0]
+    assert pred.method.startswith("knn")
 
 
 def test_tampered_head_file_refused(tiny_bundle) -> None:
@@ -382,7 +386,7 @@ def test_tampered_head_file_refused(tiny_bundle) -> None:
     meta["classes"] = list(reversed(meta["classes"]))
     (res.path / "head.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="modified"):
-        load_bundle("tb").load_head("linear")
+        load_bundle_head(load_bundle("tb"), "linear")
 
 
 def test_heads_survive_an_incremental_rebuild(tiny_bundle, split_collection: Path) -> None:
@@ -390,13 +394,13 @@ def test_heads_survive_an_incremental_rebuild(tiny_bundle, split_collection: Pat
     draw_image("red", 777).save(split_collection / "train" / "red" / "extra.jpg")
     res = build_index(split_collection, name="tb", model=TINY)
     assert res.encoded == 1
-    assert load_bundle("tb").load_head().classes_.tolist() == sorted(COLOURS)
+    assert load_bundle_head(load_bundle("tb")).classes_.tolist() == sorted(COLOURS)
 
 
 def test_zeroshot_refused_for_image_only_encoder(tiny_bundle) -> None:
     with pytest.raises(EmbedsearchError, match="zero-shot needs a CLIP encoder"):
-        tiny_bundle.predict_vectors(np.asarray(tiny_bundle.embeddings[:1]), ["q"],
-                                    method="zeroshot")
+        Predictor(tiny_bundle).predict_vectors(np.asarray(tiny_bundle.embeddings[:1]), ["q"],
+                                               method="zeroshot")
 
 
 def test_cli_train_and_predict_all(split_collection: Path) -> None:
@@ -471,7 +475,7 @@ def test_zeroshot_on_an_unlabelled_clip_bundle(clip, tmp_path: Path, monkeypatch
     monkeypatch.setattr(b, "encoder", lambda *a, **kw: clip)
     X, ids = np.asarray(b.embeddings), b.items["id"].tolist()
     names = ["red", "green", "blue"]
-    preds = b.predict_vectors(X, ids, classes=names)  # auto: zero-shot, no labels needed
+    preds = Predictor(b).predict_vectors(X, ids, classes=names)  # auto: zero-shot, no labels needed
     assert all(p.label in names and p.method.startswith("zeroshot") for p in preds)
     assert all(len(p.neighbours) == 5 for p in preds)
     expected = [p.label for p in preds]
@@ -483,14 +487,14 @@ def test_zeroshot_on_an_unlabelled_clip_bundle(clip, tmp_path: Path, monkeypatch
         raise AssertionError("text embeddings should come from the cache")
 
     monkeypatch.setattr(b2, "encoder", no_encoder)
-    again = b2.predict_vectors(X, ids, classes=names, method="all")
+    again = Predictor(b2).predict_vectors(X, ids, classes=names, method="all")
     assert [p.label for p in again] == expected
     assert set(again[0].methods) == {"zeroshot"}
     with pytest.raises(EmbedsearchError, match="class names"):
-        b2.predict_vectors(X, ids, method="zeroshot")  # unlabelled and no classes given
+        Predictor(b2).predict_vectors(X, ids, method="zeroshot")  # unlabelled and no classes given
     # Another template set is another cache entry (so here it needs the encoder).
     with pytest.raises(AssertionError, match="cache"):
-        b2.zeroshot(names, "art")
+        Predictor(b2).zeroshot(names, "art")
 
 
 # -- real weights, real photos --------------------------------------------------------------
@@ -510,8 +514,8 @@ def test_heads_beat_knn_on_clothing(clothing_bundle) -> None:
     assert mlp.test["accuracy"] >= 0.84
     # Cross-check the reported kNN figure against the bundle's own kNN predictions.
     test = b.items.iloc[b.reference_rows:]
-    preds = b.predict_vectors(np.asarray(b.embeddings[b.reference_rows:]),
-                              test["id"].tolist(), k=10, method="knn")
+    preds = Predictor(b).predict_vectors(np.asarray(b.embeddings[b.reference_rows:]),
+                                         test["id"].tolist(), k=10, method="knn")
     assert np.mean([p.label == t for p, t in zip(preds, test["label"], strict=True)]) \
         == pytest.approx(knn_acc, abs=1e-3)
 

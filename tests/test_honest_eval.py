@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from embedsearch.dedupe.report import write_leakage
+from embedsearch.predict import Predictor
 from embedsearch.store.io import default_file_mode
 
 
@@ -104,7 +105,7 @@ def test_indexed_images_do_not_vote_for_themselves(collection: Path, tmp_path: P
     real = embed_mod.embed_sources
     monkeypatch.setattr(embed_mod, "embed_sources",
                         lambda enc, src, **kw: (encoded.append(len(src)), real(enc, src, **kw))[1])
-    preds = bundle.predict([*paths, padded], k=3)
+    preds = Predictor(bundle).predict([*paths, padded], k=3)
     assert sum(encoded) == 1  # the indexed files reuse the bundle's vectors
     for p, path in zip(preds, paths, strict=False):
         own = path.relative_to(collection).as_posix()
@@ -113,7 +114,7 @@ def test_indexed_images_do_not_vote_for_themselves(collection: Path, tmp_path: P
         assert all(n["similarity"] < 0.9999 for n in p.neighbours)
     assert preds[-1].in_index["id"] == "red/red_000.jpg"
     # For search, the image itself may come first.
-    searched = bundle.predict(paths[:1], k=3, allow_self=True)[0]
+    searched = Predictor(bundle).predict(paths[:1], k=3, allow_self=True)[0]
     assert searched.neighbours[0]["id"] == paths[0].relative_to(collection).as_posix()
     assert searched.in_index["excluded"] == 0  # known, so no accuracy counts it
 
@@ -167,7 +168,7 @@ def test_split_names_are_recognised_by_their_words(name: str, split: str | None)
 
 
 def test_published_folder_layouts_are_accepted(tmp_path: Path) -> None:
-    from embedsearch import build_index, load_bundle
+    from embedsearch import build_index
     from tests.conftest import make_collection
 
     posters = make_collection(tmp_path / "posters", splits={"sample_train": 4,
@@ -181,7 +182,7 @@ def test_published_folder_layouts_are_accepted(tmp_path: Path) -> None:
     assert res.manifest["index"]["reference_rows"] == 12
     assert res.manifest["index"]["held_out"]["splits"] == ["val"]
     assert "no test split" in res.manifest["index"]["held_out"]["why"]
-    preds = load_bundle(tmp_path / "n").predict(sorted((nette / "val").rglob("*.jpg")), k=3)
+    preds = Predictor(tmp_path / "n").predict(sorted((nette / "val").rglob("*.jpg")), k=3)
     assert not any(p.in_index for p in preds)  # val never voted, so nothing to exclude
     # Anything else: one option.
     other = make_collection(tmp_path / "other", splits={"fit": 4, "holdout": 2})

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from embedsearch import build_index, load_bundle
 from embedsearch.cli import main
 from embedsearch.errors import BundleLockedError
+from embedsearch.predict import Predictor
 from tests import proc
 from tests.conftest import draw_image, make_collection
 
@@ -198,7 +199,7 @@ def test_second_build_refuses_while_first_holds_the_lock_and_kill9_frees_it(
         reader = proc.python("from embedsearch.cli import main; main()",
                              "-q", "predict", str(query), "--index", str(out), "--json")
         with ThreadPoolExecutor(2) as pool:
-            labels = list(pool.map(lambda _: load_bundle(out).predict([query])[0].label,
+            labels = list(pool.map(lambda _: Predictor(out).predict([query])[0].label,
                                    range(2)))
         assert labels == ["red", "red"]
         stdout, stderr = reader.communicate(timeout=120)
@@ -229,13 +230,13 @@ def test_lock_is_per_bundle(tmp_path: Path) -> None:
 
 def test_reader_verifying_while_a_build_commits_gets_the_new_generation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedsearch.bundle as bundle_mod
+    import embedsearch.store.verify as verify_mod
 
     images = make_collection(tmp_path / "images", per_class=3)
     out = tmp_path / "bundle"
     build_index(images, out=out, model=TINY)
     draw_image("red", 555).save(images / "red" / "late.jpg")
-    real_digest = bundle_mod.file_digest
+    real_digest = verify_mod.file_digest
     state = {"committed": False}
 
     def digest_while_a_build_commits(path: Path) -> str:
@@ -245,7 +246,7 @@ def test_reader_verifying_while_a_build_commits_gets_the_new_generation(
             build_index(images, out=out, model=TINY)
         return real_digest(path)
 
-    monkeypatch.setattr(bundle_mod, "file_digest", digest_while_a_build_commits)
+    monkeypatch.setattr(verify_mod, "file_digest", digest_while_a_build_commits)
     b = load_bundle(out)
     assert b.manifest["generation"] == 2 and len(b.items) == 10
     assert "red/late.jpg" in set(b.items["id"])

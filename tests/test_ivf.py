@@ -24,6 +24,7 @@ from embedsearch.index.ivf import (
     range_search_blocks,
     recall_at_k,
 )
+from embedsearch.predict import Predictor
 
 
 def clustered(n: int, dim: int = 32, centres: int = 50, spread: float = 0.35,
@@ -137,6 +138,6 @@ def test_build_index_with_ivf_bundle_searches_reference_rows_only(split_collecti
     b = load_bundle("ivf")
     assert type(b.index).__name__ == "IndexIVFFlat"
     # Held-out test rows are never returned, through IVF search parameters.
-    preds = b.predict_vectors(np.asarray(b.embeddings[24:]), b.items["id"].iloc[24:].tolist(),
-                              k=3)
+    preds = Predictor(b).predict_vectors(np.asarray(b.embeddings[24:]),
+                                         b.items["id"].iloc[24:].tolist(), k=3)
     assert all(n["id"] not in set(b.items["id"].iloc[24:]) for p in preds for n in p.neighbours)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from embedsearch import build_index, load_bundle
 from embedsearch.cli import main
 from embedsearch.errors import BundleError
+from embedsearch.predict import Predictor
 from tests.conftest import draw_image, make_collection
 from tests.proc import cli, require_permission_bits
 
@@ -84,8 +85,8 @@ def test_loose_files_and_empty_cells_are_unlabelled_never_a_class(tmp_path: Path
     draw_image("red", 500).save(images / "loose.jpg")
     bundle = load_bundle(build_index(images, out=tmp_path / "b", model=TINY).path)
     assert bundle.classes == ["blue", "green", "red"]
-    for pred in bundle.predict([images / "loose.jpg", images / "red" / "red_000.jpg"],
-                               method="all"):
+    for pred in Predictor(bundle).predict([images / "loose.jpg", images / "red" / "red_000.jpg"],
+                                          method="all"):
         assert "nan" not in pred.probabilities and pred.label in bundle.classes
         for res in pred.methods.values():
             assert "nan" not in res.get("probabilities", {})
@@ -108,7 +109,7 @@ def test_csv_labels_na_none_null_stay_labels_and_empty_cells_are_unlabelled(
     assert labels["images/red/red_000.jpg"] == "NA"
     assert not isinstance(labels["images/green/green_001.jpg"], str)
     assert not isinstance(labels["images/blue/blue_001.jpg"], str)
-    pred = bundle.predict([images / "green" / "green_001.jpg"])[0]
+    pred = Predictor(bundle).predict([images / "green" / "green_001.jpg"])[0]
     assert pred.label in bundle.classes and "nan" not in pred.probabilities
 
 
@@ -192,7 +193,7 @@ def test_edited_manifest_facts_are_refused(tiny_bundle: Path, field: str) -> Non
     image = next((tiny_bundle.parent / "images" / "red").iterdir())
     with pytest.raises(BundleError, match=r"edited|manifest says"):
         b = load_bundle(tiny_bundle)
-        b.predict([image])
+        Predictor(b).predict([image])
 
 
 MALFORMED = {
@@ -304,7 +305,7 @@ def test_predict_follows_a_rebuild_that_committed_after_the_bundle_was_opened(
     opened = load_bundle(tmp_path / "b")
     draw_image("green", 321).save(images / "green" / "new.jpg")
     build_index(images, out=tmp_path / "b", model=TINY)  # generation 2; gen-1 files removed
-    pred = opened.predict([images / "red" / "red_000.jpg"])[0]
+    pred = Predictor(opened).predict([images / "red" / "red_000.jpg"])[0]
     assert pred.label == "red" and opened.manifest["generation"] == 2
     assert len(opened.items) == 10
 

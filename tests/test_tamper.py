@@ -206,12 +206,14 @@ def test_bundle_queried_by_another_encoder_of_the_same_dimension(bundle: Path) -
 
 
 def test_head_from_another_encoder_is_refused(bundle: Path, tmp_path: Path) -> None:
-    training = pytest.importorskip("embedsearch.training")
-    head = training.fit_head(load_bundle(bundle), "linear")
+    from embedsearch.head_store import load_bundle_head
+    from embedsearch.training import fit_head
+
+    head = fit_head(load_bundle(bundle), "linear")
     other = build_index(bundle.parent / "images", out=tmp_path / "swapped",
                         encoder=_other_tiny()).path
     with pytest.raises(BundleMismatchError, match="test:tiny"):
-        training.load_bundle_head(load_bundle(other), head.path)
+        load_bundle_head(load_bundle(other), head.path)
 
 
 # -- item 7: no pickle ------------------------------------------------------------------
@@ -243,7 +245,7 @@ def test_object_npy_in_the_shard_cache_is_refused_unexecuted(tmp_path: Path) -> 
     from embedsearch.store.cache import ShardCache
 
     enc = load_encoder(TINY)
-    from embedsearch.bundle import encoder_key
+    from embedsearch.encoders.identity import encoder_key
 
     cache = ShardCache(out / "cache", encoder_key(enc.identity()))
     cache.append(np.zeros((1, 64), np.float32), _meta_frame([{

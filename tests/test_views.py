@@ -14,6 +14,8 @@ from embedsearch.bundle import load_bundle
 from embedsearch.cli import main
 from embedsearch.errors import BundleError, EmbedsearchError
 from embedsearch.pipeline import build_index
+from embedsearch.predict import Predictor
+from embedsearch.query import embed_paths
 from embedsearch.training import fit_head
 from embedsearch.views import bundle_views, parse_views
 
@@ -93,15 +95,15 @@ def test_tta_flip_averages_with_the_mirror_image(split_collection: Path,
     src, mirror = tmp_path / "query.png", tmp_path / "mirror.png"  # lossless: same pixels
     image.save(src)
     ImageOps.mirror(image).save(mirror)
-    plain = b.embed_paths([src, mirror])[0]
-    tta = b.embed_paths([src], tta="flip")[0][0]
+    plain = embed_paths(b, [src, mirror])[0]
+    tta = embed_paths(b, [src], tta="flip")[0][0]
     expect = plain.sum(0) / np.linalg.norm(plain.sum(0))
     assert np.allclose(tta, expect, atol=1e-5) and not np.allclose(tta, plain[0], atol=1e-3)
     out = CliRunner().invoke(main, ["predict", str(src), "--index", "c", "--tta", "flip"])
     assert out.exit_code == 0, out.output
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")  # a batch with nothing decodable still answers, with its reason
-    assert b.predict([empty], tta="flip")[0].status == "empty_file"
+    assert Predictor(b).predict([empty], tta="flip")[0].status == "empty_file"
 
 
 def test_benchmark_adds_heads_trained_with_views(tmp_path: Path) -> None:

@@ -31,7 +31,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -45,20 +44,15 @@ from embedsearch.classify.metrics import (
     softmax,
 )
 from embedsearch.errors import EmbedsearchError
-from embedsearch.store.io import file_digest, write_json
 
 log = logging.getLogger(__name__)
 
-HEAD_FORMAT = "embedsearch-head"
-HEAD_SCHEMA = 1
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 #: Prior-correction strengths searched by ``class_weight="auto"`` (0 = none, 1 = balanced).
 PRIOR_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Without validation rows, fewer training rows than this cross-validate (k folds); more
 #: use one stratified hold-out (enough rows for a stable estimate, k times cheaper).
 HOLDOUT_MIN_ROWS = 1500
-WEIGHTS_FILE = "weights.safetensors"
-HEAD_FILE = "head.json"
 #: ``extra_train``: (vectors, labels) or (vectors, labels, source row in the training matrix).
 ExtraTrain = tuple[np.ndarray, Any] | tuple[np.ndarray, Any, np.ndarray]
 
@@ -380,40 +374,3 @@ class Head(ClassifierMixin, BaseEstimator):
     def _extra_count(self) -> int:
         extra = getattr(self, "_extra", None)
         return 0 if extra is None else len(extra[1])
-
-    # -- files ----------------------------------------------------------------------------
-    def save(self, folder: str | Path, encoder: dict[str, Any] | None = None,
-             extra: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-        """Write ``weights.safetensors`` then ``head.json`` into ``folder`` atomically.
-
-        Returns ``{file name: {"bytes", "sha256"}}`` for a manifest to record.
-        """
-        from safetensors.numpy import save as st_save
-
-        from embedsearch import __version__
-        from embedsearch.store.io import atomic_write
-
-        self._check_fitted()
-        folder = Path(folder)
-        blob = st_save({k: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()},
-                       metadata={"format": HEAD_FORMAT, "kind": self.kind})
-        atomic_write(folder / WEIGHTS_FILE, lambda fh: fh.write(blob))
-        digest = file_digest(folder / WEIGHTS_FILE)
-        meta = {
-            "format": HEAD_FORMAT,
-            "schema_version": HEAD_SCHEMA,
-            "kind": self.kind,
-            "embedsearch_version": __version__,
-            "classes": [str(c) for c in self.classes_],
-            "dim": self.dim,
-            "hyperparameters": self.hyperparameters(),
-            **self.info,
-            "weights": {"file": WEIGHTS_FILE, "bytes": len(blob), "sha256": digest,
-                        "tensors": {k: list(v.shape) for k, v in self.params.items()}},
-            "encoder": encoder,
-            **(extra or {}),
-        }
-        write_json(folder / HEAD_FILE, meta)
-        return {name: {"bytes": (folder / name).stat().st_size,
-                       "sha256": file_digest(folder / name)}
-                for name in (WEIGHTS_FILE, HEAD_FILE)}

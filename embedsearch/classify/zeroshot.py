@@ -22,6 +22,7 @@ import numpy as np
 from embedsearch.classify.metrics import softmax
 from embedsearch.errors import BundleError, EmbedsearchError
 from embedsearch.store.io import atomic_write, file_digest, read_json, write_json
+from embedsearch.store.verify import file_mismatch
 
 if TYPE_CHECKING:
     from embedsearch.encoders.base import Encoder
@@ -158,7 +159,7 @@ class ZeroShotClassifier:
 
     # -- cache ----------------------------------------------------------------------------
     def cache_key(self, identity: dict[str, Any]) -> str:
-        from embedsearch.bundle import encoder_key
+        from embedsearch.encoders.identity import encoder_key
 
         blob = json.dumps({"encoder": encoder_key(identity), "templates": self.templates,
                            "names": [[c, self.names[c]] for c in self.classes_]})
@@ -188,7 +189,8 @@ class ZeroShotClassifier:
             return False
         try:
             meta = read_json(jpath)
-            ok = (meta.get("format") == CACHE_FORMAT and meta.get("sha256") == file_digest(wpath)
+            ok = (meta.get("format") == CACHE_FORMAT
+                  and file_mismatch(wpath, {"sha256": meta.get("sha256")}) is None
                   and meta.get("classes") == list(map(str, self.classes_))
                   and meta.get("templates") == self.templates)
             emb = load_file(str(wpath))["text_embeddings"] if ok else None

@@ -104,24 +104,26 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], index_name: str, k:
     for search), and a head is not scored on images it was trained on.
     """
     from embedsearch.bundle import load_bundle
+    from embedsearch.predict import Predictor
 
     bundle = load_bundle(index_name)
     bundle.device = device
     bundle.image_encoder(weights)
+    predictor = Predictor(bundle)
     paths, truth = _collect_queries(images)
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     prompt_templates = ([*([template_set] if template_set else []), *templates]
                         or None)
-    preds = bundle.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
-                           batch_size=batch_size, num_workers=workers, method=method,
-                           head_name=head_name, classes=class_list, templates=prompt_templates,
-                           allow_self=allow_self, tta=tta)
+    preds = predictor.predict(paths, k=k, n_neighbours=n_neighbours, weighting=weighting,
+                              batch_size=batch_size, num_workers=workers, method=method,
+                              head_name=head_name, classes=class_list,
+                              templates=prompt_templates, allow_self=allow_self, tta=tta)
     if method == "all" and not as_json:
         _print_side_by_side(preds, truth)
     else:
         _print_predictions(preds, truth, as_json)
     if not ctx.obj.get("quiet"):
-        c = bundle.embed_counts
+        c = predictor.embed_counts
         click.echo(f"queries  {c['encoded']:,} encoded, {c['reused']:,} reused (same bytes in "
                    "the index or the shared embedding cache)", err=True)
     _print_evaluation(bundle, preds, truth, allow_self, per_class, output, confusion)

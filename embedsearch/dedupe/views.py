@@ -197,7 +197,6 @@ def bundle_hashes(bundle: Bundle, rows: np.ndarray) -> ImageViews:
     """
     import pandas as pd
 
-    from embedsearch.dedupe.bundles import items_root
     from embedsearch.store.io import read_parquet, write_parquet
 
     items = bundle.items
@@ -240,3 +239,10 @@ def bundle_hashes(bundle: Bundle, rows: np.ndarray) -> ImageViews:
         except OSError as exc:
             log.info("hashes not cached (%s): the bundle is read-only", exc)
     return views
+
+
+def items_root(bundle: Bundle) -> Path:
+    """The folder that a bundle's item ids are relative to."""
+    src = bundle.manifest.get("source", {})
+    path = Path(src.get("path", "."))
+    return path if src.get("kind", "folder") == "folder" else path.parent

@@ -425,9 +425,9 @@ class LightEncoder:
 
 
 def _light_path(identity: dict[str, Any]) -> Path:
-    from embedsearch.bundle import encoder_key
+    from embedsearch.encoders.identity import encoder_digest
 
-    key = hashlib.sha256(encoder_key(identity).encode()).hexdigest()[:24]
+    key = encoder_digest(identity, 24)
     return cache_root() / "light" / f"{key}.json"
 
 
@@ -483,7 +483,7 @@ def light_encoder(identity: dict[str, Any]) -> LightEncoder | None:
     path = _light_path(identity)
     if name == "torch" or not path.is_file():
         return None
-    from embedsearch.bundle import encoder_key
+    from embedsearch.encoders.identity import encoder_key
 
     try:
         entry = json.loads(path.read_text())

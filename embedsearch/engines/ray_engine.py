@@ -124,9 +124,13 @@ class EncoderActor:
                  use_gpu: bool = False, threads: int = 1) -> None:
         import torch
 
-        from embedsearch.bundle import FINGERPRINT_MIN_COSINE, encoder_key, fingerprint_cosine
         from embedsearch.encoders import load_encoder
         from embedsearch.encoders.base import fingerprint_image
+        from embedsearch.encoders.identity import (
+            FINGERPRINT_MIN_COSINE,
+            encoder_key,
+            fingerprint_cosine,
+        )
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -217,9 +221,9 @@ def encode_chunks(encoder: Encoder, paths: Sequence[Path], chunk_size: int,
     ``worker_cpu_s`` (CPU seconds the actors spent), ``images``, and the first batch start
     and last batch end on the workers' clocks (``t_first``, ``t_last``).
     """
-    from embedsearch.bundle import encoder_key
     from embedsearch.data.images import DEFAULT_MAX_PIXELS
     from embedsearch.embed import ItemInfo
+    from embedsearch.encoders.identity import encoder_key
 
     if not paths:
         return

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedsearch.errors import BundleError, EmbedsearchError
+from embedsearch.index.vectors import check_vectors
 
 if TYPE_CHECKING:
     import faiss
@@ -34,21 +35,6 @@ class Neighbours:
 
     ids: list[np.ndarray]
     similarities: list[np.ndarray]
-
-
-def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
-    """Return ``x`` as a C-contiguous float32 (n, dim) array, or raise a clear error."""
-    x = np.asarray(x)
-    if x.ndim == 1:
-        x = x[None, :]
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise EmbedsearchError(
-            f"{what} have shape {tuple(x.shape)}, but the index holds {dim}-d vectors",
-            hint="query with the encoder the index was built with",
-        )
-    if not np.isfinite(x).all():
-        raise EmbedsearchError(f"{what} contain NaN or infinite values; they cannot be searched")
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def auto_index_type(n: int, dim: int) -> str:

@@ -117,7 +117,7 @@ def build_ivf(vectors: np.ndarray, kind: str = "ivf", *, nlist: int | None = Non
     """
     import faiss
 
-    from embedsearch.index import check_vectors
+    from embedsearch.index.vectors import check_vectors
 
     if kind not in ("ivf", "ivfpq"):
         raise EmbedsearchError(f"unknown IVF kind {kind!r}", hint="use ivf or ivfpq")
@@ -216,7 +216,7 @@ def range_search_blocks(index: faiss.Index, vectors: np.ndarray, threshold: floa
     """
     import faiss
 
-    from embedsearch.index import check_vectors
+    from embedsearch.index.vectors import check_vectors
 
     if isinstance(index, faiss.IndexHNSW):
         raise EmbedsearchError("an HNSW index cannot range-search",

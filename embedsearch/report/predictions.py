@@ -21,7 +21,8 @@ from embedsearch.errors import EmbedsearchError, InputError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from embedsearch.bundle import Bundle, Prediction
+    from embedsearch.bundle import Bundle
+    from embedsearch.predict import Prediction
 
 
 @dataclass
@@ -66,8 +67,10 @@ def _head_training_splits(bundle: Bundle, key: str) -> set[Any] | None:
     """Splits of the reference rows a head was fitted on (None: not a head)."""
     if not key.startswith("head:"):
         return None
+    from embedsearch.head_store import load_bundle_head
+
     try:
-        info = bundle.load_head(key.split(":", 1)[1]).info
+        info = load_bundle_head(bundle, key.split(":", 1)[1]).info
     except EmbedsearchError:  # an unloadable head has no figures to protect anyway
         return {None, "train", "val"}
     refit = info.get("trained_on", {}).get("refit_on_train_and_val", True)

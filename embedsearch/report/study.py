@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedsearch.encoders.choice import ModelChoice, parse_models
 from embedsearch.errors import EmbedsearchError, InputError
 from embedsearch.report.metrics import (
     METRICS,
@@ -71,47 +72,6 @@ Progress = Callable[[int, int], Callable[[int], None]]
 
 
 # -- inputs -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelChoice:
-    """An encoder spec and its optional local weights file."""
-
-    spec: str
-    weights: Path | None = None
-
-    @property
-    def label(self) -> str:
-        return self.spec + (f" ({self.weights.name})" if self.weights else "")
-
-
-def parse_models(models: Sequence[str], weights: Sequence[str | os.PathLike[str] | None]
-                 | dict[str, str | os.PathLike[str]] | None = None) -> list[ModelChoice]:
-    """``models`` as specs or ``SPEC=FILE``; ``weights`` matched to them by position (a
-    list) or by spec (a dict)."""
-    if not models:
-        raise InputError("give at least one encoder (--model SPEC)")
-    out: list[ModelChoice] = []
-    wlist = list(weights) if isinstance(weights, (list, tuple)) else []
-    if len(wlist) > len(models):
-        raise InputError(f"{len(wlist)} --weights for {len(models)} --model",
-                         hint="give one --weights per --model, in the same order, or use "
-                         "--model SPEC=FILE")
-    for i, raw in enumerate(models):
-        spec, sep, file = str(raw).partition("=")
-        spec = spec.strip()
-        w: str | os.PathLike[str] | None = file.strip() if sep else None
-        if w is None and isinstance(weights, dict):
-            w = weights.get(spec)
-        if w is None and i < len(wlist):
-            w = wlist[i]
-        path = Path(w).expanduser() if w else None
-        if path is not None and not path.is_file():
-            raise InputError(f"weights file {path} (for {spec}) does not exist")
-        out.append(ModelChoice(spec, path))
-    if len({(m.spec, m.weights) for m in out}) < len(out):
-        raise InputError("the same encoder is listed twice")
-    return out
-
-
 def encoder_slug(choice: ModelChoice) -> str:
     base = re.sub(r"[^A-Za-z0-9.]+", "-", choice.spec).strip("-").lower()
     if choice.weights is not None:

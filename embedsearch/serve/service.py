@@ -31,7 +31,8 @@ from embedsearch.data import images as img_mod
 from embedsearch.data.images import LoadFailure, load_image
 
 if TYPE_CHECKING:
-    from embedsearch.bundle import Bundle, Prediction
+    from embedsearch.bundle import Bundle
+    from embedsearch.predict import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +336,11 @@ class IndexService:
     def _predict(self, vectors: np.ndarray, ids: list[str], n: int,
                  k: int | None = None, sha256: list[str | None] | None = None
                  ) -> list[Prediction]:
+        from embedsearch.predict import Predictor
+
         with self._model_lock:
-            return self.bundle.predict_vectors(vectors, ids, k=k or self.k, n_neighbours=n,
-                                               method="all", sha256=sha256)
+            return Predictor(self.bundle).predict_vectors(
+                vectors, ids, k=k or self.k, n_neighbours=n, method="all", sha256=sha256)
 
     def _answer(self, vector: np.ndarray, qid: str, k: int | None,
                 n_neighbours: int | None, sha256: str | None = None) -> dict[str, Any]:

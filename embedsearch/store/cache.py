@@ -25,6 +25,7 @@ from embedsearch.store.io import (
     write_npy,
     write_parquet,
 )
+from embedsearch.store.verify import file_mismatch
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,8 +87,8 @@ class ShardCache:
         out = []
         for s in self.shards:
             npy, pq = self.folder / f"{s.name}.npy", self.folder / f"{s.name}.parquet"
-            if not (npy.exists() and pq.exists()) or file_digest(npy) != s.npy_sha256 \
-                    or file_digest(pq) != s.meta_sha256:
+            if file_mismatch(npy, {"sha256": s.npy_sha256}) is not None \
+                    or file_mismatch(pq, {"sha256": s.meta_sha256}) is not None:
                 raise BundleError(
                     f"cache shard {npy} is missing or was modified after it was written",
                     hint=f"delete the folder {self.folder} to re-encode those images",

@@ -288,7 +288,7 @@ def open_shared(identity: dict[str, Any], fingerprint: np.ndarray | None = None
                 ) -> SharedCache | None:
     """The shared store for this encoder, or None when it is off or cannot be opened
     (a read-only home must not stop a build: the store only saves time)."""
-    from embedsearch.bundle import FINGERPRINT_MIN_COSINE, encoder_key
+    from embedsearch.encoders.identity import FINGERPRINT_MIN_COSINE, encoder_key
 
     root = cache_root()
     if root is None:

@@ -130,7 +130,7 @@ def combine(models: list[str], precision: str | None = None,
     """``["efficientnet-lite0", "torchvision:mobilenet_v2@IMAGENET1K_V1=FILE"]`` → one
     encoder (``SPEC=FILE`` gives a part's weights file)."""
     from embedsearch.encoders import DEFAULT_PRECISION, load_encoder
-    from embedsearch.report.study import parse_models
+    from embedsearch.encoders.choice import parse_models
 
     return CombinedEncoder([load_encoder(c.spec, c.weights,
                                          precision=precision or DEFAULT_PRECISION, device=device)
