@@ -108,6 +108,7 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
     an unlabelled folder, or a CSV/parquet of paths and labels. Re-running re-encodes only
     new or changed images; an interrupted run resumes.
     """
+    from embedsearch.build_options import BuildOptions
     from embedsearch.engines.ray_engine import RayOptions
     from embedsearch.pipeline import build_index
 
@@ -115,19 +116,15 @@ def build_index_cmd(ctx: click.Context, data: Path, name: str | None, out: Path 
                              batch_size=batch_size or RayOptions.batch_size,
                              num_cpus=ray_worker_cpus, num_gpus=ray_worker_gpus,
                              quiet=not ctx.obj.get("debug"))
-    result = build_index(
-        data, name=name, out=out, model=list(model) or None, weights=weights,
-        precision=precision,
-        path_col=path_col,
-        label_col=label_col, split_col=split_col, follow_symlinks=follow_symlinks,
-        skip_missing=skip_missing, split_map=split_map, overwrite=overwrite,
-        index_type=index_type,
-        batch_size=batch_size, num_workers=workers,
-        progress=progress_factory(ctx, "encoding"), engine=engine, ray_options=ray_options,
-        dedupe=dedupe, dedupe_threshold=dup_threshold, dedupe_keep=dedupe_keep,
-        exclude=exclude,
-        views=views, device=device,
-    )
+    options = BuildOptions(
+        model=list(model) or None, weights=weights, precision=precision, device=device,
+        path_col=path_col, label_col=label_col, split_col=split_col,
+        follow_symlinks=follow_symlinks, skip_missing=skip_missing, split_map=split_map,
+        exclude=exclude, overwrite=overwrite, index_type=index_type, dedupe=dedupe,
+        dedupe_threshold=dup_threshold, dedupe_keep=dedupe_keep, views=views,
+        batch_size=batch_size, num_workers=workers, engine=engine, ray_options=ray_options,
+        progress=progress_factory(ctx, "encoding"))
+    result = build_index(data, out, options, name=name)
     m = result.manifest
     if as_json:
         echo_json(m)
