@@ -492,7 +492,7 @@ def test_build_index_dedupe_drops_duplicates_and_sticks(dup_folder: Path) -> Non
     assert off.encoded == 0 and "dedupe" not in off.manifest
     assert len(load_bundle("d").items) == 19
     text = run_cli("build-index", str(dup_folder), "--name", "d2", "--model", TINY,
-                   "--dedupe", "--dedupe-threshold", "0.99")
+                   "--dedupe", "--dup-threshold", "0.99")
     assert "duplicates left out" in text and "threshold 0.99)" in text
     given = load_bundle("d2").manifest["dedupe"]
     assert given["settings"]["threshold"] == given["threshold"] == 0.99

@@ -59,7 +59,7 @@ def test_k_larger_than_the_bundle_through_predict(tmp_path: Path) -> None:
     code, out = cli("predict", str(images / "red" / "red_000.jpg"), "--index",
                     str(tmp_path / "b"), "-k", "0")
     assert code != 0 and "Traceback" not in out
-    assert "k must be at least 1" in out or "'-k': 0 is not in the range x>=1" in out
+    assert "k must be at least 1" in out or "0 is not in the range x>=1" in out
 
 
 def test_one_class_index(tmp_path: Path, queries: dict[str, Path]) -> None:

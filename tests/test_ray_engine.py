@@ -156,7 +156,7 @@ def test_ray_bundle_equals_local(ray_cluster: str, images: Path, local_bundle: P
     out = tmp_path / "ray-bundle"
     result = CliRunner().invoke(main, [
         "-q", "build-index", str(images), "--out", str(out), "--model", TINY,
-        "--engine", "ray", "--address", ray_cluster, "--num-workers", "2",
+        "--engine", "ray", "--address", ray_cluster, "--ray-workers", "2",
         "--batch-size", "8", "--json"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     manifest = json.loads(result.output.strip().splitlines()[-1])

@@ -14,15 +14,28 @@ from embedsearch.cli import main
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+SHELL = ("", "bash", "sh", "console")
+
+
 def _readme_commands() -> list[list[str]]:
-    text = README.read_text(encoding="utf-8")
-    commands = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line.startswith("embedsearch "):
-                commands.append(shlex.split(line))
+    """The ``embedsearch …`` lines of the README's shell blocks. Fences are paired in order,
+    so that a ```toml or ```python block cannot pair the others' fences the wrong way round."""
+    commands: list[list[str]] = []
+    fence: str | None = None  # the open block's language; None outside a block
+    block: list[str] = []
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("```"):
+            block.append(line)
+        elif fence is None:
+            fence, block = line[3:].strip(), []
+        else:
+            if fence in SHELL:
+                for cmd in "\n".join(block).replace("\\\n", " ").splitlines():
+                    cmd = cmd.split("#", 1)[0].strip()
+                    if cmd.startswith("embedsearch "):
+                        commands.append(shlex.split(cmd))
+            fence = None
+    assert fence is None, "README has an unclosed ``` block"
     return commands
 
 
@@ -45,6 +58,6 @@ def test_readme_command_parses(argv: list[str]) -> None:
     assert cmd is not None, f"README shows unknown command {args[0]!r}"
     known = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
     for token in args[1:]:
-        if token.startswith("--"):
+        if token.startswith("--") or re.fullmatch(r"-[A-Za-z]", token):
             name = token.split("=", 1)[0]
             assert name in known, f"README shows {name} for {args[0]}, which does not have it"

@@ -186,7 +186,7 @@ def test_edited_manifest_facts_are_refused(tiny_bundle: Path, field: str) -> Non
     m = json.loads(mpath.read_text())
     EDITS[field](m)
     mpath.write_text(json.dumps(m, indent=2))  # checksum kept as it was: now stale
-    out = run_cli("info", str(tiny_bundle), code=4)
+    out = run_cli("info", "--index", str(tiny_bundle), code=4)
     assert "content_sha256" in out
     # Even without the checksum, the facts are checked against the data files.
     _edit(tiny_bundle, lambda m: None)
@@ -214,7 +214,8 @@ MALFORMED = {
 def test_malformed_manifests_are_clear_errors(tiny_bundle: Path, damage: str) -> None:
     _edit(tiny_bundle, MALFORMED[damage])
     image = str(next((tiny_bundle.parent / "images" / "red").iterdir()))
-    for args in (["info", str(tiny_bundle)], ["predict", image, "--index", str(tiny_bundle)],
+    for args in (["info", "--index", str(tiny_bundle)],
+                 ["predict", image, "--index", str(tiny_bundle)],
                  ["dedupe", "--index", str(tiny_bundle), "--out", str(tiny_bundle.parent / "r")],
                  ["build-index", str(tiny_bundle.parent / "images"), "--out", str(tiny_bundle),
                   "--model", TINY]):
@@ -249,7 +250,7 @@ def test_manifest_naming_a_fifo_or_device_does_not_hang(tiny_bundle: Path, kind:
     _edit(tiny_bundle, lambda m: m["files"].__setitem__("data/special",
                                                         {"bytes": 0, "sha256": "0" * 64}),
           keep_checksum=True)
-    res = cli("info", str(tiny_bundle), timeout=60)
+    res = cli("info", "--index", str(tiny_bundle), timeout=60)
     assert res.returncode == 4 and "Traceback" not in res.stderr
     assert "not a regular file" in res.stderr
 

@@ -63,7 +63,7 @@ def open_everything(bundle: Path) -> None:
 def assert_cli_refuses(bundle: Path, *names: str) -> str:
     """`info` and `predict` both refuse with exit code 4, the file named, a rebuild hint."""
     query = next((bundle.parent / "images").rglob("*.jpg"))
-    for args in (["info", str(bundle)], ["predict", str(query), "--index", str(bundle)]):
+    for args in (["info", "--index", str(bundle)], ["predict", str(query), "--index", str(bundle)]):
         r = CliRunner().invoke(main, ["-q", *args])
         assert r.exit_code == 4, r.output + repr(r.exception)
         assert "Traceback" not in r.output
@@ -161,7 +161,7 @@ def test_damaged_or_edited_manifest(bundle: Path, damage: str) -> None:
         mpath.write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"manifest\.json"):
         load_bundle(bundle)
-    r = CliRunner().invoke(main, ["info", str(bundle)])
+    r = CliRunner().invoke(main, ["info", "--index", str(bundle)])
     assert r.exit_code == 4 and "Traceback" not in r.output
     assert "manifest.json" in r.output and "rebuild" in r.output
 

@@ -22,7 +22,7 @@ collection's own *look-alike background*:
    has a distinct look-alike above it.
 
 The evidence (quantiles, offset, counts) is returned with the value so the CLI can print
-it; ``--threshold`` overrides it.
+it; ``--dup-threshold`` overrides it.
 """
 
 from __future__ import annotations

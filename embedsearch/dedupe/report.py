@@ -118,7 +118,7 @@ def _near_miss_section(result: DedupeResult, thumbs: Thumbnails) -> str:
         return head + "<p>No pair just below the threshold.</p>"
     parts = [head, f"<p>{len(nm)} pairs just below the threshold {result.threshold:.3f} were "
              "left in different groups (most similar first). If these are copies, lower "
-             "<code>--threshold</code>; if they are distinct look-alikes, the threshold is "
+             "<code>--dup-threshold</code>; if they are distinct look-alikes, the threshold is "
              "right.</p>"]
     for r in nm.head(MAX_HTML_NEAR_MISSES).itertuples():
         parts.append(f"<div class='group'><h3>{e(f'cosine {r.similarity:.3f}')}</h3>"

@@ -41,7 +41,7 @@ def build_settings(old_manifest: dict[str, Any] | None, dedupe: bool | None,
         return None
     if dedupe is None and previous is None:
         if threshold is not None or keep is not None:
-            raise InputError("--dedupe-threshold/--dedupe-keep need --dedupe")
+            raise InputError("--dup-threshold/--dedupe-keep need --dedupe")
         return None
     # threshold None: calibrated on the build's vectors at every build, as dedupe does
     base = previous or {"threshold": None, "keep": "resolution"}

@@ -212,7 +212,7 @@ def _tiled(x: np.ndarray, threshold: float, tile: int, max_pairs: int
                     raise EmbedsearchError(
                         f"more than {max_pairs:,} pairs of images are at least "
                         f"{threshold:.3f} similar: that threshold is far too low for "
-                        "duplicates", hint="raise --threshold (see --sweep)")
+                        "duplicates", hint="raise --dup-threshold (see --sweep)")
     if not out_i:
         empty = np.zeros(0, np.int64)
         return empty, empty.copy(), np.zeros(0, np.float32)
@@ -329,7 +329,7 @@ def _ivf_candidates(x: np.ndarray, y: np.ndarray, proj: np.ndarray, threshold: f
             raise EmbedsearchError(
                 f"more than {max_pairs:,} pairs of images are at least {floor:.3f} similar "
                 "in the candidate search: that threshold is far too low for duplicates",
-                hint="raise --threshold (see --sweep)")
+                hint="raise --dup-threshold (see --sweep)")
     pairs = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     log.debug("ivf candidates: nlist %d, nprobe %d, %d pairs", nlist, index.nprobe, len(pairs))
     return pairs // n, pairs % n

@@ -228,7 +228,7 @@ def encode_chunks(encoder: Encoder, paths: Sequence[Path], chunk_size: int,
     if not paths:
         return
     if options.num_workers < 1 or options.batch_size < 1:
-        raise EmbedsearchError("--num-workers and --batch-size must be at least 1")
+        raise EmbedsearchError("--ray-workers and --batch-size must be at least 1")
     import pyarrow as pa
 
     # Actors run in other working directories (and on other nodes): pass absolute paths.

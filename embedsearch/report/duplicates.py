@@ -29,7 +29,8 @@ def duplicate_groups(table: StudyTable, encoded: list[Encoded], enabled: bool,
     n = len(table.ids)
     if not enabled:
         return np.arange(n), {"enabled": False, "groups": 0, "straddling_groups": 0,
-                              "note": "duplicate detection was switched off (--no-dedupe)"}
+                              "note": "duplicate detection was switched off "
+                                      "(--no-group-duplicates)"}
     order = np.argsort(table.sha256, kind="stable")
     s = table.sha256[order]
     same = np.flatnonzero((s[1:] == s[:-1]) & (s[1:] != ""))
