@@ -115,12 +115,12 @@ echo $? > "$LOG/1.rc"
 cp -r "$EXTRA"/* "$IMAGES/red/"
 dd if=/dev/zero of="$MNT/filler" bs=4k 2>/dev/null
 run -q build-index "$IMAGES" --out "$MNT/b" > "$LOG/2.out" 2>&1; echo $? > "$LOG/2.rc"
-run info "$MNT/b" --json > "$LOG/3.out" 2>&1; echo $? > "$LOG/3.rc"
+run info --index "$MNT/b" --json > "$LOG/3.out" 2>&1; echo $? > "$LOG/3.rc"
 find "$MNT/b" -name '.tmp-*' > "$LOG/tmp.txt"
 rm "$MNT/filler"
 mount --bind "$MNT/b" "$MNT/b" && mount -o remount,bind,ro "$MNT/b" || exit 98
 run -q build-index "$IMAGES" --out "$MNT/b" > "$LOG/4.out" 2>&1; echo $? > "$LOG/4.rc"
-run info "$MNT/b" --json > "$LOG/5.out" 2>&1; echo $? > "$LOG/5.rc"
+run info --index "$MNT/b" --json > "$LOG/5.out" 2>&1; echo $? > "$LOG/5.rc"
 """
 
 
