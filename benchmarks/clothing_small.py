@@ -93,7 +93,7 @@ def concatenation(bundles: dict[str, Path], out: Path) -> dict[str, object]:
     import pandas as pd
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from embedding_options import concatenated, evaluate
+    from embedding_options import chosen_on_validation, concatenated, evaluate
 
     from embedsearch.bundle import load_bundle
 
@@ -104,11 +104,13 @@ def concatenation(bundles: dict[str, Path], out: Path) -> dict[str, object]:
     assign = pd.read_csv(out / "splits.csv").set_index("id")["split"]
     split = assign.reindex(b1.items["id"].astype(str)).fillna("").to_numpy()
     y = b1.items["label"].astype(str).to_numpy()
-    methods = evaluate(X, y, split == "train", split == "val", split == "test", views, None)
+    methods = evaluate(X, y, split == "train", split == "val", split == "test", views, None,
+                       ("auto", "balanced"))
     return {"encoders": [b1.encoder_identity["spec"], b2.encoder_identity["spec"]],
             "rows": {s: int((split == s).sum()) for s in ("train", "val", "test")},
             "views": len(views[0]) if views is not None else 0,
-            "methods": methods, "seconds": round(time.perf_counter() - t0, 1),
+            "methods": methods, "chosen_on_validation": chosen_on_validation({"": methods}),
+            "seconds": round(time.perf_counter() - t0, 1),
             "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}}
 
 
@@ -133,6 +135,11 @@ def concatenation_markdown(c: dict[str, object]) -> str:
         val = f"{f['val_accuracy']:.3f}" if "val_accuracy" in f else "–"
         lines.append(f"| {m} | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} | "
                      f"{f['macro_f1']:.3f} | {secs} | {val} |")
+    pick = c["chosen_on_validation"]
+    lines += ["", "'(balanced)': trained with balanced class weights (`--class-weight "
+              "balanced`); the others with the default class-prior search. Chosen on "
+              "validation (best validation accuracy, then macro-F1): "
+              f"**{pick['method']}**, test accuracy **{pick['accuracy']:.3f}**."]  # type: ignore[index]
     return "\n".join(lines) + "\n"
 
 
