@@ -82,7 +82,8 @@ def concatenated(b1: Any, b2: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.nda
 
 def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray,
              views: tuple[np.ndarray, np.ndarray] | None, X_tta: np.ndarray | None,
-             class_weights: tuple[str, ...] = ("auto",)) -> dict[str, Any]:
+             class_weights: tuple[str, ...] = ("auto",),
+             heads: tuple[str, ...] = ("linear", "mlp")) -> dict[str, Any]:
     """kNN, linear and MLP (± views, per class weighting: "auto" unnamed, others named) on
     one embedding matrix; each head scored on the test rows as embedded and, given
     ``X_tta``, with flip averaging."""
@@ -95,7 +96,7 @@ def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: n
     if X_tta is not None:
         out["10-NN + TTA flip"] = knn_figures(X[ref], y[ref], X_tta, y[te], 10)
     tr_rows = np.flatnonzero(tr)
-    for kind in ("linear", "mlp"):
+    for kind in heads:
         variants: list[tuple[str, Any]] = [("", None)]
         if views is not None:
             vX, vrow = views
@@ -151,8 +152,10 @@ def main() -> int:
                     "embedding_options")
     ap.add_argument("--class-weights", default="auto,balanced",
                     help="heads' class weightings to compare (auto = the default)")
+    ap.add_argument("--heads", default="linear,mlp", help="head kinds to train")
     args = ap.parse_args()
     class_weights = tuple(args.class_weights.split(","))
+    heads = tuple(args.heads.split(","))
     from embedsearch.bundle import load_bundle
     from embedsearch.query import embed_paths
     from embedsearch.report.provenance import git_revision, machine, package_versions
@@ -195,7 +198,7 @@ def main() -> int:
                                             strict=True)}
         res: dict[str, Any] = {"train_counts": counts}
         for mname, (M, mviews, M_tta) in matrices.items():
-            res[mname] = evaluate(M, y, tr, va, te, mviews, M_tta, class_weights)
+            res[mname] = evaluate(M, y, tr, va, te, mviews, M_tta, class_weights, heads)
             print(cname, mname, json.dumps({k: (v.get("accuracy"), v.get("balanced_accuracy"))
                                             for k, v in res[mname].items()}), file=sys.stderr)
         res["chosen_on_validation"] = chosen_on_validation(res)
