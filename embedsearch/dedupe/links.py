@@ -111,3 +111,36 @@ def centre_groups(n: int, links: Links, active: np.ndarray
         centre[nb[free]], via[nb[free]] = k, ne[free]
         grouped[nb[free]] = True
     return centre, via
+
+
+#: How far below the threshold local features (:mod:`embedsearch.dedupe.geometry`) may
+#: confirm a pair.
+GEOMETRY_BAND = 0.10
+#: Most band pairs per image checked by local features: an image's most similar ones.
+GEOMETRY_PER_IMAGE = 3
+
+
+def geometry_candidates(n: int, pairs: Pairs, linked: np.ndarray, threshold: float,
+                        same_file: np.ndarray | None = None,
+                        band: float = GEOMETRY_BAND,
+                        per_image: int = GEOMETRY_PER_IMAGE) -> np.ndarray:
+    """Indices of the searched pairs that local features should check: below the threshold
+    by at most ``band``, not linked (``linked`` marks linked pairs), their two images not
+    already joined by other links or the same bytes, and among the ``per_image`` most
+    similar such pairs of at least one of the two images (so the cost grows with the
+    collection, not with how crowded it is)."""
+    from embedsearch.dedupe.calibrate import components
+
+    comp = components(n, pairs.i[linked], pairs.j[linked], same_file)
+    cand = np.flatnonzero((pairs.sim >= threshold - band) & (pairs.sim < threshold)
+                          & ~linked & (comp[pairs.i] != comp[pairs.j]))
+    if not len(cand) or per_image <= 0:
+        return cand
+    a = np.concatenate([pairs.i[cand], pairs.j[cand]])
+    s = np.concatenate([pairs.sim[cand], pairs.sim[cand]])
+    e = np.concatenate([cand, cand])
+    order = np.lexsort((e, -s, a))
+    a, e = a[order], e[order]
+    starts = np.searchsorted(a, a, side="left")
+    rank = np.arange(len(a)) - starts
+    return np.unique(e[rank < per_image])
