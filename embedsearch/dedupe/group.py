@@ -35,6 +35,7 @@ import numpy as np
 from embedsearch.dedupe.facts import ItemFacts, exact_representatives
 from embedsearch.dedupe.links import (
     GEOMETRY_BAND,
+    GEOMETRY_PER_IMAGE,
     HASH_FLOOR,
     HASH_MAX_BITS,
     Links,
@@ -170,7 +171,8 @@ def _add_geometry_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links,
     """``links`` plus the band pairs that local features confirm
     (:mod:`embedsearch.dedupe.geometry`, through ``verify(i, j)``)."""
     t0 = time.perf_counter()
-    cand = geometry_candidates(n, pairs, _linked(n, pairs, links), threshold, same_file)
+    cand = geometry_candidates(n, pairs, _linked(n, pairs, links), threshold, same_file,
+                               GEOMETRY_BAND, GEOMETRY_PER_IMAGE)
     ok = cand[np.asarray(verify(pairs.i[cand], pairs.j[cand]), bool)] if len(cand) else cand
     info = {"checked": len(cand), "links": len(ok),
             "seconds": round(time.perf_counter() - t0, 3)}
