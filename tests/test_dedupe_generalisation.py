@@ -249,3 +249,33 @@ def test_band_pairs_confirmed_by_local_features_join_their_original(tmp_path: Pa
     assert g.loc["poster0.jpg", "kept"] and g.loc["crop.jpg", "signal"] == "geometry"
     assert "local features" in g.loc["crop.jpg", "reason"]
     assert res.summary()["links_by_geometry"] == 1
+
+
+def test_rotated_copy_far_below_the_band_is_proposed_by_its_hash(tmp_path: Path) -> None:
+    """A 30° turn of a graphic can drop its cosine to the original to ~0.55, far below any
+    band: its turned-back centre hash proposes the pair, local features confirm it; the
+    distinct posters are neither proposed nor grouped."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import file_verifier
+    from embedsearch.dedupe.views import hash_files
+
+    rng = np.random.default_rng(11)
+    posters = [synthetic_poster(rng) for _ in range(5)]
+    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
+    images["turned.jpg"] = make_variant(posters[0], "rot30", rng)[0]
+    paths = []
+    for name, img in images.items():
+        img.save(tmp_path / name, quality=92)
+        paths.append(tmp_path / name)
+    e = np.eye(7, dtype=np.float32)
+    vectors = np.stack([*(np.sqrt(0.5) * e[6] + np.sqrt(0.5) * e[k] for k in range(5)),
+                        0.55 * (np.sqrt(0.5) * e[6] + np.sqrt(0.5) * e[0])
+                        + np.sqrt(1 - 0.55 ** 2) * e[5]])
+    res = find_duplicates(vectors, list(images), threshold=0.93, power=1.0,
+                          hashes=hash_files(paths), verify=file_verifier(paths),
+                          widths=[im.width for im in images.values()],
+                          heights=[im.height for im in images.values()])
+    g = res.groups.set_index("id")
+    assert set(g.index) == {"poster0.jpg", "turned.jpg"}
+    assert g.loc["turned.jpg", "signal"] == "geometry"
+    assert res.extra["geometry"]["rotation_proposals"] >= 1

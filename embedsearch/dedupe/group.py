@@ -42,6 +42,7 @@ from embedsearch.dedupe.links import (
     centre_groups,
     geometry_candidates,
     link_pairs,
+    rotation_proposals,
 )
 from embedsearch.dedupe.search import (
     DEFAULT_POWER,
@@ -166,19 +167,40 @@ def _linked(n: int, pairs: Pairs, links: Links) -> np.ndarray:
 
 def _add_geometry_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links,
                         threshold: float, same_file: np.ndarray,
-                        verify: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                        verify: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                        vectors: np.ndarray, power: float, views: ImageViews | None
                         ) -> tuple[Links, dict[str, Any]]:
-    """``links`` plus the band pairs that local features confirm
-    (:mod:`embedsearch.dedupe.geometry`, through ``verify(i, j)``)."""
+    """``links`` plus the pairs that local features confirm
+    (:mod:`embedsearch.dedupe.geometry`, through ``verify(i, j)``): band pairs
+    (:func:`~embedsearch.dedupe.links.geometry_candidates`) and rotated copies proposed
+    by their turned-back hash (:func:`~embedsearch.dedupe.links.rotation_proposals`)."""
     t0 = time.perf_counter()
     cand = geometry_candidates(n, pairs, _linked(n, pairs, links), threshold, same_file,
                                GEOMETRY_BAND, GEOMETRY_PER_IMAGE)
-    ok = cand[np.asarray(verify(pairs.i[cand], pairs.j[cand]), bool)] if len(cand) else cand
-    info = {"checked": len(cand), "links": len(ok),
-            "seconds": round(time.perf_counter() - t0, 3)}
-    return Links(np.concatenate([links.i, pairs.i[ok]]), np.concatenate([links.j, pairs.j[ok]]),
-                 np.concatenate([links.sim, pairs.sim[ok]]), np.concatenate([links.bits, bits[ok]]),
-                 np.concatenate([links.signal, np.full(len(ok), "geometry", object)])), info
+    ci, cj, cs = pairs.i[cand], pairs.j[cand], pairs.sim[cand]
+    cb = bits[cand]
+    proposed = 0
+    if views is not None:
+        pi, pj = rotation_proposals(views)
+        key = pi * n + pj
+        new = ~np.isin(key, np.concatenate([links.i * n + links.j, ci * n + cj])) \
+            & (same_file[pi] != same_file[pj])
+        pi, pj = pi[new], pj[new]
+        proposed = len(pi)
+        if proposed:
+            rows, inv = np.unique(np.concatenate([pi, pj]), return_inverse=True)
+            x = as_unit_vectors(np.asarray(vectors)[rows], power)
+            a, b = inv[:proposed], inv[proposed:]
+            ci, cj = np.concatenate([ci, pi]), np.concatenate([cj, pj])
+            cs = np.concatenate([cs, np.einsum("ij,ij->i", x[a], x[b]).astype(cs.dtype)])
+            cb = np.concatenate([cb, np.full(proposed, -1, cb.dtype)])
+    ok = np.asarray(verify(ci, cj), bool) if len(ci) else np.zeros(0, bool)
+    info = {"checked": len(ci), "band_pairs": len(cand), "rotation_proposals": proposed,
+            "links": int(ok.sum()), "seconds": round(time.perf_counter() - t0, 3)}
+    return Links(np.concatenate([links.i, ci[ok]]), np.concatenate([links.j, cj[ok]]),
+                 np.concatenate([links.sim, cs[ok]]), np.concatenate([links.bits, cb[ok]]),
+                 np.concatenate([links.signal, np.full(int(ok.sum()), "geometry", object)])
+                 ), info
 
 
 def find_duplicates(
@@ -259,7 +281,8 @@ def find_duplicates(
         rank = np.empty(n, np.int64)
         rank[facts.priority(keep)] = np.arange(n)
         links, geometry_info = _add_geometry_links(n, pairs, bits, links, threshold,
-                                                   exact_representatives(facts, rank), verify)
+                                                   exact_representatives(facts, rank), verify,
+                                                   vectors, power, hashes)
     margin_info = None
     if pairs.threshold < threshold:  # searched below the threshold: lone matches too
         links, margin_info = _add_margin_links(n, pairs, bits, links, threshold, facts, keep)
