@@ -296,13 +296,18 @@ def breakdown(folder: Path, out: Path) -> dict[str, float]:
     c4 = clock()
     bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
     c5 = clock()
-    dedupe_bundle(bundle)
+    dedupe_bundle(bundle, local_features=False)
     c6 = clock()
+    res = dedupe_bundle(bundle)
+    c7 = clock()
     return {"images": len(bundle.items), "startup": round(c1 - c0, 2),
             "decode_alone": round(c2 - c1, 2), "build": round(c3 - c2, 2),
             "embed_and_write": round((c3 - c2) - (c2 - c1), 2),
             "hashes": round(c5 - c4, 2), "search_calibrate_group": round(c6 - c5, 2),
-            "total": round(c6 - c0 - (c2 - c1), 2)}
+            # the same dedupe again with the third signal: what local features add
+            "local_features": round((c7 - c6) - (c6 - c5), 2),
+            "local_features_pairs": (res.extra.get("geometry") or {}).get("checked"),
+            "total": round(c6 - c0 - (c2 - c1) + (c7 - c6) - (c6 - c5), 2)}
 
 
 def speed(args: argparse.Namespace, env: dict[str, str]) -> None:
@@ -404,12 +409,15 @@ def markdown(record: dict) -> str:
         lines += ["", "Where embedsearch's time goes (CPU seconds, one run stage by stage "
                   "through the library, `breakdown()`):", "",
                   "| set | start-up (imports, model) | decode (alone) | embed + write | "
-                  "hashes (2nd signal) | search + calibrate + group |", "|---|---|---|---|---|---|"]
+                  "hashes (2nd signal) | search + calibrate + group | local features "
+                  "(3rd signal) |", "|---|---|---|---|---|---|---|"]
         for r in sp["runs"]:
             b = r["breakdown_cpu_s"]
+            geo = (f"{b['local_features']} ({b['local_features_pairs']} pairs)"
+                   if "local_features" in b else "-")
             lines.append(f"| {r['set']} | {b['startup']} | {b['decode_alone']} | "
                          f"{b['embed_and_write']} | {b['hashes']} | "
-                         f"{b['search_calibrate_group']} |")
+                         f"{b['search_calibrate_group']} | {geo} |")
         lines.append("")
     lines += ["## Notes", "", *NOTES, ""]
     return "\n".join(lines)
