@@ -439,6 +439,8 @@ NOTES = [
     "--distractors 480 --kinds tiny,crop20,watermark,squash,grey,rot30,flip --seed 7` "
     "(96 of its 580 source photos, 15 of its 100 originals, also appear in the tuning set "
     "cloth-train, with other variants and other neighbours).",
+    "- Code: posters5 and cloth-held3 ran at 0834684 (clean); cloth-held2, posters1 and "
+    "idd at 460ee86, `dirty` only through README.md edits (the same dedupe code).",
     "- This session's rows: embedsearch on every set, the peers on posters5 and cloth-held3. "
     "The peers' rows for cloth-held2, posters1 and idd are last session's runs (their "
     "command is kept on each row in the JSON) on files made by the same deterministic "
