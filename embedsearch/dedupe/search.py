@@ -28,9 +28,10 @@ Two paths, both tiled so that no n×n matrix ever exists (a tile is at most
 
 ``ivf``
     Above ``ivf_limit`` (200,000) rows, scoring every pair even in 128 dimensions is the
-    whole cost (1M × 1280-d: 2,025 s here). The projections are put into a faiss IVF
-    index (≈ 4·√n lists) and each row is range-searched in its ``nprobe`` nearest lists
-    only, so the work grows as n·√n; the candidates are re-scored exactly as above.
+    whole cost (1M × 1280-d: 2,025 s here). The projections are clustered into IVF
+    lists (≈ 4·√n) and each row is compared with the rows of its ``nprobe`` nearest lists
+    only, so the work grows as n·√n (done list by list as BLAS products: see
+    :func:`_ivf_candidates`); the candidates are re-scored exactly as above.
     ``nprobe`` is calibrated on the collection itself: near-duplicates are planted at
     exactly the threshold (sampled rows turned towards other rows), and the smallest
     power of two that finds :data:`IVF_RECALL` of them is used.
