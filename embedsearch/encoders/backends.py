@@ -304,16 +304,17 @@ class OpenVINORuntime:
     Why streams, not one multi-threaded request: threads of one request meet at a barrier
     after every layer, so when another process takes a core, the thread on it stalls the
     others; independent streams keep going on whatever cores are free (the contention
-    benchmark in benchmarks/throughput.py). A batch is cut into ``chunk`` images per
-    request and the streams take the next chunk as they finish one (a work queue), so a
-    stream whose core is shared with another process does fewer chunks instead of holding
-    up the batch (an even split made the batch wait for the slowest stream).
+    benchmark in benchmarks/throughput.py). A batch is split evenly across the streams;
+    ``chunk`` cuts it into smaller requests that the streams take as they finish one (a
+    work queue). Smaller requests did not help beside a busy process and cost idle speed
+    (4 images: 0.96× model-only, 0.89× pipeline; benchmarks/results/thread_policy.md):
+    the scheduler shares both cores among all runnable threads, so no stream lags alone.
     fp32 inference precision is forced: on CPUs with bf16 units OpenVINO otherwise
     defaults to bf16, which moves the vectors (fingerprint cosine 0.9997 here).
     """
 
     def __init__(self, xml: Path, threads: int | None = None, streams: int | None = None,
-                 chunk: int = 4) -> None:
+                 chunk: int | None = None) -> None:
         import openvino as ov
 
         threads = threads or cpu_threads()
@@ -325,7 +326,7 @@ class OpenVINORuntime:
             config["NUM_STREAMS"] = streams
         self.compiled = core.compile_model(core.read_model(xml), "CPU", config)
         self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.chunk = max(1, chunk)
+        self.chunk = chunk
         self.queue = ov.AsyncInferQueue(self.compiled, self.streams)
         self.queue.set_callback(self._done)
         self._outs: list[np.ndarray | None] = []
@@ -336,8 +337,9 @@ class OpenVINORuntime:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, np.float32)
-        # Whole batch in one request per stream when that is already small.
-        size = min(self.chunk, -(-len(batch) // self.streams)) if len(batch) else 1
+        size = max(1, -(-len(batch) // self.streams))
+        if self.chunk:
+            size = min(size, self.chunk)
         parts = [batch[i:i + size] for i in range(0, len(batch), size)]
         with self._lock:
             self._outs = [None] * len(parts)
