@@ -87,9 +87,10 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
     x = torch.randn(32, 3, size, size)
     enc.encode_tensors(x)  # warm
     data = None
+    scratch = tempfile.TemporaryDirectory(prefix="tp-")  # removed when the child exits
     if pipeline_images:
         files = sorted((CLOTHING / "train").rglob("*.jpg"))[::7][:pipeline_images]
-        data = subset(files, pipeline_images, Path(tempfile.mkdtemp(prefix="tp-")))
+        data = subset(files, pipeline_images, Path(scratch.name))
     out: dict[str, Any] = {"threads_torch": torch.get_num_threads()}
     for load in ((1, 0) if busy_first else (0, 1)):
         with BusyLoad(load):
@@ -105,6 +106,7 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
                     res = build_index(data, out=Path(tmp) / "b", encoder=enc)
                 out[f"pipeline_load{load}"] = res.images_per_second
                 out[f"pipeline_threads_load{load}"] = _threads_used(enc)
+    scratch.cleanup()
     return out
 
 
