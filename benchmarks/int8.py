@@ -16,7 +16,9 @@ own transform. Then, in one run, paired:
   encoder: all of clothing-small re-embedded with int8 and its 10-NN test predictions
   compared with torch fp32's (``throughput.encoder_agreement``), plus the cosine of every
   int8 vector to its torch one. Random-weight encoders (ViT-B-32 here: model hubs are
-  unreachable) get speed figures and the cosine to their own fp32 vectors only.
+  unreachable) get the cosine to their own fp32 vectors and, with ``--subset N``, the same
+  10-NN comparison against their own fp32 (OpenVINO) bundle of N clothing-small images
+  (train and test in the dataset's proportions), since there is no torch reference bundle.
 
 Needs ``pip install nncf`` (a benchmark-only peer, not a dependency of embedsearch).
 """
@@ -133,6 +135,22 @@ def own_cosine(fp32: Any, int8: Any, batch: list[np.ndarray]) -> dict:
             "cosine_median": round(float(np.median(cos)), 5)}
 
 
+def own_agreement(fp32: Any, xml: Path, n: int, work: Path) -> dict:
+    """10-NN test predictions of int8 against the fp32 encoder's own bundle of ``n``
+    clothing-small images (every k-th train and test image, class folders kept)."""
+    from embedsearch import build_index
+
+    files = sorted(CLOTHING.glob("*/*/*.jpg"))
+    step = max(1, len(files) // n)
+    data = work / "data"
+    for f in files[::step][:n]:
+        target = data / f.relative_to(CLOTHING)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f.read_bytes())
+    ref = build_index(data, out=work / "fp32", encoder=fp32).path
+    return encoder_agreement(ref, {"openvino-int8": lambda s: int8_encoder(s, xml)}, data=data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["efficientnet-lite0"])
@@ -142,6 +160,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "int8")
+    ap.add_argument("--subset", type=int, default=0, metavar="N",
+                    help="models without --reference: 10-NN agreement of int8 with fp32 on "
+                    "N clothing-small images (every k-th of train and test)")
     args = ap.parse_args()
     if not CLOTHING.is_dir():
         sys.exit(f"{CLOTHING} is absent: this benchmark needs ../shared/datasets/clothing-small")
@@ -184,6 +205,10 @@ def main() -> None:
                 del fp32, int8
                 r["agreement_with_torch_fp32"] = encoder_agreement(
                     args.reference, {"openvino-int8": lambda s, xml=xml: int8_encoder(s, xml)})
+                save()
+            elif args.subset:
+                r["agreement_with_own_fp32"] = own_agreement(fp32, xml, args.subset,
+                                                             Path(tmp) / f"{folder.name}-agree")
                 save()
     print(json.dumps(result, indent=2))
 

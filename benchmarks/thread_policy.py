@@ -5,7 +5,10 @@
 
 A policy is ``BACKEND[:OPTION,...]``; options: ``passive`` (OMP_WAIT_POLICY=PASSIVE),
 ``active`` (OMP_WAIT_POLICY=ACTIVE), ``threads=N`` (torch.set_num_threads / the runtime's
-thread count), ``streams=N`` (OpenVINO streams). Each (round, policy) cell runs in a fresh
+thread count), ``streams=N`` (OpenVINO streams), ``chunk=N`` (OpenVINO images per request;
+16 = the old even split of a 32-image batch over 2 streams), ``fixed`` (torch keeps its own
+thread count instead of the adaptive one, encoders/threads.py). Each measure starts with a
+fresh thread governor, as a new process would. Each (round, policy) cell runs in a fresh
 process (wait policies are read once, when the OpenMP runtime loads), which measures
 model-only images/s (``encode_tensors`` on pre-made batches of 32) with no competitor and
 beside one ``while True: pass`` process that it starts and stops itself
@@ -46,7 +49,9 @@ def parse_policy(policy: str) -> tuple[str, dict[str, str], dict[str, int]]:
     for item in filter(None, rest.split(",")):
         if item in ("passive", "active"):
             env["OMP_WAIT_POLICY"] = item.upper()
-        elif "=" in item and item.split("=")[0] in ("threads", "streams"):
+        elif item == "fixed":
+            opts["fixed"] = 1
+        elif "=" in item and item.split("=")[0] in ("threads", "streams", "chunk"):
             key, value = item.split("=")
             opts[key] = int(value)
         else:
@@ -69,33 +74,46 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
     enc = load_encoder(spec, backend=backend)
     if enc.backend != backend:
         return {"error": f"backend {backend} not usable (got {enc.backend})"}
+    enc.adaptive_threads = "fixed" not in opts
     if backend != "torch" and opts:
         folder = _export_dir(enc, backend)
         if backend == "openvino":
             enc.runtime = OpenVINORuntime(folder / "model.xml", threads=opts.get("threads"),
-                                          **({"streams": opts["streams"]}
-                                             if "streams" in opts else {}))
+                                          **{k: opts[k] for k in ("streams", "chunk")
+                                             if k in opts})
         else:
             enc.runtime = OnnxRuntime(folder / "model.onnx", threads=opts.get("threads"))
     size = enc.preprocess.crop
     x = torch.randn(32, 3, size, size)
     enc.encode_tensors(x)  # warm
     data = None
+    scratch = tempfile.TemporaryDirectory(prefix="tp-")  # removed when the child exits
     if pipeline_images:
         files = sorted((CLOTHING / "train").rglob("*.jpg"))[::7][:pipeline_images]
-        data = subset(files, pipeline_images, Path(tempfile.mkdtemp(prefix="tp-")))
+        data = subset(files, pipeline_images, Path(scratch.name))
     out: dict[str, Any] = {"threads_torch": torch.get_num_threads()}
     for load in ((1, 0) if busy_first else (0, 1)):
         with BusyLoad(load):
+            enc._governor = None
             t = time.perf_counter()
             for _ in range(batches):
                 enc.encode_tensors(x)
             out[f"model_load{load}"] = 32 * batches / (time.perf_counter() - t)
+            out[f"model_threads_load{load}"] = _threads_used(enc)
             if data is not None:
+                enc._governor = None
                 with tempfile.TemporaryDirectory() as tmp:
                     res = build_index(data, out=Path(tmp) / "b", encoder=enc)
                 out[f"pipeline_load{load}"] = res.images_per_second
+                out[f"pipeline_threads_load{load}"] = _threads_used(enc)
+    scratch.cleanup()
     return out
+
+
+def _threads_used(enc: Any) -> str:
+    """The thread count of each timed batch, e.g. "2211111" (empty: no governor ran)."""
+    governor = getattr(enc, "_governor", None)
+    return "".join(str(n) for n, _ in governor.history) if governor else ""
 
 
 def main() -> None:
@@ -103,7 +121,7 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["torch", "torch:passive", "openvino"])
     ap.add_argument("--model", default="efficientnet-lite0")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batches", type=int, default=4, help="batches of 32 per measure")
+    ap.add_argument("--batches", type=int, default=12, help="batches of 32 per measure")
     ap.add_argument("--pipeline", type=int, default=0, metavar="N",
                     help="also time build_index of N clothing-small train JPEGs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "thread_policy")

@@ -336,9 +336,11 @@ def backend_agreement(reference: Path, backends: list[str]) -> dict:
                                          for b in backends})
 
 
-def encoder_agreement(reference: Path, makers: dict[str, Callable[[str], Any]]) -> dict:
+def encoder_agreement(reference: Path, makers: dict[str, Callable[[str], Any]],
+                      data: Path = CLOTHING) -> dict:
     """:func:`backend_agreement` for any encoders: ``makers[name](spec)`` returns the encoder
-    (or None to skip it) that re-embeds all of clothing-small under ``name``."""
+    (or None to skip it) that re-embeds all of ``data`` (the reference's images: all of
+    clothing-small unless told) under ``name``."""
     from embedsearch import build_index, load_bundle
     from embedsearch.predict import Predictor
 
@@ -359,7 +361,7 @@ def encoder_agreement(reference: Path, makers: dict[str, Callable[[str], Any]]) 
         if enc is None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            res = build_index(CLOTHING, out=Path(tmp) / "b", encoder=enc)
+            res = build_index(data, out=Path(tmp) / "b", encoder=enc)
             bun = load_bundle(res.path)
             pred, ids, _ = test_predictions(bun)
             assert ids == ref_ids

@@ -260,3 +260,33 @@ def test_exclude_lists(tmp_path: Path) -> None:
         read_exclude_list(tmp_path / "bad.csv")
     with pytest.raises(InputError, match="no such exclude list"):
         read_exclude_list(tmp_path / "missing.csv")
+
+
+def test_audit_calibrates_its_duplicate_threshold_as_dedupe_does(planted_folder: dict
+                                                                 ) -> None:
+    """No fixed 0.90: audit's duplicates and leakage use dedupe's calibrated threshold,
+    print it with its evidence, record it in the summary; -t overrides it."""
+    from embedsearch import load_bundle
+    from embedsearch.dedupe import dedupe_bundle
+
+    root: Path = planted_folder["root"]  # type: ignore[assignment]
+    runner = CliRunner()
+    r = runner.invoke(main, ["build-index", str(root), "--name", "cal", "--model", "test:tiny"])
+    assert r.exit_code == 0, r.output
+    expected = dedupe_bundle(load_bundle("cal"))
+    assert expected.extra["threshold_source"] == "calibrated"
+    out = Path("rep-cal")
+    r = runner.invoke(main, ["audit", "--index", "cal", "--out", str(out), "--no-html"])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("duplicate threshold"))
+    assert f"{expected.threshold:.3f}, calibrated on {len(expected.ids)} images" in line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dup_threshold"] == expected.threshold
+    assert summary["dup_threshold_source"] == "calibrated"
+    assert summary["dup_calibration"] == expected.extra["calibration"]
+    r = runner.invoke(main, ["audit", "--index", "cal", "--out", str(out), "--no-html",
+                             "-t", "0.999"])
+    assert r.exit_code == 0, r.output
+    assert "0.999 (given)" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dup_threshold"] == 0.999 and summary["dup_calibration"] is None

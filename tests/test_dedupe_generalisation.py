@@ -175,3 +175,107 @@ def test_dedupe_cli_groups_csv_is_what_the_benchmark_scorer_reads(tmp_path: Path
                                        "correct_pairs": 3}
     # a wrong grouping is scored as wrong (the scorer is not blind)
     assert score(truth, {**predicted, "d00000.jpg": predicted["o00000.jpg"]})["precision"] < 1
+
+
+# -- the third signal: local features and one geometric transform ------------------------
+MINI = Path(__file__).resolve().parents[1] / "examples" / "clothing-mini" / "train"
+
+
+def test_local_features_confirm_crops_and_rotations_never_look_alikes() -> None:
+    """Real generated images: 20 % crops and 30° rotations of synthetic posters (the case
+    the embedding misses) are confirmed with the transform they underwent; distinct
+    posters (look-alikes by construction: gradients, shapes, one font) and distinct
+    photos of one clothing class on plain backgrounds are refused."""
+    from itertools import combinations
+
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import image_features, match
+
+    rng = np.random.default_rng(3)
+    posters = [synthetic_poster(rng) for _ in range(10)]
+    feats = [image_features(p) for p in posters]
+    for poster, f in zip(posters[:4], feats, strict=False):
+        crop = match(f, image_features(make_variant(poster, "crop20", rng)[0]))
+        assert crop.accepted and 1.2 < crop.scale < 1.3, crop  # each side 1/0.8
+        turned = match(f, image_features(make_variant(poster, "rot30", rng)[0]))
+        assert turned.accepted and abs(abs(turned.angle) - 30) < 2, turned
+    photos = sorted((MINI / "t-shirt").glob("*.jpg"))[:6] + sorted(
+        (MINI / "shirt").glob("*.jpg"))[:6]
+    photo_feats = [image_features(Image.open(p).convert("RGB")) for p in photos]
+    for a, b in [*combinations(feats, 2), *combinations(photo_feats, 2)]:
+        m = match(a, b)
+        assert not m.accepted, m
+    photo = Image.open(photos[0]).convert("RGB")
+    assert match(photo_feats[0], image_features(make_variant(photo, "crop20", rng)[0])
+                 ).accepted
+
+
+def test_band_pairs_confirmed_by_local_features_join_their_original(tmp_path: Path) -> None:
+    """find_duplicates with ``verify``, in a crowd of look-alikes (as on synthetic posters):
+    a crop whose cosine sits below the threshold joins its original through the geometric
+    check (signal "geometry", its reason says so); the look-alikes, more similar to the
+    original than the crop is, stay apart; a pair below the band is never checked."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import file_verifier
+
+    rng = np.random.default_rng(5)
+    posters = [synthetic_poster(rng) for _ in range(6)]
+    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
+    images["crop.jpg"] = make_variant(posters[0], "crop20", rng)[0]
+    images["far.jpg"] = synthetic_poster(rng)
+    paths = []
+    for name, img in images.items():
+        img.save(tmp_path / name, quality=92)
+        paths.append(tmp_path / name)
+    e = np.eye(9, dtype=np.float32)
+    # posters: pairwise cosine 0.90 (a crowd); the crop 0.88 to poster0; far 0.75 to it
+    crowd = [np.sqrt(0.9) * e[8] + np.sqrt(0.1) * e[k] for k in range(6)]
+    vectors = np.stack([*crowd, 0.88 * crowd[0] + np.sqrt(1 - 0.88 ** 2) * e[6],
+                        0.75 * crowd[0] + np.sqrt(1 - 0.75 ** 2) * e[7]])
+    checked: list[tuple[int, int]] = []
+    verify = file_verifier(paths)
+
+    def spy(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        checked.extend(zip(i.tolist(), j.tolist(), strict=True))
+        return verify(i, j)
+
+    res = find_duplicates(vectors, list(images), threshold=0.93, power=1.0, verify=spy,
+                          widths=[im.width for im in images.values()],
+                          heights=[im.height for im in images.values()])
+    assert (0, 6) in checked and len(checked) > 1  # look-alike pairs were checked too
+    assert not any(7 in pair for pair in checked)  # far (0.75) is below the band
+    g = res.groups.set_index("id")
+    assert set(g.index) == {"poster0.jpg", "crop.jpg"}
+    assert g.loc["poster0.jpg", "kept"] and g.loc["crop.jpg", "signal"] == "geometry"
+    assert "local features" in g.loc["crop.jpg", "reason"]
+    assert res.summary()["links_by_geometry"] == 1
+
+
+def test_rotated_copy_far_below_the_band_is_proposed_by_its_hash(tmp_path: Path) -> None:
+    """A 30° turn of a graphic can drop its cosine to the original to ~0.55, far below any
+    band: its turned-back centre hash proposes the pair, local features confirm it; the
+    distinct posters are neither proposed nor grouped."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import file_verifier
+    from embedsearch.dedupe.views import hash_files
+
+    rng = np.random.default_rng(11)
+    posters = [synthetic_poster(rng) for _ in range(5)]
+    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
+    images["turned.jpg"] = make_variant(posters[0], "rot30", rng)[0]
+    paths = []
+    for name, img in images.items():
+        img.save(tmp_path / name, quality=92)
+        paths.append(tmp_path / name)
+    e = np.eye(7, dtype=np.float32)
+    vectors = np.stack([*(np.sqrt(0.5) * e[6] + np.sqrt(0.5) * e[k] for k in range(5)),
+                        0.55 * (np.sqrt(0.5) * e[6] + np.sqrt(0.5) * e[0])
+                        + np.sqrt(1 - 0.55 ** 2) * e[5]])
+    res = find_duplicates(vectors, list(images), threshold=0.93, power=1.0,
+                          hashes=hash_files(paths), verify=file_verifier(paths),
+                          widths=[im.width for im in images.values()],
+                          heights=[im.height for im in images.values()])
+    g = res.groups.set_index("id")
+    assert set(g.index) == {"poster0.jpg", "turned.jpg"}
+    assert g.loc["turned.jpg", "signal"] == "geometry"
+    assert res.extra["geometry"]["rotation_proposals"] >= 1

@@ -1,5 +1,4 @@
-"""IVF indexes: sample-trained, filled block by block, recall measured and recorded; block-wise
-range search for dedupe at scale."""
+"""IVF indexes: sample-trained, filled block by block, recall measured and recorded."""
 
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ from embedsearch.index.ivf import (
     build_ivf,
     choose_nlist,
     exact_topk,
-    range_search_blocks,
     recall_at_k,
 )
 from embedsearch.predict import Predictor
@@ -96,38 +94,6 @@ def test_auto_picks_flat_then_ivf_then_ivfpq() -> None:
     assert auto_index_type(EXACT_LIMIT, 1280) == "flat"
     assert auto_index_type(EXACT_LIMIT + 1, 1280) == "ivf"
     assert auto_index_type(10_000_000, 1280) == "ivfpq"
-
-
-def range_pairs(index, x: np.ndarray, threshold: float, block: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, sim) with i < j from the per-block range search, as dedupe's ivf path uses it."""
-    out = []
-    for first, lims, sims, ids in range_search_blocks(index, x, threshold, block):
-        rows = first + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
-        keep = ids > rows
-        out.append((rows[keep], ids[keep], sims[keep]))
-    return tuple(np.concatenate(c) for c in zip(*out, strict=True))
-
-
-def test_range_search_blocks_find_duplicates_per_block_like_brute_force() -> None:
-    x = clustered(800, seed=5)
-    rng = np.random.default_rng(0)
-    dup_of = rng.choice(800, 40, replace=False)
-    noisy = x[dup_of] + 0.01 * rng.normal(size=(40, x.shape[1]))
-    x = np.vstack([x, (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)])
-    sims = x @ x.T
-    iu = np.triu_indices(len(x), 1)
-    truth = {(int(i), int(j)) for i, j in zip(*iu, strict=True) if sims[i, j] >= 0.97}
-    flat, _ = make_index(x, "flat")
-    fi, fj, fs = range_pairs(flat, x, 0.97, block=97)
-    assert set(zip(fi.tolist(), fj.tolist(), strict=True)) == truth
-    assert (fs >= 0.97 - 1e-6).all()
-    ivf, _ = make_index(x, "ivf")
-    ii, ij, _ = range_pairs(ivf, x, 0.97, block=97)
-    found = set(zip(ii.tolist(), ij.tolist(), strict=True))
-    assert found <= truth
-    injected = {(int(d), 800 + k) for k, d in enumerate(dup_of)}
-    assert injected <= found  # every planted near-duplicate is found through the IVF index
 
 
 def test_build_index_with_ivf_bundle_searches_reference_rows_only(split_collection: Path

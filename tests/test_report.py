@@ -343,6 +343,11 @@ def test_own_split_keeps_duplicates_together_and_cv(tmp_path: Path) -> None:
         # raised until groups stay plausible, and that is reported.
         assert dup["largest_group"] <= dup["max_plausible_group"] == 10
         assert dup["near_threshold"] > 0.9 and dup["near_notes"]
+        # calibrated as dedupe does (no fixed 0.90 start), with its evidence recorded
+        assert dup["near_threshold_source"] == "calibrated"
+        assert dup["near_calibration"]["images"] == 4 * 16 + len(copies) + 1
+        assert "calibrated" in dup["near_notes"][0]
+        assert "calibrated on" in (result.out / "report.md").read_text()
     counts = res["splits"]["folds"][0]
     n = 4 * 16 + len(copies) + 1
     assert counts["train"] + counts["val"] + counts["test"] == n

@@ -155,8 +155,10 @@ def audit_bundle(bundle: Bundle, *, folds: int = DEFAULT_FOLDS, k: int = DEFAULT
     frame = pd.concat([frame, spur], axis=1)
     frame["spurious_severity"] = _spurious_severity(spur)
 
-    threshold = dd.DEFAULT_THRESHOLD if dup_threshold is None else dup_threshold
-    dup = dd.dedupe_bundle(bundle, threshold=threshold)
+    # dup_threshold None: calibrated on the bundle exactly as `dedupe` does; leakage then
+    # uses that same value (calibrating again on the same vectors would give it too)
+    dup = dd.dedupe_bundle(bundle, threshold=dup_threshold)
+    threshold = dup.threshold
     frame = _join_duplicates(frame, dup)
     leaks = None
     if items["split"].dropna().nunique() >= 2:
@@ -280,6 +282,8 @@ def _summary(frame: pd.DataFrame, items: pd.DataFrame, labels: LabelScores | Non
         "label_conflict_groups": d["label_conflict_groups"],
         "leak_pairs": 0 if leaks is None else len(leaks),
         "dup_threshold": threshold,
+        "dup_threshold_source": "calibrated" if dup.extra.get("calibration") else "given",
+        "dup_calibration": dup.extra.get("calibration"),
         "imbalance": imbalance,
         "pixel_stats": {"stored": len(frame) - computed, "computed_from_files": computed},
         "flagged_images": int((frame["issues"] != "").sum()),

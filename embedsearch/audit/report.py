@@ -200,7 +200,7 @@ def render_html(result: AuditResult, *, max_rows: int = MAX_HTML_ROWS,
     links = links or {}
     parts.append(f"<h2 id='duplicates'>Duplicates, label conflicts, leakage</h2><p>"
                  f"{s['duplicates']:,} removable copies in {s['duplicate_groups']:,} groups "
-                 f"(threshold {s['dup_threshold']:g}); {s['label_conflict_groups']:,} groups "
+                 f"(threshold {e(dup_threshold_text(s))}); {s['label_conflict_groups']:,} groups "
                  f"hold different labels; {s['leak_pairs']:,} pairs cross splits.")
     for key, text in (("duplicates", "all groups"), ("leakage", "pairs across splits")):
         if key in links:
@@ -268,11 +268,23 @@ def summary_lines(result: AuditResult) -> list[str]:
         lines.append(f"{'class imbalance':24s} {imb['ratio_largest_smallest']:7g}x "
                      f"largest/smallest; under a third of the largest: "
                      f"{', '.join(imb['under_represented']) or 'none'}")
+    lines.append(f"{'duplicate threshold':24s} {dup_threshold_text(s)}")
     stats = s["pixel_stats"]
     if stats["computed_from_files"]:
         lines.append(f"pixel statistics: {stats['computed_from_files']:,} images decoded "
                      "(bundle built before they were stored; rebuild to store them)")
     return lines
+
+
+def dup_threshold_text(summary: dict[str, Any]) -> str:
+    """The duplicate threshold and where it came from, as ``dedupe`` prints it."""
+    from embedsearch.dedupe.calibrate import Calibration
+
+    t = float(summary["dup_threshold"])
+    evidence = summary.get("dup_calibration")
+    if evidence:
+        return f"{Calibration(t, evidence).describe()} (override: -t/--dup-threshold)"
+    return f"{t:g} (given)"
 
 
 def json_records(result: AuditResult, all_rows: bool = False) -> list[dict[str, Any]]:

@@ -49,7 +49,8 @@ def _issue_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 50),
               help="Folds of the out-of-fold linear head.")
 @k_option(20, max_k=200, what="Neighbours that vote on each image's label (kNN k).")
-@dup_threshold_option("the dedupe default (0.90)")
+@dup_threshold_option("calibrated on the collection, as dedupe does (the value and its "
+                      "evidence are printed)")
 @seed_option("the folds and the head")
 @model_option("Used when DATA has to be embedded (default: the bundle's, else "
               "efficientnet-lite0).")

@@ -44,8 +44,8 @@ from embedsearch.cli.output import echo_json, progress_factory
 @click.option("--group-duplicates/--no-group-duplicates", default=True, show_default=True,
               help="Keep exact and near-duplicate images together on one side of every split "
               "(without it, copies may straddle train and test and inflate the figures).")
-@dup_threshold_option("the dedupe default (0.90), raised when the default encoder chains "
-                      "look-alikes into implausibly large groups")
+@dup_threshold_option("calibrated on the collection as dedupe does, raised when the "
+                      "encoder chains look-alikes into implausibly large groups")
 @click.option("--no-heads", is_flag=True, help="Skip the trained heads.")
 @select_by_option("the heads' settings are")
 @click.option("--no-zero-shot", is_flag=True, help="Skip CLIP zero-shot.")

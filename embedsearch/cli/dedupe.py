@@ -173,11 +173,15 @@ def dedupe_cmd(ctx: click.Context, data: Path | None, index_name: str | None,
                    "(override: --dup-threshold)")
     else:
         click.echo(f"threshold  {t:g} (given), keep {keep}")
-    if s.get("links_by_hash") or s.get("links_by_rotation") or s.get("links_by_margin"):
+    if s.get("links_by_hash") or s.get("links_by_rotation") or s.get("links_by_margin") \
+            or s.get("links_by_geometry"):
+        geo = result.extra.get("geometry") or {}
         click.echo(f"second     pairs below the threshold linked by the perceptual hash "
                    f"{s['links_by_hash']:,} (greyscale, resized, mirrored copies), as rotated "
                    f"copies {s['links_by_rotation']:,}, as lone matches "
-                   f"{s['links_by_margin']:,} (crops)")
+                   f"{s['links_by_margin']:,} (crops), by local features "
+                   f"{s.get('links_by_geometry', 0):,} of {geo.get('checked', 0):,} pairs "
+                   "checked (crops, rotations)")
     if s.get("skipped") or s.get("not_indexed"):
         click.echo(f"not read   {s.get('not_indexed', 0):,} undecodable, "
                    f"{s.get('skipped', 0):,} skipped files: see the bundle's failures table "

@@ -30,27 +30,38 @@ if TYPE_CHECKING:
 
 
 def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
-                  keep: str = "resolution", hashes: bool = True) -> DedupeResult:
+                  keep: str = "resolution", hashes: bool = True,
+                  local_features: bool = True) -> DedupeResult:
     """Duplicate groups among a bundle's images, from its cached embeddings.
 
     ``threshold=None`` calibrates it on the bundle (see :mod:`embedsearch.dedupe.calibrate`).
     With ``hashes`` (default), images in pairs at or above ``HASH_FLOOR`` get the second
     signal's perceptual hash (:func:`embedsearch.dedupe.views.bundle_hashes`: decoded once,
-    then cached in the bundle).
+    then cached in the bundle). With ``local_features`` (default), pairs in a band below
+    the threshold are checked geometrically (:mod:`embedsearch.dedupe.geometry`: crops and
+    rotations), decoding only the images of those pairs.
     """
-    from embedsearch.dedupe.links import HASH_FLOOR
+    from embedsearch.dedupe.links import GEOMETRY_BAND, HASH_FLOOR
     from embedsearch.dedupe.views import bundle_hashes
 
     vectors = np.asarray(bundle.embeddings)
     facts = item_facts(bundle.items)
     floor = HASH_FLOOR if threshold is None or hashes else threshold
+    if threshold is not None and local_features:
+        floor = min(floor, threshold - GEOMETRY_BAND)
     pairs = candidate_pairs(vectors, min(floor, threshold or 1.0))
     h = None
     if hashes:
         h = bundle_hashes(bundle, np.concatenate([pairs.i, pairs.j]))
         facts["grey"] = h.edited
+    verify = None
+    if local_features:
+        from embedsearch.dedupe.geometry import file_verifier
+
+        root = items_root(bundle)
+        verify = file_verifier([root / str(i) for i in facts["ids"]])
     res = find_duplicates(vectors, threshold=threshold, keep=keep, pairs=pairs, hashes=h,
-                          **facts)
+                          verify=verify, **facts)
     res.extra.update({"bundle": str(bundle.path), "root": str(items_root(bundle)),
                       "encoder": bundle.encoder_identity.get("spec")})
     # Files that exist but could not be decoded: not compared, but a clean copy keeps them.

@@ -26,14 +26,24 @@ highest, with similarity 1.0.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedsearch.dedupe.facts import ItemFacts, exact_representatives
-from embedsearch.dedupe.links import HASH_FLOOR, HASH_MAX_BITS, Links, centre_groups, link_pairs
+from embedsearch.dedupe.links import (
+    GEOMETRY_BAND,
+    GEOMETRY_PER_IMAGE,
+    HASH_FLOOR,
+    HASH_MAX_BITS,
+    Links,
+    centre_groups,
+    geometry_candidates,
+    link_pairs,
+    rotation_proposals,
+)
 from embedsearch.dedupe.search import (
     DEFAULT_POWER,
     EXACT_LIMIT,
@@ -134,9 +144,8 @@ def _add_margin_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links, thre
 
     rank = np.empty(n, np.int64)
     rank[facts.priority(keep)] = np.arange(n)
-    linked = np.zeros(len(pairs), bool)
+    linked = _linked(n, pairs, links)
     key = pairs.i * n + pairs.j
-    linked[np.isin(key, links.i * n + links.j)] = True
     a, b, s, info = margin_links(n, pairs.i, pairs.j, pairs.sim, linked, threshold,
                                  pairs.threshold, exact_representatives(facts, rank))
     lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -149,6 +158,49 @@ def _add_margin_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links, thre
     return Links(np.concatenate([links.i, lo]), np.concatenate([links.j, hi]),
                  np.concatenate([links.sim, s]), np.concatenate([links.bits, pair_bits]),
                  np.concatenate([links.signal, np.full(len(lo), "margin", object)])), info
+
+
+def _linked(n: int, pairs: Pairs, links: Links) -> np.ndarray:
+    """Per searched pair: is it among ``links``."""
+    return np.isin(pairs.i * n + pairs.j, links.i * n + links.j)
+
+
+def _add_geometry_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links,
+                        threshold: float, same_file: np.ndarray,
+                        verify: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                        vectors: np.ndarray, power: float, views: ImageViews | None
+                        ) -> tuple[Links, dict[str, Any]]:
+    """``links`` plus the pairs that local features confirm
+    (:mod:`embedsearch.dedupe.geometry`, through ``verify(i, j)``): band pairs
+    (:func:`~embedsearch.dedupe.links.geometry_candidates`) and rotated copies proposed
+    by their turned-back hash (:func:`~embedsearch.dedupe.links.rotation_proposals`)."""
+    t0 = time.perf_counter()
+    cand = geometry_candidates(n, pairs, _linked(n, pairs, links), threshold, same_file,
+                               GEOMETRY_BAND, GEOMETRY_PER_IMAGE)
+    ci, cj, cs = pairs.i[cand], pairs.j[cand], pairs.sim[cand]
+    cb = bits[cand]
+    proposed = 0
+    if views is not None:
+        pi, pj = rotation_proposals(views)
+        key = pi * n + pj
+        new = ~np.isin(key, np.concatenate([links.i * n + links.j, ci * n + cj])) \
+            & (same_file[pi] != same_file[pj])
+        pi, pj = pi[new], pj[new]
+        proposed = len(pi)
+        if proposed:
+            rows, inv = np.unique(np.concatenate([pi, pj]), return_inverse=True)
+            x = as_unit_vectors(np.asarray(vectors)[rows], power)
+            a, b = inv[:proposed], inv[proposed:]
+            ci, cj = np.concatenate([ci, pi]), np.concatenate([cj, pj])
+            cs = np.concatenate([cs, np.einsum("ij,ij->i", x[a], x[b]).astype(cs.dtype)])
+            cb = np.concatenate([cb, np.full(proposed, -1, cb.dtype)])
+    ok = np.asarray(verify(ci, cj), bool) if len(ci) else np.zeros(0, bool)
+    info = {"checked": len(ci), "band_pairs": len(cand), "rotation_proposals": proposed,
+            "links": int(ok.sum()), "seconds": round(time.perf_counter() - t0, 3)}
+    return Links(np.concatenate([links.i, ci[ok]]), np.concatenate([links.j, cj[ok]]),
+                 np.concatenate([links.sim, cs[ok]]), np.concatenate([links.bits, cb[ok]]),
+                 np.concatenate([links.signal, np.full(int(ok.sum()), "geometry", object)])
+                 ), info
 
 
 def find_duplicates(
@@ -169,6 +221,7 @@ def find_duplicates(
     power: float = DEFAULT_POWER,
     hashes: np.ndarray | ImageViews | None = None,
     grey: Sequence[Any] | None = None,
+    verify: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> DedupeResult:
     """Group exact and near-duplicates among L2-normalised ``vectors`` (one row per image).
 
@@ -179,7 +232,10 @@ def find_duplicates(
     (:func:`embedsearch.dedupe.calibrate.calibrate`). ``hashes`` (an
     :class:`~embedsearch.dedupe.views.ImageViews`, or plain hashes, one per vector,
     0 = unknown) add the second signal;
-    ``grey`` (greyscale flags) refines the keep policy. Similarities are cosines of
+    ``grey`` (greyscale flags) refines the keep policy. ``verify(i, j)`` (item index
+    arrays → bool per pair), e.g. :func:`embedsearch.dedupe.geometry.file_verifier`, adds
+    the third signal: pairs in a band below the threshold that it accepts are linked
+    (:func:`~embedsearch.dedupe.links.geometry_candidates` picks them). Similarities are cosines of
     power-normalised embeddings (``power``, see :mod:`embedsearch.dedupe.search`);
     ``power=1`` compares the raw embeddings.
     """
@@ -203,6 +259,8 @@ def find_duplicates(
         floor = HASH_FLOOR
     else:
         floor = min(HASH_FLOOR, threshold) if hashes is not None else threshold
+        if verify is not None:
+            floor = min(floor, threshold - GEOMETRY_BAND)
     if pairs is None:
         pairs = candidate_pairs(vectors, floor, exact_limit=exact_limit, power=power)
     else:
@@ -218,12 +276,21 @@ def find_duplicates(
                                 exact_representatives(facts, rank))
         threshold = calibration.threshold
     links, bits, _ = link_pairs(pairs, threshold, hashes)
+    geometry_info = None
+    if verify is not None:
+        rank = np.empty(n, np.int64)
+        rank[facts.priority(keep)] = np.arange(n)
+        links, geometry_info = _add_geometry_links(n, pairs, bits, links, threshold,
+                                                   exact_representatives(facts, rank), verify,
+                                                   vectors, power, hashes)
     margin_info = None
     if pairs.threshold < threshold:  # searched below the threshold: lone matches too
         links, margin_info = _add_margin_links(n, pairs, bits, links, threshold, facts, keep)
     res = _group(vectors, facts, links, pairs, threshold, keep, t0, power)
     if margin_info is not None:
         res.extra["margin"] = margin_info
+    if geometry_info is not None:
+        res.extra["geometry"] = geometry_info
     if calibration is not None:
         res.extra["calibration"] = calibration.evidence
         res.extra["threshold_source"] = "calibrated"
@@ -301,6 +368,7 @@ def _group(vectors: np.ndarray, facts: ItemFacts, links: Links, pairs: Pairs, th
     res.extra["links_by_hash"] = int((links.signal == "hash").sum())
     res.extra["links_by_rotation"] = int((links.signal == "rotation").sum())
     res.extra["links_by_margin"] = int((links.signal == "margin").sum())
+    res.extra["links_by_geometry"] = int((links.signal == "geometry").sum())
     res.near_misses = _near_misses(pairs, threshold, group_of, facts.ids)
     return res
 
@@ -311,6 +379,10 @@ def _near_reason(centre_id: str, links: Links, link: int, threshold: float) -> s
         return (f"near-duplicate of {centre_id}: cosine {s:.3f} < {threshold:g}, but one is "
                 "the other's closest picture by a clear margin over the next (a lone match: "
                 "crops and rotations look like this; look-alikes come in crowds)")
+    if links.signal[link] == "geometry":
+        return (f"near-duplicate of {centre_id}: cosine {s:.3f} < {threshold:g}, confirmed "
+                "by local features (one similarity transform maps their keypoints onto each "
+                "other: a crop, rotation or rescale)")
     if links.signal[link] == "rotation":
         return (f"near-duplicate of {centre_id}: cosine {s:.3f} < {threshold:g}, a rotated "
                 f"copy (its centre turned back matches within {int(links.bits[link])} of 63 "

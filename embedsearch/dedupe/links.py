@@ -111,3 +111,85 @@ def centre_groups(n: int, links: Links, active: np.ndarray
         centre[nb[free]], via[nb[free]] = k, ne[free]
         grouped[nb[free]] = True
     return centre, via
+
+
+#: How far below the threshold local features (:mod:`embedsearch.dedupe.geometry`) may
+#: confirm a pair.
+GEOMETRY_BAND = 0.10
+#: Most band pairs per image checked by local features: an image's most similar ones.
+GEOMETRY_PER_IMAGE = 3
+
+
+def geometry_candidates(n: int, pairs: Pairs, linked: np.ndarray, threshold: float,
+                        same_file: np.ndarray | None = None,
+                        band: float = GEOMETRY_BAND,
+                        per_image: int = GEOMETRY_PER_IMAGE) -> np.ndarray:
+    """Indices of the searched pairs that local features should check: below the threshold
+    by at most ``band``, not linked (``linked`` marks linked pairs), not two files with the
+    same bytes (``same_file``: item → its exact-copy representative), and among the
+    ``per_image`` most similar such pairs of at least one of the two images (so the cost
+    grows with the collection, not with how crowded it is).
+
+    Pairs whose images are already joined through other links are checked too: a rotated
+    copy linked only to its original's mirrored copy would otherwise form a group of its
+    own, since groups are stars around a centre (:func:`centre_groups`)."""
+    same = np.zeros(len(pairs), bool) if same_file is None else \
+        np.asarray(same_file)[pairs.i] == np.asarray(same_file)[pairs.j]
+    cand = np.flatnonzero((pairs.sim >= threshold - band) & (pairs.sim < threshold)
+                          & ~linked & ~same)
+    if not len(cand) or per_image <= 0:
+        return cand
+    a = np.concatenate([pairs.i[cand], pairs.j[cand]])
+    s = np.concatenate([pairs.sim[cand], pairs.sim[cand]])
+    e = np.concatenate([cand, cand])
+    order = np.lexsort((e, -s, a))
+    a, e = a[order], e[order]
+    starts = np.searchsorted(a, a, side="left")
+    rank = np.arange(len(a)) - starts
+    return np.unique(e[rank < per_image])
+
+
+#: Rotated copies (filled corners) are also proposed to the local-feature check wherever
+#: their turned-back centre matches another image's centre within ROTATION_MAX_BITS, not
+#: only in the band: on graphics a 30° turn drops the cosine to its original to 0.5–0.7
+#: (synthetic posters: the original ranked 150th–1,700th). At most this many per copy,
+#: closest first: 8, so that a copy reaches its group's centre, which may be another copy
+#: of its original (groups are stars). Planted posters (posters0): 146 of 150 rotated
+#: copies get their original's group proposed; rot30 copies missed 32 → 13 (3 per copy)
+#: → 7 (8 per copy).
+ROTATION_PROPOSALS = 8
+#: Above this many (rotated copies × hashed images) comparisons, no proposals are made
+#: (the band still checks rotated copies the embedding keeps close).
+ROTATION_PROPOSALS_MAX_WORK = 50_000_000
+
+
+def rotation_proposals(views: ImageViews, per_copy: int = ROTATION_PROPOSALS
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) of a rotated copy and an image whose centre its turned-back centre
+    matches within :data:`ROTATION_MAX_BITS`, at most ``per_copy`` per copy; empty when
+    the comparisons would exceed :data:`ROTATION_PROPOSALS_MAX_WORK`."""
+    from embedsearch.dedupe.views import NO_HASH, hash_distance
+
+    turned = np.flatnonzero(views.rotated[:, 0] != NO_HASH)
+    others = np.flatnonzero((views.centre != NO_HASH) & (views.rotated[:, 0] == NO_HASH))
+    empty = np.zeros(0, np.int64)
+    if not len(turned) or not len(others) \
+            or len(turned) * len(others) > ROTATION_PROPOSALS_MAX_WORK:
+        return empty, empty
+    block = max(1, 1_000_000 // len(others))
+    out_a, out_b = [], []
+    for start in range(0, len(turned), block):
+        t = turned[start:start + block]
+        d = np.full((len(t), len(others)), 64, np.int64)
+        for angle in range(views.rotated.shape[1]):
+            d = np.minimum(d, hash_distance(views.rotated[t, angle][:, None],
+                                            views.centre[others][None, :]))
+        rows, cols = np.nonzero(d <= ROTATION_MAX_BITS)
+        order = np.lexsort((d[rows, cols], rows))
+        rows, cols = rows[order], cols[order]
+        first = np.searchsorted(rows, rows, side="left")
+        keep = np.arange(len(rows)) - first < per_copy
+        out_a.append(t[rows[keep]])
+        out_b.append(others[cols[keep]])
+    a, b = np.concatenate(out_a), np.concatenate(out_b)
+    return np.minimum(a, b), np.maximum(a, b)

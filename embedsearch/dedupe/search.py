@@ -28,9 +28,10 @@ Two paths, both tiled so that no n×n matrix ever exists (a tile is at most
 
 ``ivf``
     Above ``ivf_limit`` (200,000) rows, scoring every pair even in 128 dimensions is the
-    whole cost (1M × 1280-d: 2,025 s here). The projections are put into a faiss IVF
-    index (≈ 4·√n lists) and each row is range-searched in its ``nprobe`` nearest lists
-    only, so the work grows as n·√n; the candidates are re-scored exactly as above.
+    whole cost (1M × 1280-d: 2,025 s here). The projections are clustered into IVF
+    lists (≈ 4·√n) and each row is compared with the rows of its ``nprobe`` nearest lists
+    only, so the work grows as n·√n (done list by list as BLAS products: see
+    :func:`_ivf_candidates`); the candidates are re-scored exactly as above.
     ``nprobe`` is calibrated on the collection itself: near-duplicates are planted at
     exactly the threshold (sampled rows turned towards other rows), and the smallest
     power of two that finds :data:`IVF_RECALL` of them is used.
@@ -298,15 +299,21 @@ def candidate_pairs(vectors: np.ndarray, threshold: float, *, power: float = DEF
 
 def _ivf_candidates(x: np.ndarray, y: np.ndarray, proj: np.ndarray, threshold: float,
                     floor: float, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i < j) whose projections ``y`` reach ``floor``, through an IVF index over ``y``.
+    """Pairs (i < j) whose projections ``y`` reach ``floor``, through IVF lists over ``y``.
 
-    Each row is range-searched in its ``nprobe`` nearest lists only, so the work grows as
-    n·√n, not n². A pair is found when either row's probed lists hold the other; nprobe is
-    calibrated on this collection (:func:`_calibrate_nprobe`), not fixed.
+    The projections are clustered into ≈ 4·√n lists (faiss's IVF training, k-means) and
+    each row is compared with the rows of its ``nprobe`` nearest lists only, so the work
+    grows as n·√n, not n². A pair is found when either row's probed lists hold the other;
+    nprobe is calibrated on this collection (:func:`_calibrate_nprobe`), not fixed.
+
+    The comparisons are what faiss's IVF range search does, grouped the other way round:
+    for each list, one BLAS product of its rows with every row that probes it. faiss scans
+    the probed lists query by query in per-row loops; measured here the grouped products
+    found the same pairs several times faster (benchmarks/results/dedupe_speed_1m.md).
     """
     import faiss
 
-    from embedsearch.index.ivf import TRAIN_POINTS_PER_LIST, choose_nlist, range_search_blocks
+    from embedsearch.index.ivf import TRAIN_POINTS_PER_LIST, choose_nlist
 
     n, dim = y.shape
     rng = np.random.default_rng(0)
@@ -315,15 +322,36 @@ def _ivf_candidates(x: np.ndarray, y: np.ndarray, proj: np.ndarray, threshold: f
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 0
     index.train(y[np.sort(rng.choice(n, min(n, nlist * TRAIN_POINTS_PER_LIST), replace=False))])
-    index.add(y)
-    index.nprobe = _calibrate_nprobe(x, proj, quantizer, threshold, rng)
+    nprobe = _calibrate_nprobe(x, proj, quantizer, threshold, rng)
+    probes = np.empty((n, nprobe), np.int32)
+    for k in range(0, n, BLOCK):
+        probes[k:k + BLOCK] = quantizer.search(y[k:k + BLOCK], nprobe)[1]
+    # Rows sorted by their own (nearest) list, so that a list is a slice of ``ys``.
+    order = np.argsort(probes[:, 0], kind="stable")
+    bounds = np.searchsorted(probes[order, 0], np.arange(nlist + 1))
+    ys = y[order]
+    # Who probes each list: positions in ``ys``, grouped by probed list.
+    flat = probes[order].ravel()
+    del probes
+    by_list = np.argsort(flat, kind="stable")
+    starts = np.searchsorted(flat[by_list], np.arange(nlist + 1))
+    del flat
+    by_list //= nprobe  # entry → position of the probing row
     keys: list[np.ndarray] = []
     total = 0
-    for first, lims, _, ids in range_search_blocks(index, y, floor, block=16384):
-        rows = first + np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64)))
-        lo, hi = np.minimum(rows, ids), np.maximum(rows, ids)
-        k = lo[lo != hi] * n + hi[lo != hi]  # each pair once, from whichever side found it
-        keys.append(np.unique(k))
+    for b in range(nlist):
+        b0, b1 = bounds[b], bounds[b + 1]
+        if b1 == b0:
+            continue
+        rows = by_list[starts[b]:starts[b + 1]]
+        members = faiss.IndexFlatIP(dim)
+        members.add(ys[b0:b1])
+        # faiss scores the block with BLAS and keeps what reaches floor in one pass.
+        lims, _, c = members.range_search(ys[rows], floor)
+        p, q = rows[np.repeat(np.arange(len(rows)), np.diff(lims.astype(np.int64)))], b0 + c
+        keep = p != q
+        i, j = order[p[keep]], order[q[keep]]
+        keys.append(np.unique(np.minimum(i, j) * n + np.maximum(i, j)))
         total += len(keys[-1])
         if total > 2 * max_pairs:
             raise EmbedsearchError(
@@ -331,7 +359,7 @@ def _ivf_candidates(x: np.ndarray, y: np.ndarray, proj: np.ndarray, threshold: f
                 "in the candidate search: that threshold is far too low for duplicates",
                 hint="raise --dup-threshold (see --sweep)")
     pairs = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-    log.debug("ivf candidates: nlist %d, nprobe %d, %d pairs", nlist, index.nprobe, len(pairs))
+    log.debug("ivf candidates: nlist %d, nprobe %d, %d pairs", nlist, nprobe, len(pairs))
     return pairs // n, pairs % n
 
 

@@ -304,13 +304,17 @@ class OpenVINORuntime:
     Why streams, not one multi-threaded request: threads of one request meet at a barrier
     after every layer, so when another process takes a core, the thread on it stalls the
     others; independent streams keep going on whatever cores are free (the contention
-    benchmark in benchmarks/throughput.py). A batch is split across the streams. fp32
-    inference precision is forced: on CPUs with bf16 units OpenVINO otherwise defaults to
-    bf16, which moves the vectors (fingerprint cosine 0.9997 here).
+    benchmark in benchmarks/throughput.py). A batch is split evenly across the streams;
+    ``chunk`` cuts it into smaller requests that the streams take as they finish one (a
+    work queue). Smaller requests did not help beside a busy process and cost idle speed
+    (4 images: 0.96× model-only, 0.89× pipeline; benchmarks/results/thread_policy.md):
+    the scheduler shares both cores among all runnable threads, so no stream lags alone.
+    fp32 inference precision is forced: on CPUs with bf16 units OpenVINO otherwise
+    defaults to bf16, which moves the vectors (fingerprint cosine 0.9997 here).
     """
 
-    def __init__(self, xml: Path, threads: int | None = None, streams: int | None = None
-                 ) -> None:
+    def __init__(self, xml: Path, threads: int | None = None, streams: int | None = None,
+                 chunk: int | None = None) -> None:
         import openvino as ov
 
         threads = threads or cpu_threads()
@@ -322,20 +326,27 @@ class OpenVINORuntime:
             config["NUM_STREAMS"] = streams
         self.compiled = core.compile_model(core.read_model(xml), "CPU", config)
         self.streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        self.chunk = chunk
+        self.queue = ov.AsyncInferQueue(self.compiled, self.streams)
+        self.queue.set_callback(self._done)
+        self._outs: list[np.ndarray | None] = []
         self._lock = threading.Lock()  # the requests are reused: one batch at a time
 
+    def _done(self, request: Any, index: int) -> None:
+        self._outs[index] = request.get_output_tensor(0).data.copy()
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        parts = np.array_split(np.ascontiguousarray(batch, np.float32),
-                               min(self.streams, len(batch)))
+        batch = np.ascontiguousarray(batch, np.float32)
+        size = max(1, -(-len(batch) // self.streams))
+        if self.chunk:
+            size = min(size, self.chunk)
+        parts = [batch[i:i + size] for i in range(0, len(batch), size)]
         with self._lock:
-            used = self.requests[:len(parts)]
-            for req, part in zip(used, parts, strict=True):
-                req.start_async({0: part}, share_inputs=True)
-            outs = []
-            for req in used:
-                req.wait()
-                outs.append(req.get_output_tensor(0).data.copy())
+            self._outs = [None] * len(parts)
+            for i, part in enumerate(parts):
+                self.queue.start_async({0: part}, userdata=i, share_inputs=True)
+            self.queue.wait_all()
+            outs = self._outs
         return np.concatenate(outs)
 
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from embedsearch.encoders.threads import ThreadGovernor
+
 log = logging.getLogger(__name__)
 
 #: Bumped when a change in this package alters the vectors an encoder produces.
@@ -223,6 +225,10 @@ class Encoder:
         #: Set by :func:`embedsearch.encoders.backends.use_backend`: batch → features.
         self.runtime: Callable[[np.ndarray], np.ndarray] | None = None
         self.backend = "torch"
+        #: torch on CPU adapts its thread count to the cores it gets (encoders/threads.py);
+        #: False keeps torch's own count.
+        self.adaptive_threads = True
+        self._governor: ThreadGovernor | None = None
         with torch.inference_mode():
             probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
             self.dim = int(self._forward(probe).shape[-1])
@@ -276,7 +282,8 @@ class Encoder:
             with torch.inference_mode(), _ieee_fp32_convolutions(
                     self.device.startswith("cuda") and self.precision == "fp32"), torch.autocast(
                     device_type(self.device), enabled=self.precision != "fp32",
-                    dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16):
+                    dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16), \
+                    self._threads(len(batch)):
                 feats = self._forward(batch).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         out = feats.cpu().numpy().astype(np.float32, copy=False)
@@ -286,6 +293,18 @@ class Encoder:
                 hint="the weights file may be corrupt; rebuild with known-good weights",
             )
         return out
+
+    def _threads(self, images: int) -> contextlib.AbstractContextManager[Any]:
+        """The thread governor's batch context on CPU (a no-op elsewhere or when off)."""
+        if not self.adaptive_threads or self.device != "cpu":
+            return contextlib.nullcontext()
+        if self._governor is None:
+            import torch
+
+            from embedsearch.encoders.threads import ThreadGovernor
+
+            self._governor = ThreadGovernor(torch.get_num_threads())
+        return self._governor.run(images)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Embed already-decoded RGB images."""

@@ -12,9 +12,8 @@
   collections whose vectors do not fit in memory; PQ caps its recall (the nprobe sweep stops
   at the plateau), which is measured and recorded the same way.
 
-:func:`range_search_blocks` range-searches one block of query rows at a time: the ``ivf``
-path of :mod:`embedsearch.dedupe.search` (above 200,000 images) finds its candidate pairs
-with it over an IVF index of the projected descriptors (no n×n similarity matrix).
+The ``ivf`` path of :mod:`embedsearch.dedupe.search` (above 200,000 images) reuses
+:func:`choose_nlist` and :data:`TRAIN_POINTS_PER_LIST` for its candidate lists.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -203,26 +201,4 @@ def build_ivf(vectors: np.ndarray, kind: str = "ivf", *, nlist: int | None = Non
              info["recall_at_10"])
     return index, info
 
-
-def range_search_blocks(index: faiss.Index, vectors: np.ndarray, threshold: float,
-                        block: int = 4096, start: int = 0
-                        ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """Range search (similarity ≥ ``threshold``) for ``vectors`` one block at a time.
-
-    Yields ``(first_row, lims, sims, ids)`` per block in faiss's layout: the neighbours of
-    query row ``first_row + i`` are ``ids[lims[i]:lims[i+1]]``. Works with flat and IVF
-    indexes (IVF uses the index's ``nprobe``); memory stays proportional to one block and
-    its matches, never n×n. ``vectors`` may be a memmap; ``start`` offsets row numbering.
-    """
-    import faiss
-
-    from embedsearch.index.vectors import check_vectors
-
-    if isinstance(index, faiss.IndexHNSW):
-        raise EmbedsearchError("an HNSW index cannot range-search",
-                               hint="rebuild with --index-type flat or ivf")
-    for s in range(0, len(vectors), block):
-        q = check_vectors(vectors[s:s + block], index.d, "query vectors")
-        lims, sims, ids = index.range_search(q, float(threshold))
-        yield start + s, lims, sims, ids
 

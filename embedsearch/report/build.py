@@ -285,7 +285,8 @@ def _data_blocks(results: Results) -> list[Any]:
                            + ", ".join(str(f["test"]) for f in sp["folds"]) + "."))
     d = sp["duplicates"]
     near = (f"near-identical embeddings ({d['near_encoder']}, similarity ≥ "
-            f"{d['near_threshold']})" if d.get("near_threshold") else d.get("near", ""))
+            f"{d['near_threshold']:g}{_how_chosen(d)})" if d.get("near_threshold")
+            else d.get("near", ""))
     if d.get("enabled") and not d.get("groups"):
         blocks.append(Para(f"Duplicates: none found (byte-identical files; {near})."))
     elif d.get("enabled"):
@@ -416,3 +417,16 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path, Path]:
 
 
 __all__ = ["build_document", "write_report"]
+
+
+def _how_chosen(dup: dict[str, Any]) -> str:
+    """How the near-duplicate threshold was chosen, in dedupe's words."""
+    evidence = dup.get("near_calibration")
+    if dup.get("near_threshold_source") == "given":
+        return ", given"
+    if not evidence:
+        return ""
+    from embedsearch.dedupe.calibrate import Calibration
+
+    said = Calibration(float(evidence["raw"]), evidence).describe()
+    return ", " + said.split(", ", 1)[1]  # "calibrated on N images: …"

@@ -71,13 +71,16 @@ def _near_duplicates(table: StudyTable, encoded: list[Encoded], threshold: float
     """Near-duplicate components from :mod:`embedsearch.dedupe`, with one encoder.
 
     The dedupe threshold is calibrated for the default encoder, so that encoder is used
-    when it is in the study (else the first). Without an explicit ``threshold`` the dedupe
-    default is tried first and raised step by step while duplicates chain into a connected
-    group larger than :func:`max_plausible_group`: a generic encoder finds whole clusters
-    of look-alikes there, and keeping those together would empty a split.
+    when it is in the study (else the first). Without an explicit ``threshold`` it is
+    calibrated on the study's images exactly as ``dedupe`` and ``leakage`` do
+    (:func:`embedsearch.dedupe.bundles.calibrated_pairs`, with the perceptual hashes), and
+    raised along :data:`NEAR_LADDER` while duplicates still chain into a connected group
+    larger than :func:`max_plausible_group`: the components here join every pair, and
+    keeping a chain of look-alikes together would empty a split.
     """
     try:
-        from embedsearch.dedupe import DEFAULT_THRESHOLD, find_duplicates, group_labels
+        from embedsearch.dedupe import find_duplicates, group_labels
+        from embedsearch.dedupe.bundles import calibrated_pairs
     except ImportError:
         return None, {"near": "not available (embedsearch.dedupe missing): only "
                               "byte-identical files were grouped"}
@@ -87,9 +90,15 @@ def _near_duplicates(table: StudyTable, encoded: list[Encoded], threshold: float
     limit = max_plausible_group(n)
     enc = next((e for e in encoded if e.spec == DEFAULT_ENCODER and e.weights is None),
                encoded[0])
-    X = np.asarray(enc.bundle.embeddings)[table.rows[enc.slug]]
-    ladder = [threshold] if threshold is not None else \
-        [t for t in NEAR_LADDER if t >= DEFAULT_THRESHOLD] or [DEFAULT_THRESHOLD]
+    rows = np.asarray(table.rows[enc.slug])
+    X = np.asarray(enc.bundle.embeddings)[rows]
+    calibration = None
+    if threshold is None:
+        pairs, calibration = calibrated_pairs(X, sha256=list(table.sha256),
+                                              views=_views(enc.bundle, rows))
+        ladder = [pairs.threshold, *(t for t in NEAR_LADDER if t > pairs.threshold)]
+    else:
+        ladder = [threshold]
     notes: list[str] = []
     for t in ladder:
         result = find_duplicates(X, [str(i) for i in table.ids], threshold=t,
@@ -100,23 +109,40 @@ def _near_duplicates(table: StudyTable, encoded: list[Encoded], threshold: float
             break
     else:
         return None, {"near": "not used", "near_encoder": enc.label,
+                      "near_calibration": calibration,
                       "near_notes": [f"near duplicates not used: even at cosine {ladder[-1]} "
                                      f"{enc.label} chains look-alike images into "
                                      f"groups of {biggest}"],
                       "max_plausible_group": limit}
     if t != ladder[0]:
-        notes.append(f"near-duplicate threshold raised from {ladder[0]} to {t}: at lower "
-                     f"ones {enc.label} chained look-alike images into groups of "
-                     f"more than {limit}")
+        notes.append(f"near-duplicate threshold raised from {ladder[0]:g} (calibrated) to "
+                     f"{t}: at lower ones {enc.label} chained look-alike images into groups "
+                     f"of more than {limit}")
     elif threshold is not None and biggest > limit:
         notes.append(f"at the requested threshold {t} the largest duplicate group has "
                      f"{biggest} images; check that it is not too low")
     sizes = np.bincount(comp)
     return comp, {"near": "embedsearch.dedupe.find_duplicates (similarity of the embeddings)",
                   "near_encoder": enc.label, "near_threshold": t,
+                  "near_threshold_source": "given" if threshold is not None else "calibrated",
+                  "near_calibration": calibration,
                   "near_groups": int(np.sum(sizes > 1)),
                   "near_images": int(sizes[sizes > 1].sum()),
                   "near_notes": notes, "max_plausible_group": limit}
+
+
+def _views(bundle: Any, rows: np.ndarray) -> Any:
+    """``views(study rows)`` for :func:`calibrated_pairs`: the perceptual hashes of the
+    study's images (``rows``: their rows in ``bundle``), cached in the bundle."""
+    from dataclasses import fields
+
+    from embedsearch.dedupe.views import ImageViews, bundle_hashes
+
+    def views(study_rows: np.ndarray) -> ImageViews:
+        v = bundle_hashes(bundle, rows[study_rows])
+        return ImageViews(*(getattr(v, f.name)[rows] for f in fields(ImageViews)))
+
+    return views
 
 
 __all__ = ["NEAR_LADDER", "duplicate_groups", "max_plausible_group"]

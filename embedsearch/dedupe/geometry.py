@@ -1,0 +1,195 @@
+"""The third signal: local features and a geometric check, for crops and rotated copies.
+
+A 20 % crop or a 30° rotation moves every coefficient of a perceptual hash, and on a
+collection of look-alikes (synthetic posters) its embedding cosine (~0.89) sits below the
+calibrated threshold (~0.94) while distinct look-alikes reach 0.93. What a crop or a
+rotation keeps is *where things are relative to each other*: the same corners, letters and
+edges, moved by one similarity transform (scale, rotation, shift). Distinct look-alikes
+share textures and shapes, never one consistent transform for hundreds of details.
+
+So a pair in a band below the threshold is accepted when:
+
+1. ORB keypoints (OpenCV; up to :data:`FEATURES` per image, on greyscale scaled so its
+   longest side is :data:`SIDE` px) match by Lowe's ratio test (:data:`RATIO`);
+2. RANSAC fits one similarity transform (``cv2.estimateAffinePartial2D``) with at least
+   :data:`MIN_INLIERS` inliers that are at least :data:`MIN_INLIER_SHARE` of the matches;
+3. the transform is plausible: scale within :data:`SCALE_RANGE` (both images are scaled to
+   one side first, so a 20 % crop is 1.25), and the smaller image, mapped into the other,
+   lies at least :data:`MIN_OVERLAP` inside it (a crop lies wholly inside its original).
+
+Measured on planted copies and on pairs of distinct images that the embedding puts close
+(benchmarks/results/dedupe_generalisation.md): see the constants. Only pairs in the band
+are checked, at most :data:`PER_IMAGE` per image, so the cost is bounded by the
+collection's size: ~3 ms per image decoded for features, ~1 ms per pair matched.
+
+OpenCV (``opencv-python-headless``) is imported only when a pair is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+#: Longest side (px) images are scaled to before keypoints are found.
+SIDE = 256
+#: Most ORB keypoints per image.
+FEATURES = 500
+#: Lowe's ratio test: best match distance below this share of the second best.
+RATIO = 0.8
+#: Least RANSAC inliers of one similarity transform.
+MIN_INLIERS = 20
+#: Least share of the ratio-test matches that are inliers.
+MIN_INLIER_SHARE = 0.5
+#: Scale of the transform between the two (each scaled to SIDE): 1.25 for a 20 % crop.
+SCALE_RANGE = (0.5, 2.0)
+#: Least share of the smaller image that, mapped by the transform, lies inside the other.
+MIN_OVERLAP = 0.5
+#: RANSAC reprojection tolerance, px at SIDE.
+REPROJECTION_PX = 4.0
+
+
+@dataclass
+class Features:
+    """Keypoints of one image: its size at SIDE (w, h), points (n, 2), ORB descriptors."""
+
+    size: tuple[int, int]
+    points: np.ndarray
+    descriptors: np.ndarray | None
+
+    @classmethod
+    def none(cls) -> Features:
+        return cls((0, 0), np.zeros((0, 2), np.float32), None)
+
+
+@dataclass
+class Match:
+    """What the geometric check found for one pair."""
+
+    matches: int
+    inliers: int
+    scale: float
+    angle: float
+    overlap: float
+
+    @property
+    def accepted(self) -> bool:
+        return (self.inliers >= MIN_INLIERS
+                and self.inliers >= MIN_INLIER_SHARE * self.matches
+                and SCALE_RANGE[0] <= self.scale <= SCALE_RANGE[1]
+                and self.overlap >= MIN_OVERLAP)
+
+
+def _cv2() -> Any:
+    try:
+        import cv2
+    except ImportError as exc:  # declared in pyproject; a broken install says how to fix
+        from embedsearch.errors import EmbedsearchError
+
+        raise EmbedsearchError(
+            f"the local-feature check needs OpenCV: {exc}",
+            hint="pip install opencv-python-headless") from exc
+    return cv2
+
+
+def image_features(image: Image.Image) -> Features:
+    """ORB keypoints of a decoded image, on greyscale scaled to :data:`SIDE`."""
+    from PIL import Image as PILImage
+
+    cv2 = _cv2()
+    w, h = image.size
+    s = SIDE / max(w, h, 1)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    grey = np.asarray(image.convert("L").resize(size, PILImage.BILINEAR))
+    orb = cv2.ORB_create(nfeatures=FEATURES, fastThreshold=10, edgeThreshold=15,
+                         patchSize=15)
+    keypoints, descriptors = orb.detectAndCompute(grey, None)
+    points = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
+    return Features(size, points, descriptors)
+
+
+def match(a: Features, b: Features) -> Match:
+    """Ratio-test matches from ``a`` to ``b`` and the similarity transform RANSAC fits."""
+    none = Match(0, 0, 0.0, 0.0, 0.0)
+    if a.descriptors is None or b.descriptors is None or min(len(a.points),
+                                                             len(b.points)) < 2:
+        return none
+    cv2 = _cv2()
+    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a.descriptors, b.descriptors, k=2)
+    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+    if len(good) < 3:
+        return Match(len(good), 0, 0.0, 0.0, 0.0)
+    src = a.points[[m.queryIdx for m in good]]
+    dst = b.points[[m.trainIdx for m in good]]
+    # seeded: RANSAC draws at random, and a verdict must not change between runs
+    cv2.setRNGSeed(0)
+    transform, inliers = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX, maxIters=2000,
+        confidence=0.99)
+    if transform is None:
+        return Match(len(good), 0, 0.0, 0.0, 0.0)
+    scale = float(np.hypot(transform[0, 0], transform[1, 0]))
+    angle = float(np.degrees(np.arctan2(transform[1, 0], transform[0, 0])))
+    return Match(len(good), int(inliers.sum()), scale, angle,
+                 _overlap(transform, a.size, b.size))
+
+
+def _overlap(transform: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> float:
+    """Share of the smaller of the two images that lies inside the other once ``a`` is
+    mapped onto ``b`` by ``transform`` (2×3)."""
+    cv2 = _cv2()
+
+    def rect(w: int, h: int) -> np.ndarray:
+        return np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
+
+    mapped = rect(*size_a) @ transform[:, :2].T.astype(np.float32) + transform[:, 2]
+    area_a = abs(float(cv2.contourArea(mapped.astype(np.float32))))
+    area_b = float(size_b[0] * size_b[1])
+    if area_a <= 0 or area_b <= 0:
+        return 0.0
+    inter, _ = cv2.intersectConvexConvex(mapped.astype(np.float32), rect(*size_b))
+    return float(inter) / min(area_a, area_b)
+
+
+def file_features(paths: Sequence[Path]) -> list[Features]:
+    """Features of image files (decoded at about :data:`SIDE`); empty where undecodable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embedsearch.data.images import LoadFailure, load_image
+    from embedsearch.embed import default_workers
+
+    def one(path: Path) -> Features:
+        loaded = load_image(Path(path), target_size=SIDE)
+        if isinstance(loaded, LoadFailure):
+            return Features.none()
+        return image_features(loaded.image)
+
+    _cv2().setNumThreads(1)  # the thread pool runs images in parallel already
+    with ThreadPoolExecutor(default_workers()) as pool:
+        return list(pool.map(one, paths))
+
+
+def file_verifier(paths: Sequence[Path]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A ``verify(i, j)`` for :func:`embedsearch.dedupe.group.find_duplicates` over the
+    files ``paths`` (one per item): True where the pair of items passes the geometric
+    check. Features are computed once per item, on first need."""
+    cache: dict[int, Features] = {}
+
+    def verify(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        need = sorted({*np.asarray(i).tolist(), *np.asarray(j).tolist()} - cache.keys())
+        for k, f in zip(need, file_features([paths[k] for k in need]), strict=True):
+            cache[k] = f
+        return np.array([match(cache[a], cache[b]).accepted
+                         for a, b in zip(np.asarray(i).tolist(), np.asarray(j).tolist(),
+                                         strict=True)], bool)
+
+    return verify
