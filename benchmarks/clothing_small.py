@@ -36,6 +36,7 @@ SHARED = Path(os.environ.get("EMBEDSEARCH_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "datasets" / "clothing-small"
 MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet1k.safetensors"
 OUT = REPO / "benchmarks" / "results" / "clothing-small"
+CONCAT_HEADING = "## Concatenated encoders"
 #: ../shared/README.md, test split, index/training set = train + validation.
 REFERENCE = {
     "efficientnet-lite0": {"knn-1-plain": 0.806, "knn-10-plain": 0.852, "logistic_C1": 0.876},
@@ -52,7 +53,7 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def reference_check(result: object) -> dict[str, object]:
+def reference_check(bundles: dict[str, Path]) -> dict[str, object]:
     """The shared README's protocol on our embeddings, independent of the study code."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -60,7 +61,7 @@ def reference_check(result: object) -> dict[str, object]:
     from embedsearch.bundle import load_bundle
 
     out: dict[str, object] = {}
-    for slug, path in result.bundles.items():  # type: ignore[attr-defined]
+    for slug, path in bundles.items():
         b = load_bundle(path)
         items = b.items
         X = np.asarray(b.embeddings, np.float64)
@@ -85,35 +86,37 @@ def reference_check(result: object) -> dict[str, object]:
     return out
 
 
-def concatenation(result: object, out: Path) -> dict[str, object]:
+def concatenation(bundles: dict[str, Path], out: Path) -> dict[str, object]:
     """The report's two encoders concatenated, on the report's own splits (splits.csv)."""
     import time
 
     import pandas as pd
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from embedding_options import concatenated, evaluate
+    from embedding_options import chosen_on_validation, concatenated, evaluate
 
     from embedsearch.bundle import load_bundle
 
     t0 = time.perf_counter()
     load = os.getloadavg()[0]
-    b1, b2 = (load_bundle(p) for p in result.bundles.values())  # type: ignore[attr-defined]
+    b1, b2 = (load_bundle(p) for p in bundles.values())
     X, views = concatenated(b1, b2)
     assign = pd.read_csv(out / "splits.csv").set_index("id")["split"]
     split = assign.reindex(b1.items["id"].astype(str)).fillna("").to_numpy()
     y = b1.items["label"].astype(str).to_numpy()
-    methods = evaluate(X, y, split == "train", split == "val", split == "test", views, None)
+    methods = evaluate(X, y, split == "train", split == "val", split == "test", views, None,
+                       ("auto", "balanced"))
     return {"encoders": [b1.encoder_identity["spec"], b2.encoder_identity["spec"]],
             "rows": {s: int((split == s).sum()) for s in ("train", "val", "test")},
             "views": len(views[0]) if views is not None else 0,
-            "methods": methods, "seconds": round(time.perf_counter() - t0, 1),
+            "methods": methods, "chosen_on_validation": chosen_on_validation({"": methods}),
+            "seconds": round(time.perf_counter() - t0, 1),
             "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}}
 
 
 def concatenation_markdown(c: dict[str, object]) -> str:
     rows = c["rows"]  # type: ignore[index]
-    lines = ["", "## Concatenated encoders", "",
+    lines = ["", CONCAT_HEADING, "",
              f"{' + '.join(c['encoders'])}: each image's two L2-normalised embeddings "  # type: ignore[arg-type]
              "joined and re-normalised (what `build-index --model A --model B` stores). "
              f"Heads trained on the {rows['train']:,} train images (validation, "
@@ -132,6 +135,11 @@ def concatenation_markdown(c: dict[str, object]) -> str:
         val = f"{f['val_accuracy']:.3f}" if "val_accuracy" in f else "–"
         lines.append(f"| {m} | {f['accuracy']:.3f} | {f['balanced_accuracy']:.3f} | "
                      f"{f['macro_f1']:.3f} | {secs} | {val} |")
+    pick = c["chosen_on_validation"]
+    lines += ["", "'(balanced)': trained with balanced class weights (`--class-weight "
+              "balanced`); the others with the default class-prior search. Chosen on "
+              "validation (best validation accuracy, then macro-F1): "
+              f"**{pick['method']}**, test accuracy **{pick['accuracy']:.3f}**."]  # type: ignore[index]
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +153,10 @@ def main() -> int:
     parser.add_argument("--views", help="augmented views for the heads, e.g. flip,crop2")
     parser.add_argument("--no-concat", dest="concat", action="store_false",
                         help="skip the concatenated-encoders section")
+    parser.add_argument("--concat-only", action="store_true",
+                        help="only (re)write the concatenated-encoders section and the "
+                        "reference check, from the bundles and OUT/splits.csv of an earlier "
+                        "run (splits a long run into two steps)")
     args = parser.parse_args()
     missing = [p for p in (DATA, MOBILENET) if not p.exists()]
     if missing:
@@ -152,6 +164,28 @@ def main() -> int:
               "beside the repository as ../shared (see ../shared/README.md).", file=sys.stderr)
         return 0
     os.chdir(REPO)
+    if args.concat_only:
+        bundles = {slug: args.bundles / slug for slug in REFERENCE}
+        markdown = Path(args.out) / "report.md"
+    else:
+        bundles, markdown = study(args)
+    if args.concat or args.concat_only:
+        concat = concatenation(bundles, Path(args.out))
+        (Path(args.out) / "concatenation.json").write_text(json.dumps(concat, indent=2) + "\n")
+        text = markdown.read_text()
+        # A rerun replaces the section (it is the report's last).
+        text = text.split(CONCAT_HEADING)[0].rstrip("\n") + "\n"
+        markdown.write_text(text + concatenation_markdown(concat))
+        print(concatenation_markdown(concat))
+    check = reference_check(bundles)
+    (Path(args.out) / "reference_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    print(json.dumps(check, indent=2))
+    print(f"report: {markdown.resolve()}", file=sys.stderr)
+    return 0
+
+
+def study(args: argparse.Namespace) -> tuple[dict[str, Path], Path]:
+    """The benchmark itself: (bundle path per encoder slug, report.md)."""
     from embedsearch.report import run_benchmark
 
     models = ["efficientnet-lite0",
@@ -168,17 +202,7 @@ def main() -> int:
         print(f"{row['encoder'][:44]:44s} {row['method']:24s} acc {row['accuracy']:.3f} "
               f"[{lo:.3f}, {hi:.3f}]  bal {row['balanced_accuracy']:.3f}  "
               f"F1 {row['macro_f1']:.3f}")
-    if args.concat:
-        concat = concatenation(result, Path(args.out))
-        (Path(args.out) / "concatenation.json").write_text(json.dumps(concat, indent=2) + "\n")
-        with result.markdown.open("a") as fh:
-            fh.write(concatenation_markdown(concat))
-        print(concatenation_markdown(concat))
-    check = reference_check(result)
-    (Path(args.out) / "reference_check.json").write_text(json.dumps(check, indent=2) + "\n")
-    print(json.dumps(check, indent=2))
-    print(f"report: {result.markdown.resolve()}", file=sys.stderr)
-    return 0
+    return dict(result.bundles), result.markdown
 
 
 if __name__ == "__main__":

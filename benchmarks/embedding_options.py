@@ -82,9 +82,11 @@ def concatenated(b1: Any, b2: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.nda
 
 def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray,
              views: tuple[np.ndarray, np.ndarray] | None, X_tta: np.ndarray | None,
-             ) -> dict[str, Any]:
-    """kNN, linear and MLP (± views) on one embedding matrix; each head scored on the test
-    rows as embedded and, given ``X_tta``, with flip averaging."""
+             class_weights: tuple[str, ...] = ("auto",),
+             heads: tuple[str, ...] = ("linear", "mlp")) -> dict[str, Any]:
+    """kNN, linear and MLP (± views, per class weighting: "auto" unnamed, others named) on
+    one embedding matrix; each head scored on the test rows as embedded and, given
+    ``X_tta``, with flip averaging."""
     from embedsearch.classify.heads import make_head
     from embedsearch.classify.metrics import classification_figures
     from embedsearch.training import knn_figures
@@ -94,7 +96,7 @@ def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: n
     if X_tta is not None:
         out["10-NN + TTA flip"] = knn_figures(X[ref], y[ref], X_tta, y[te], 10)
     tr_rows = np.flatnonzero(tr)
-    for kind in ("linear", "mlp"):
+    for kind in heads:
         variants: list[tuple[str, Any]] = [("", None)]
         if views is not None:
             vX, vrow = views
@@ -102,8 +104,10 @@ def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: n
             pos[tr_rows] = np.arange(len(tr_rows))
             keep = pos[vrow] >= 0
             variants.append((" + views", (vX[keep], y[vrow[keep]], pos[vrow[keep]])))
-        for suffix, extra in variants:
-            head = make_head(kind, seed=0)
+        for (suffix, extra), cw in ((v, c) for c in class_weights for v in variants):
+            if cw != "auto":
+                suffix = f" ({cw})" + suffix
+            head = make_head(kind, seed=0, class_weight=cw)
             t = time.perf_counter()
             head.fit(X[tr], y[tr], X[va], y[va], extra_train=extra)
             seconds = time.perf_counter() - t
@@ -121,6 +125,24 @@ def evaluate(X: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: n
     return out
 
 
+def chosen_on_validation(res: dict[str, Any]) -> dict[str, Any]:
+    """The head (any embeddings, ± views, any class weighting; no test-time flip: the
+    validation rows are not flipped) with the best validation accuracy, ties to the better
+    validation macro-F1, then to the first listed (the cheaper), with its test figures."""
+    best: tuple[float, float] | None = None
+    pick: dict[str, Any] = {}
+    for mname, methods in res.items():
+        if not isinstance(methods, dict) or mname == "train_counts":
+            continue
+        for meth, f in methods.items():
+            if "val_accuracy" not in f or "TTA" in meth:
+                continue
+            key = (f["val_accuracy"], f["val_macro_f1"])
+            if best is None or key > best:
+                best, pick = key, {"embeddings": mname, "method": meth, **f}
+    return pick
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
@@ -128,7 +150,12 @@ def main() -> int:
     ap.add_argument("--name", help="collection name in the report (default: the bundle's)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" /
                     "embedding_options")
+    ap.add_argument("--class-weights", default="auto,balanced",
+                    help="heads' class weightings to compare (auto = the default)")
+    ap.add_argument("--heads", default="linear,mlp", help="head kinds to train")
     args = ap.parse_args()
+    class_weights = tuple(args.class_weights.split(","))
+    heads = tuple(args.heads.split(","))
     from embedsearch.bundle import load_bundle
     from embedsearch.query import embed_paths
     from embedsearch.report.provenance import git_revision, machine, package_versions
@@ -171,9 +198,10 @@ def main() -> int:
                                             strict=True)}
         res: dict[str, Any] = {"train_counts": counts}
         for mname, (M, mviews, M_tta) in matrices.items():
-            res[mname] = evaluate(M, y, tr, va, te, mviews, M_tta)
+            res[mname] = evaluate(M, y, tr, va, te, mviews, M_tta, class_weights, heads)
             print(cname, mname, json.dumps({k: (v.get("accuracy"), v.get("balanced_accuracy"))
                                             for k, v in res[mname].items()}), file=sys.stderr)
+        res["chosen_on_validation"] = chosen_on_validation(res)
         results["collections"][cname] = res
     results["provenance"] = {"command": " ".join(["python", *sys.argv]),
                              "tta_encode_seconds": round(tta_seconds, 1),
@@ -192,7 +220,7 @@ def main() -> int:
                   "| head training | validation accuracy / macro-F1 (selection) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for mname, methods in res.items():
-            if mname == "train_counts":
+            if mname in ("train_counts", "chosen_on_validation"):
                 continue
             for meth, f in methods.items():
                 secs = f"{f['train_seconds']:.1f} s" if "train_seconds" in f else "–"
@@ -201,7 +229,11 @@ def main() -> int:
                 lines.append(f"| {mname} | {meth} | {f['accuracy']:.3f} | "
                              f"{f['balanced_accuracy']:.3f} | {f['macro_f1']:.3f} | {secs} "
                              f"| {val} |")
-        lines.append("")
+        c = res["chosen_on_validation"]
+        lines += ["", f"Chosen on validation (best validation accuracy, then macro-F1, among "
+                  f"the heads without test-time flips): **{c['embeddings']} / {c['method']}**, "
+                  f"validation accuracy {c['val_accuracy']:.3f}, test accuracy "
+                  f"**{c['accuracy']:.3f}** (balanced {c['balanced_accuracy']:.3f}).", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -343,6 +343,18 @@ def test_torchvision_records_its_weights_entry() -> None:
     enc = load_encoder("torchvision:mobilenet_v2@IMAGENET1K_V1", MOBILENET, device="cpu")
     assert enc.identity()["config"] == {"family": "torchvision", "arch": "mobilenet_v2",
                                         "pretrained": "MobileNet_V2_Weights.IMAGENET1K_V1"}
+    # The vectors the study concatenates come from the file's tensors (not a random init
+    # beside a silently ignored file) and from ../shared/README.md's preprocessing.
+    import torch
+    from safetensors.torch import load_file
+
+    state, loaded = load_file(str(MOBILENET)), enc.model.state_dict()
+    features = [k for k in state if k.startswith("features.")]
+    assert len(features) == 260
+    assert all(torch.equal(loaded[k], state[k]) for k in features)
+    assert enc.preprocess.describe() == {
+        "resize_shorter_side": 256, "center_crop": 224, "interpolation": "bilinear",
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def test_default_encoder_identity_unchanged() -> None:

@@ -100,3 +100,16 @@ def test_benchmark_finetune_row_and_verdict(tmp_path: Path) -> None:
     assert tm["train_cpu_seconds"] > 0 and tm["epochs_run"] == 2 and tm["stopped_by"] == "epochs"
     report = (out / "report.md").read_text()
     assert "of the fine-tuned accuracy at" in report and "fine-tuned backbone" in report
+
+
+def test_budget_plan_grows_back_after_a_slow_start() -> None:
+    """The plan follows the measured step time both ways, never past the full schedule."""
+    from embedsearch.finetune import _Schedule
+
+    plan = _Schedule(1000)
+    plan.fit_budget(5, elapsed=50.0, budget=600.0)  # 10 s/step at start-up
+    assert plan.planned == 51
+    plan.fit_budget(50, elapsed=60.0, budget=600.0)  # then 1.2 s/step
+    assert plan.planned == 425
+    plan.fit_budget(200, elapsed=80.0, budget=600.0)  # 0.4 s/step: more than the plan
+    assert plan.planned == 1000

@@ -224,6 +224,23 @@ def test_class_weight_auto_corrects_for_a_rare_class() -> None:
     assert recall["balanced"] > recall["none"] + 0.1, recall
 
 
+def test_refit_corrects_for_the_class_mix_it_was_fitted_on() -> None:
+    """Train 90:10, validation 10:90: the refit on both sees 100:100. Its prior correction
+    and balanced weights must use that mix, not train's: on features that carry no class
+    information a corrected head then splits evenly (with train's prior it said "b" for
+    nearly everything)."""
+    rng = np.random.default_rng(0)
+    X, Xv, Xte = (rng.normal(size=(n, 5)).astype(np.float32) for n in (100, 100, 1000))
+    y = np.array(["a"] * 90 + ["b"] * 10)
+    yv = np.array(["a"] * 10 + ["b"] * 90)
+    for cw in ("auto", "balanced"):
+        head = LinearHead(C=0.01, class_weight=cw).fit(X, y, Xv, yv)
+        if cw == "auto":
+            assert head.info["selection"]["tau"] > 0
+        share_b = np.mean(head.predict(Xte) == "b")
+        assert 0.2 < share_b < 0.8, (cw, share_b)
+
+
 def test_mlp_is_deterministic_for_a_seed() -> None:
     X, y = blobs((60, 60, 60), spread=0.6, seed=2)
     a = MLPHead(hidden=32, seed=4, max_epochs=16).fit(X, y)

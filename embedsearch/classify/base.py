@@ -293,10 +293,16 @@ class Head(ClassifierMixin, BaseEstimator):
         else:
             final_X, final_y = X, y_idx
         final_X, final_y = self._with_extra(final_X, final_y, None)
+        # Balanced weights and the prior correction refer to the rows a model is fitted on:
+        # the refit's rows (train + validation) may mix the classes otherwise than train.
+        n = np.bincount(final_y, minlength=len(self.classes_))
+        if self.class_weight == "balanced":
+            cw = len(final_y) / (len(n) * np.maximum(n, 1))
+        log_prior = np.log(np.maximum(n, 1) / n.sum())
         params, fitted = self._final(final_X, final_y, cw, best)
         # The prior correction is a constant per class: folded into the output bias.
         params[self._bias_key] = (params[self._bias_key]
-                                  - best_tau * self._log_prior).astype(np.float32)
+                                  - best_tau * log_prior).astype(np.float32)
         self.params = params
         self.info["selection"] = {
             "protocol": protocol, "metric": self.select_by,
