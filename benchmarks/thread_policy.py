@@ -6,9 +6,11 @@
 A policy is ``BACKEND[:OPTION,...]``; options: ``passive`` (OMP_WAIT_POLICY=PASSIVE),
 ``active`` (OMP_WAIT_POLICY=ACTIVE), ``threads=N`` (torch.set_num_threads / the runtime's
 thread count), ``streams=N`` (OpenVINO streams), ``chunk=N`` (OpenVINO images per request;
-16 = the old even split of a 32-image batch over 2 streams), ``fixed`` (torch keeps its own
-thread count instead of the adaptive one, encoders/threads.py). Each measure starts with a
-fresh thread governor, as a new process would. Each (round, policy) cell runs in a fresh
+16 = the old even split of a 32-image batch over 2 streams), ``fixed`` (torch runs each
+batch as one call at its own thread count instead of as single-threaded streams, one per
+core, ``Encoder.cpu_streams``), ``governor`` (the previous policy: one call at a thread
+count chosen between batches by encoders/threads.py; each measure starts with a fresh
+governor, as a new process would). Each (round, policy) cell runs in a fresh
 process (wait policies are read once, when the OpenMP runtime loads), which measures
 model-only images/s (``encode_tensors`` on pre-made batches of 32) with no competitor and
 beside one ``while True: pass`` process that it starts and stops itself
@@ -49,8 +51,8 @@ def parse_policy(policy: str) -> tuple[str, dict[str, str], dict[str, int]]:
     for item in filter(None, rest.split(",")):
         if item in ("passive", "active"):
             env["OMP_WAIT_POLICY"] = item.upper()
-        elif item == "fixed":
-            opts["fixed"] = 1
+        elif item in ("fixed", "governor"):
+            opts[item] = 1
         elif "=" in item and item.split("=")[0] in ("threads", "streams", "chunk"):
             key, value = item.split("=")
             opts[key] = int(value)
@@ -74,7 +76,9 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
     enc = load_encoder(spec, backend=backend)
     if enc.backend != backend:
         return {"error": f"backend {backend} not usable (got {enc.backend})"}
-    enc.adaptive_threads = "fixed" not in opts
+    enc.cpu_streams = not {"fixed", "governor"} & opts.keys()
+    if "governor" in opts:
+        _govern(enc)
     if backend != "torch" and opts:
         folder = _export_dir(enc, backend)
         if backend == "openvino":
@@ -85,13 +89,20 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
             enc.runtime = OnnxRuntime(folder / "model.onnx", threads=opts.get("threads"))
     size = enc.preprocess.crop
     x = torch.randn(32, 3, size, size)
-    enc.encode_tensors(x)  # warm
+    one_call = enc.encode_tensors(x)  # warm
+    streams = enc._streams(len(x))
+    if streams > 1:  # the streams' vectors against one call at torch's thread count
+        enc.cpu_streams = False
+        diff = float(abs(enc.encode_tensors(x) - one_call).max())
+        enc.cpu_streams = True
     data = None
     scratch = tempfile.TemporaryDirectory(prefix="tp-")  # removed when the child exits
     if pipeline_images:
         files = sorted((CLOTHING / "train").rglob("*.jpg"))[::7][:pipeline_images]
         data = subset(files, pipeline_images, Path(scratch.name))
-    out: dict[str, Any] = {"threads_torch": torch.get_num_threads()}
+    out: dict[str, Any] = {"threads_torch": torch.get_num_threads(), "streams": streams}
+    if streams > 1:
+        out["max_abs_diff_vs_one_call"] = diff
     for load in ((1, 0) if busy_first else (0, 1)):
         with BusyLoad(load):
             enc._governor = None
@@ -108,6 +119,24 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
                 out[f"pipeline_threads_load{load}"] = _threads_used(enc)
     scratch.cleanup()
     return out
+
+
+def _govern(enc: Any) -> None:
+    """Wrap ``enc._forward`` in encoders/threads.py's governor, as encode_tensors did."""
+    import torch
+
+    from embedsearch.encoders.threads import ThreadGovernor
+
+    forward = enc._forward
+
+    def governed(batch: Any) -> Any:
+        if enc._governor is None:
+            enc._governor = ThreadGovernor(torch.get_num_threads())
+        with enc._governor.run(len(batch)):
+            return forward(batch)
+
+    enc._governor = None
+    enc._forward = governed
 
 
 def _threads_used(enc: Any) -> str:

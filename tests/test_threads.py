@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
-from embedsearch.encoders import load_encoder
 from embedsearch.encoders.threads import MIN_IMAGES, ThreadGovernor
 
 
@@ -49,16 +45,3 @@ def test_single_core_and_small_batches_never_probe() -> None:
         governor.record(governor.next_threads(), MIN_IMAGES - 1, 1.0)
     assert governor.history == [] and governor.next_threads() == 2
 
-
-def test_encoder_restores_torch_threads_and_vectors_do_not_depend_on_them() -> None:
-    enc = load_encoder("test:tiny")
-    before = torch.get_num_threads()
-    batch = torch.rand(MIN_IMAGES, 3, 32, 32)
-    first = enc.encode_tensors(batch)
-    assert enc._governor is not None and enc._governor.max_threads == before
-    enc._governor.probe = 1  # force the next batch onto one thread
-    np.testing.assert_allclose(enc.encode_tensors(batch), first, atol=1e-6)
-    assert enc._governor.history[-1][0] == 1 and torch.get_num_threads() == before
-    enc.adaptive_threads, enc._governor = False, None
-    enc.encode_tensors(batch)
-    assert enc._governor is None
