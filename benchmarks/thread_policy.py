@@ -8,9 +8,9 @@ A policy is ``BACKEND[:OPTION,...]``; options: ``passive`` (OMP_WAIT_POLICY=PASS
 thread count), ``streams=N`` (OpenVINO streams), ``chunk=N`` (OpenVINO images per request;
 16 = the old even split of a 32-image batch over 2 streams), ``fixed`` (torch runs each
 batch as one call at its own thread count instead of as single-threaded streams, one per
-core, ``Encoder.cpu_streams``), ``governor`` (the previous policy: one call at a thread
-count chosen between batches by encoders/threads.py; each measure starts with a fresh
-governor, as a new process would). Each (round, policy) cell runs in a fresh
+core, ``Encoder.cpu_streams``). The previous policy, ``governor`` (a thread count chosen
+between batches by encoders/threads.py), was measured at commit e4ba41e and removed with
+that module. Each (round, policy) cell runs in a fresh
 process (wait policies are read once, when the OpenMP runtime loads), which measures
 model-only images/s (``encode_tensors`` on pre-made batches of 32) with no competitor and
 beside one ``while True: pass`` process that it starts and stops itself
@@ -51,8 +51,8 @@ def parse_policy(policy: str) -> tuple[str, dict[str, str], dict[str, int]]:
     for item in filter(None, rest.split(",")):
         if item in ("passive", "active"):
             env["OMP_WAIT_POLICY"] = item.upper()
-        elif item in ("fixed", "governor"):
-            opts[item] = 1
+        elif item == "fixed":
+            opts["fixed"] = 1
         elif "=" in item and item.split("=")[0] in ("threads", "streams", "chunk"):
             key, value = item.split("=")
             opts[key] = int(value)
@@ -76,9 +76,7 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
     enc = load_encoder(spec, backend=backend)
     if enc.backend != backend:
         return {"error": f"backend {backend} not usable (got {enc.backend})"}
-    enc.cpu_streams = not {"fixed", "governor"} & opts.keys()
-    if "governor" in opts:
-        _govern(enc)
+    enc.cpu_streams = "fixed" not in opts
     if backend != "torch" and opts:
         folder = _export_dir(enc, backend)
         if backend == "openvino":
@@ -105,44 +103,16 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
         out["max_abs_diff_vs_one_call"] = diff
     for load in ((1, 0) if busy_first else (0, 1)):
         with BusyLoad(load):
-            enc._governor = None
             t = time.perf_counter()
             for _ in range(batches):
                 enc.encode_tensors(x)
             out[f"model_load{load}"] = 32 * batches / (time.perf_counter() - t)
-            out[f"model_threads_load{load}"] = _threads_used(enc)
             if data is not None:
-                enc._governor = None
                 with tempfile.TemporaryDirectory() as tmp:
                     res = build_index(data, out=Path(tmp) / "b", encoder=enc)
                 out[f"pipeline_load{load}"] = res.images_per_second
-                out[f"pipeline_threads_load{load}"] = _threads_used(enc)
     scratch.cleanup()
     return out
-
-
-def _govern(enc: Any) -> None:
-    """Wrap ``enc._forward`` in encoders/threads.py's governor, as encode_tensors did."""
-    import torch
-
-    from embedsearch.encoders.threads import ThreadGovernor
-
-    forward = enc._forward
-
-    def governed(batch: Any) -> Any:
-        if enc._governor is None:
-            enc._governor = ThreadGovernor(torch.get_num_threads())
-        with enc._governor.run(len(batch)):
-            return forward(batch)
-
-    enc._governor = None
-    enc._forward = governed
-
-
-def _threads_used(enc: Any) -> str:
-    """The thread count of each timed batch, e.g. "2211111" (empty: no governor ran)."""
-    governor = getattr(enc, "_governor", None)
-    return "".join(str(n) for n, _ in governor.history) if governor else ""
 
 
 def main() -> None:
