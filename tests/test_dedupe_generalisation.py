@@ -279,3 +279,34 @@ def test_rotated_copy_far_below_the_band_is_proposed_by_its_hash(tmp_path: Path)
     assert set(g.index) == {"poster0.jpg", "turned.jpg"}
     assert g.loc["turned.jpg", "signal"] == "geometry"
     assert res.extra["geometry"]["rotation_proposals"] >= 1
+
+
+def test_crop_far_from_its_original_is_proposed_by_descriptor_votes(tmp_path: Path) -> None:
+    """A 20 % crop of a look-alike poster whose embedding puts it far from its original
+    (cosine 0.55, below any band, behind every look-alike) and that no hash proposes is
+    found by descriptor voting and confirmed by the geometric check; the distinct
+    look-alikes, closer to the original in the embedding, stay apart."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import file_verifier
+
+    rng = np.random.default_rng(13)
+    posters = [synthetic_poster(rng) for _ in range(6)]
+    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
+    images["crop.jpg"] = make_variant(posters[0], "crop20", rng)[0]
+    paths = []
+    for name, img in images.items():
+        img.save(tmp_path / name, quality=92)
+        paths.append(tmp_path / name)
+    e = np.eye(8, dtype=np.float32)
+    crowd = [np.sqrt(0.9) * e[7] + np.sqrt(0.1) * e[k] for k in range(6)]  # cosine 0.90
+    vectors = np.stack([*crowd, 0.55 * crowd[0] + np.sqrt(1 - 0.55 ** 2) * e[6]])
+    verify = file_verifier(paths)
+    res = find_duplicates(vectors, list(images), threshold=0.93, power=1.0, verify=verify,
+                          widths=[im.width for im in images.values()],
+                          heights=[im.height for im in images.values()])
+    g = res.groups.set_index("id")
+    assert set(g.index) == {"poster0.jpg", "crop.jpg"}
+    assert g.loc["crop.jpg", "signal"] == "geometry"
+    assert res.extra["geometry"]["vote_proposals"] >= 1
+    a, b = verify.propose()
+    assert (0, 6) in set(zip(a.tolist(), b.tolist(), strict=True))

@@ -173,20 +173,29 @@ def _add_geometry_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links,
     """``links`` plus the pairs that local features confirm
     (:mod:`embedsearch.dedupe.geometry`, through ``verify(i, j)``): band pairs
     (:func:`~embedsearch.dedupe.links.geometry_candidates`) and rotated copies proposed
-    by their turned-back hash (:func:`~embedsearch.dedupe.links.rotation_proposals`)."""
+    by their turned-back hash (:func:`~embedsearch.dedupe.links.rotation_proposals`) and,
+    where ``verify`` has a ``propose()`` (:class:`~embedsearch.dedupe.geometry.FileVerifier`),
+    pairs that share local descriptors whatever their cosine (crops of look-alikes)."""
     t0 = time.perf_counter()
     cand = geometry_candidates(n, pairs, _linked(n, pairs, links), threshold, same_file,
                                GEOMETRY_BAND, GEOMETRY_PER_IMAGE)
     ci, cj, cs = pairs.i[cand], pairs.j[cand], pairs.sim[cand]
     cb = bits[cand]
-    proposed = 0
-    if views is not None:
-        pi, pj = rotation_proposals(views)
+    found: dict[str, int] = {}
+    routes = {"rotation_proposals": (lambda: rotation_proposals(views)) if views is not None
+              else None,
+              "vote_proposals": getattr(verify, "propose", None)}
+    for name, propose in routes.items():
+        found[name] = 0
+        if propose is None:
+            continue
+        pi, pj = propose()
         key = pi * n + pj
         new = ~np.isin(key, np.concatenate([links.i * n + links.j, ci * n + cj])) \
             & (same_file[pi] != same_file[pj])
-        pi, pj = pi[new], pj[new]
-        proposed = len(pi)
+        key = np.unique(key[new])
+        pi, pj = key // n, key % n
+        found[name] = proposed = len(pi)
         if proposed:
             rows, inv = np.unique(np.concatenate([pi, pj]), return_inverse=True)
             x = as_unit_vectors(np.asarray(vectors)[rows], power)
@@ -195,7 +204,7 @@ def _add_geometry_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links,
             cs = np.concatenate([cs, np.einsum("ij,ij->i", x[a], x[b]).astype(cs.dtype)])
             cb = np.concatenate([cb, np.full(proposed, -1, cb.dtype)])
     ok = np.asarray(verify(ci, cj), bool) if len(ci) else np.zeros(0, bool)
-    info = {"checked": len(ci), "band_pairs": len(cand), "rotation_proposals": proposed,
+    info = {"checked": len(ci), "band_pairs": len(cand), **found,
             "links": int(ok.sum()), "seconds": round(time.perf_counter() - t0, 3)}
     return Links(np.concatenate([links.i, ci[ok]]), np.concatenate([links.j, cj[ok]]),
                  np.concatenate([links.sim, cs[ok]]), np.concatenate([links.bits, cb[ok]]),
