@@ -19,8 +19,16 @@ So a pair in a band below the threshold is accepted when:
 
 Measured on planted copies and on pairs of distinct images that the embedding puts close
 (benchmarks/results/dedupe_generalisation.md): see the constants. Only pairs in the band
-are checked, at most :data:`PER_IMAGE` per image, so the cost is bounded by the
-collection's size: ~3 ms per image decoded for features, ~1 ms per pair matched.
+are checked, at most :data:`~embedsearch.dedupe.links.GEOMETRY_PER_IMAGE` per image, so
+the cost is bounded by the collection's size: ~3 ms per image decoded for features, ~1 ms
+per pair matched.
+
+Pairs the embedding ranks far (a 20 % crop of a look-alike graphic: cosine 0.62–0.88 to
+its original, which ranks up to 1,142nd among its neighbours) are proposed by descriptor
+voting (:func:`vote_proposals`): features for every image, a binary index over them, each
+image's two most voted pairs checked. Planted posters (posters0): 141 of 150 crops get
+their group proposed; on held-out posters5 crop recall 0.78 → 0.91, F1 0.959 → 0.977
+(precision 0.986).
 
 OpenCV (``opencv-python-headless``) is imported only when a pair is checked.
 """
