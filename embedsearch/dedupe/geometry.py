@@ -189,18 +189,17 @@ def file_features(paths: Sequence[Path]) -> list[Features]:
 #: Descriptor voting (:func:`vote_proposals`): most of an image's keypoints that vote
 #: (its strongest), and the Hamming distance (of 256 bits) under which two descriptors of
 #: different images count as one vote for their pair.
-VOTE_DESCRIPTORS = 200
+VOTE_DESCRIPTORS = 150
 VOTE_MAX_BITS = 48
 #: Least votes for a pair to be proposed, and most proposals per image (most votes first).
 MIN_VOTES = 8
 VOTE_PER_IMAGE = 2
 #: The binary inverted-file index (faiss ``IndexBinaryIVF``): at most this many lists
 #: (about the square root of the descriptors), this many visited per look-up, trained on
-#: this many descriptors. Exhaustive search would cost (descriptors)²: minutes at 2,000
+#: 40 descriptors per list. Exhaustive search would cost (descriptors)²: minutes at 2,000
 #: images.
 VOTE_LISTS = 1024
-VOTE_PROBES = 4
-VOTE_TRAIN = 50_000
+VOTE_PROBES = 1
 
 
 def vote_proposals(features: Sequence[Features], per_image: int = VOTE_PER_IMAGE,
@@ -232,7 +231,7 @@ def vote_proposals(features: Sequence[Features], per_image: int = VOTE_PER_IMAGE
     nlist = int(np.clip(np.sqrt(len(x)), 1, VOTE_LISTS))
     index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
     rng = np.random.default_rng(0)  # seeded: the proposals must not change between runs
-    index.train(x[rng.permutation(len(x))[:VOTE_TRAIN]])
+    index.train(x[rng.permutation(len(x))[:40 * nlist]])
     index.add(x)
     index.nprobe = VOTE_PROBES
     dist, nb = index.search(x, 4)  # itself, and up to 3 neighbours
