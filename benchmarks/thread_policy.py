@@ -6,9 +6,11 @@
 A policy is ``BACKEND[:OPTION,...]``; options: ``passive`` (OMP_WAIT_POLICY=PASSIVE),
 ``active`` (OMP_WAIT_POLICY=ACTIVE), ``threads=N`` (torch.set_num_threads / the runtime's
 thread count), ``streams=N`` (OpenVINO streams), ``chunk=N`` (OpenVINO images per request;
-16 = the old even split of a 32-image batch over 2 streams), ``fixed`` (torch keeps its own
-thread count instead of the adaptive one, encoders/threads.py). Each measure starts with a
-fresh thread governor, as a new process would. Each (round, policy) cell runs in a fresh
+16 = the old even split of a 32-image batch over 2 streams), ``fixed`` (torch runs each
+batch as one call at its own thread count instead of as single-threaded streams, one per
+core, ``Encoder.cpu_streams``). The previous policy, ``governor`` (a thread count chosen
+between batches by encoders/threads.py), was measured at commit e4ba41e and removed with
+that module. Each (round, policy) cell runs in a fresh
 process (wait policies are read once, when the OpenMP runtime loads), which measures
 model-only images/s (``encode_tensors`` on pre-made batches of 32) with no competitor and
 beside one ``while True: pass`` process that it starts and stops itself
@@ -74,7 +76,7 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
     enc = load_encoder(spec, backend=backend)
     if enc.backend != backend:
         return {"error": f"backend {backend} not usable (got {enc.backend})"}
-    enc.adaptive_threads = "fixed" not in opts
+    enc.cpu_streams = "fixed" not in opts
     if backend != "torch" and opts:
         folder = _export_dir(enc, backend)
         if backend == "openvino":
@@ -85,35 +87,32 @@ def child(policy: str, spec: str, batches: int, pipeline_images: int, busy_first
             enc.runtime = OnnxRuntime(folder / "model.onnx", threads=opts.get("threads"))
     size = enc.preprocess.crop
     x = torch.randn(32, 3, size, size)
-    enc.encode_tensors(x)  # warm
+    one_call = enc.encode_tensors(x)  # warm
+    streams = enc._streams(len(x))
+    if streams > 1:  # the streams' vectors against one call at torch's thread count
+        enc.cpu_streams = False
+        diff = float(abs(enc.encode_tensors(x) - one_call).max())
+        enc.cpu_streams = True
     data = None
     scratch = tempfile.TemporaryDirectory(prefix="tp-")  # removed when the child exits
     if pipeline_images:
         files = sorted((CLOTHING / "train").rglob("*.jpg"))[::7][:pipeline_images]
         data = subset(files, pipeline_images, Path(scratch.name))
-    out: dict[str, Any] = {"threads_torch": torch.get_num_threads()}
+    out: dict[str, Any] = {"threads_torch": torch.get_num_threads(), "streams": streams}
+    if streams > 1:
+        out["max_abs_diff_vs_one_call"] = diff
     for load in ((1, 0) if busy_first else (0, 1)):
         with BusyLoad(load):
-            enc._governor = None
             t = time.perf_counter()
             for _ in range(batches):
                 enc.encode_tensors(x)
             out[f"model_load{load}"] = 32 * batches / (time.perf_counter() - t)
-            out[f"model_threads_load{load}"] = _threads_used(enc)
             if data is not None:
-                enc._governor = None
                 with tempfile.TemporaryDirectory() as tmp:
                     res = build_index(data, out=Path(tmp) / "b", encoder=enc)
                 out[f"pipeline_load{load}"] = res.images_per_second
-                out[f"pipeline_threads_load{load}"] = _threads_used(enc)
     scratch.cleanup()
     return out
-
-
-def _threads_used(enc: Any) -> str:
-    """The thread count of each timed batch, e.g. "2211111" (empty: no governor ran)."""
-    governor = getattr(enc, "_governor", None)
-    return "".join(str(n) for n, _ in governor.history) if governor else ""
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import numpy as np
 from embedsearch.errors import EncoderError
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     from PIL import Image
-
-    from embedsearch.encoders.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +225,10 @@ class Encoder:
         #: Set by :func:`embedsearch.encoders.backends.use_backend`: batch → features.
         self.runtime: Callable[[np.ndarray], np.ndarray] | None = None
         self.backend = "torch"
-        #: torch on CPU adapts its thread count to the cores it gets (encoders/threads.py);
-        #: False keeps torch's own count.
-        self.adaptive_threads = True
-        self._governor: ThreadGovernor | None = None
+        #: torch on CPU runs each batch as single-threaded streams, one per core
+        #: (:meth:`_forward_streams`); False: one call at torch's own thread count.
+        self.cpu_streams = True
+        self._pool: ThreadPoolExecutor | None = None
         with torch.inference_mode():
             probe = torch.zeros(1, 3, preprocess.crop, preprocess.crop)
             self.dim = int(self._forward(probe).shape[-1])
@@ -271,20 +271,18 @@ class Encoder:
         """Embed a preprocessed batch: float32, L2-normalised, finite (else EncoderError)."""
         import torch
 
-        from embedsearch.encoders.devices import device_type
-
         if self.runtime is not None:  # an exported graph (OpenVINO / ONNX Runtime), on CPU
             feats = torch.from_numpy(self.runtime(batch.cpu().contiguous().numpy()))
         else:
             batch = batch.to(self.device, non_blocking=True)
             if self.channels_last and batch.dim() == 4:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), _ieee_fp32_convolutions(
-                    self.device.startswith("cuda") and self.precision == "fp32"), torch.autocast(
-                    device_type(self.device), enabled=self.precision != "fp32",
-                    dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16), \
-                    self._threads(len(batch)):
-                feats = self._forward(batch).float()
+            streams = self._streams(len(batch))
+            if streams > 1:
+                feats = self._forward_streams(batch, streams)
+            else:
+                with self._run_context():
+                    feats = self._forward(batch).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         out = feats.cpu().numpy().astype(np.float32, copy=False)
         if not np.isfinite(out).all():
@@ -294,17 +292,73 @@ class Encoder:
             )
         return out
 
-    def _threads(self, images: int) -> contextlib.AbstractContextManager[Any]:
-        """The thread governor's batch context on CPU (a no-op elsewhere or when off)."""
-        if not self.adaptive_threads or self.device != "cpu":
-            return contextlib.nullcontext()
-        if self._governor is None:
-            import torch
+    def _run_context(self) -> contextlib.ExitStack:
+        """inference mode, autocast at the precision, and IEEE fp32 convolutions on a GPU:
+        all thread-local, so entered in each thread that runs the model."""
+        import torch
 
-            from embedsearch.encoders.threads import ThreadGovernor
+        from embedsearch.encoders.devices import device_type
 
-            self._governor = ThreadGovernor(torch.get_num_threads())
-        return self._governor.run(images)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(_ieee_fp32_convolutions(
+            self.device.startswith("cuda") and self.precision == "fp32"))
+        stack.enter_context(torch.autocast(
+            device_type(self.device), enabled=self.precision != "fp32",
+            dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16))
+        return stack
+
+    def _streams(self, images: int) -> int:
+        """How many streams run a batch of ``images``: on CPU the cores torch would use
+        (its thread count, capped by the cores this process may run on); else 1."""
+        if not self.cpu_streams or self.device != "cpu" or images < 2:
+            return 1
+        import torch
+
+        from embedsearch.encoders.devices import cpu_count
+
+        return min(torch.get_num_threads(), cpu_count(), images)
+
+    def _forward_streams(self, batch: torch.Tensor, streams: int) -> torch.Tensor:
+        """The batch split into ``streams`` parts run at once by a thread pool, each part
+        on one torch thread (torch releases the GIL); features in batch order.
+
+        Why: torch's OpenMP threads meet at a barrier after every layer and spin while they
+        wait, so beside one busy process on 2 cores the thread that shares its core stalls
+        the other at every layer (intra-op threads kept about half their idle speed).
+        Independent single-threaded streams have no barrier: the one that shares a core
+        slows alone, as OpenVINO's streams do (benchmarks/results/thread_policy.md). The
+        thread count is set in the worker before each part: torch's lazy per-thread
+        initialisation would reset a count set once in the pool's initializer. The vectors
+        are those of one call (max abs difference 0.0 on efficientnet-lite0).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        from embedsearch.encoders.devices import cpu_count
+
+        if self._pool is None:  # one worker per core: never more streams than that
+            self._pool = ThreadPoolExecutor(cpu_count(), thread_name_prefix="embedsearch-stream")
+
+        def run(part: torch.Tensor) -> torch.Tensor:
+            torch.set_num_threads(1)
+            with self._run_context():
+                return self._forward(part).float()
+
+        # torch.set_num_threads also sets process-wide defaults (MKL's count, the count new
+        # threads start with): the caller's are restored after the batch.
+        threads = torch.get_num_threads()
+        try:
+            futures = [self._pool.submit(run, part)
+                       for part in torch.tensor_split(batch, streams)]
+            return torch.cat([f.result() for f in futures])
+        finally:
+            torch.set_num_threads(threads)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (``copy.deepcopy`` in fine-tuning) start their own thread pool."""
+        return {**self.__dict__, "_pool": None}
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Embed already-decoded RGB images."""
