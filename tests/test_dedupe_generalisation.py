@@ -310,3 +310,39 @@ def test_crop_far_from_its_original_is_proposed_by_descriptor_votes(tmp_path: Pa
     assert res.extra["geometry"]["vote_proposals"] >= 1
     a, b = verify.propose()
     assert (0, 6) in set(zip(a.tolist(), b.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("confirmed", [False, True])
+def test_turned_back_hash_link_needs_local_features_when_they_run(confirmed: bool) -> None:
+    """A link made by a rotated copy's turned-back centre hash alone is kept only when the
+    local-feature check confirms it: a smooth centre's hash matches other gradients within
+    a few bits, and one such false match pulled a whole other group into the copy's star
+    (planted posters1: 131 of 160 wrong pairs). Without local features the hash decides."""
+    from embedsearch.dedupe.views import ImageViews
+
+    views = ImageViews.empty(5)  # unhashed images (NO_HASH) never match
+    views.hash[:2] = [np.uint64(0x0F0F0F0F), np.uint64(0xF0F0F0F0F0)]
+    views.centre[:2] = [np.uint64(0x1234567), np.uint64(0x7654321)]
+    views.rotated[0] = np.uint64(0x7654321)  # copy 0 turned back = 1's centre, 0 bits
+    e = np.eye(6, dtype=np.float32)
+    # a crowd of look-alikes, every pair at cosine 0.8 (in the hash band): no lone match
+    vectors = np.stack([np.sqrt(0.8) * e[5] + np.sqrt(0.2) * e[k] for k in range(5)])
+    names = ["turned.jpg", "other.jpg", "a.jpg", "b.jpg", "c.jpg"]
+    checked: list[tuple[int, int]] = []
+
+    def verify(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        checked.extend(zip(i.tolist(), j.tolist(), strict=True))
+        return np.full(len(i), confirmed)
+
+    res = find_duplicates(vectors, names, threshold=0.93, power=1.0, hashes=views,
+                          verify=verify)
+    assert (0, 1) in checked
+    g = res.groups.set_index("id")
+    if confirmed:
+        assert set(g.index) == {"turned.jpg", "other.jpg"}
+        assert "rotation" in set(g["signal"].dropna())
+        assert res.extra["geometry"]["rotation_links_confirmed"] == 1
+    else:
+        assert g.empty and res.summary()["links_by_rotation"] == 0
+    plain = find_duplicates(vectors, names, threshold=0.93, power=1.0, hashes=views)
+    assert plain.summary()["links_by_rotation"] == 1
