@@ -346,3 +346,25 @@ def test_turned_back_hash_link_needs_local_features_when_they_run(confirmed: boo
         assert g.empty and res.summary()["links_by_rotation"] == 0
     plain = find_duplicates(vectors, names, threshold=0.93, power=1.0, hashes=views)
     assert plain.summary()["links_by_rotation"] == 1
+
+
+def test_shared_watermark_alone_does_not_make_two_posters_copies() -> None:
+    """Distinct small posters (182×268, the size of the issue's poster set) under the same
+    stock watermark: their keypoints on the watermark fit one transform, so the geometric
+    criteria alone would call some of them copies; the detail agreement after alignment
+    refuses most, while every planted watermarked copy agrees far above the bar."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import MIN_AGREEMENT, image_features, match
+
+    rng = np.random.default_rng(3)
+    posters = [synthetic_poster(rng).resize((182, 268), Image.LANCZOS) for _ in range(12)]
+    # the same seed for each: the same text at the same place, as a stock watermark
+    marked = [image_features(make_variant(p, "watermark", np.random.default_rng(7))[0])
+              for p in posters]
+    distinct = [match(marked[a], marked[b]) for a in range(12) for b in range(a + 1, 12)]
+    geometric = [m for m in distinct if m.geometric]
+    assert len(geometric) >= 3  # the case exists: keypoints alone would accept these
+    assert sum(m.accepted for m in geometric) <= len(geometric) // 3
+    copies = [match(image_features(p), f) for p, f in zip(posters, marked, strict=True)]
+    agreed = [m.agreement for m in copies if m.geometric]
+    assert len(agreed) >= 10 and min(agreed) > 2 * MIN_AGREEMENT
