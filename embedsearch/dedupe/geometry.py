@@ -160,26 +160,43 @@ def match(a: Features, b: Features) -> Match:
                                                              len(b.points)) < 2:
         return none
     cv2 = _cv2()
-    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a.descriptors, b.descriptors, k=2)
-    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
-    if len(good) < 3:
-        return Match(len(good), 0, 0.0, 0.0, 0.0)
-    src = a.points[[m.queryIdx for m in good]]
-    dst = b.points[[m.trainIdx for m in good]]
+    query, target = _ratio_matches(a.descriptors, b.descriptors)
+    if len(query) < 3:
+        return Match(len(query), 0, 0.0, 0.0, 0.0)
+    src, dst = a.points[query], b.points[target]
     # seeded: RANSAC draws at random, and a verdict must not change between runs
     cv2.setRNGSeed(0)
     transform, inliers = cv2.estimateAffinePartial2D(
         src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX, maxIters=2000,
         confidence=0.99)
     if transform is None:
-        return Match(len(good), 0, 0.0, 0.0, 0.0)
+        return Match(len(query), 0, 0.0, 0.0, 0.0)
     scale = float(np.hypot(transform[0, 0], transform[1, 0]))
     angle = float(np.degrees(np.arctan2(transform[1, 0], transform[0, 0])))
-    found = Match(len(good), int(inliers.sum()), scale, angle,
+    found = Match(len(query), int(inliers.sum()), scale, angle,
                   _overlap(transform, a.size, b.size))
     if found.geometric:
         found.agreement = _agreement(transform, a.thumb, b.thumb)
     return found
+
+
+def _ratio_matches(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of ``a``, their nearest rows of ``b``) that pass Lowe's ratio test (Hamming
+    distance to the nearest below :data:`RATIO` of the second nearest).
+
+    faiss's binary flat index gives the same two nearest neighbours as OpenCV's
+    ``BFMatcher(NORM_HAMMING).knnMatch(k=2)`` (identical matches on all 3,392 pairs of a
+    probe on cloth-held2) in a quarter of the CPU time: 0.3 against 1.25 ms per pair of
+    500-keypoint images, where matching was most of the local features' cost."""
+    import faiss
+
+    if len(b) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    index = faiss.IndexBinaryFlat(b.shape[1] * 8)
+    index.add(np.ascontiguousarray(b, np.uint8))
+    dist, nearest = index.search(np.ascontiguousarray(a, np.uint8), 2)
+    ok = (nearest[:, 1] >= 0) & (dist[:, 0] < RATIO * dist[:, 1])
+    return np.flatnonzero(ok), nearest[ok, 0].astype(np.int64)
 
 
 def _agreement(transform: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -326,10 +343,19 @@ class FileVerifier:
         return [self.cache[k] for k in items]
 
     def __call__(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        import faiss
+
         i, j = np.asarray(i).tolist(), np.asarray(j).tolist()
         self._features([*i, *j])
-        return np.array([match(self.cache[a], self.cache[b]).accepted
-                         for a, b in zip(i, j, strict=True)], bool)
+        # one pair is a few hundred descriptors: OpenMP threads would only wait on each
+        # other, so faiss matches them on this thread alone (restored afterwards)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return np.array([match(self.cache[a], self.cache[b]).accepted
+                             for a, b in zip(i, j, strict=True)], bool)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def propose(self) -> tuple[np.ndarray, np.ndarray]:
         """Pairs (i < j) that share local descriptors (:func:`vote_proposals`)."""
