@@ -279,10 +279,12 @@ def breakdown(folder: Path, out: Path) -> dict[str, float]:
     from embedsearch.dedupe.search import candidate_pairs
     from embedsearch.dedupe.views import bundle_hashes
     from embedsearch.embed import default_workers
-    from embedsearch.encoders import load_encoder
+    from embedsearch.encoders import DEFAULT_ENCODER, load_encoder
+    from embedsearch.encoders.backends import light_encoder_for_spec
     from embedsearch.pipeline import build_index
 
-    encoder = load_encoder()
+    # as build_index on the CPU: the recorded export without torch when there is one
+    encoder = light_encoder_for_spec(DEFAULT_ENCODER, "fp32") or load_encoder()
     c1 = clock()
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
     side = encoder.preprocess.resize  # what the build's decoder asks for
