@@ -31,8 +31,8 @@ Pairs the embedding ranks far (a 20 % crop of a look-alike graphic: cosine 0.62�
 its original, which ranks up to 1,142nd among its neighbours) are proposed by descriptor
 voting (:func:`vote_proposals`): features for every image, a binary index over them, each
 image's two most voted pairs checked. Planted posters (posters0): 138 of 150 crops get
-their group proposed; held-out posters5 crop recall 0.78 → 0.92, F1 0.959 → 0.983
-(precision 0.991); posters1 F1 0.959 → 0.969 (precision 0.980).
+their group proposed; held-out posters5 crop recall 0.78 → 0.92 and F1 0.959 → 0.983 with
+voting alone (benchmarks/results/dedupe_generalisation.md has today's figures).
 
 OpenCV (``opencv-python-headless``) is imported only when a pair is checked.
 """
