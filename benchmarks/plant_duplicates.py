@@ -16,7 +16,7 @@ Variant kinds (parameters drawn per copy from ``--seed``):
 
 Run:
     python benchmarks/plant_duplicates.py SRC[,SRC…] OUT [--originals 150] [--distractors 300]
-    python benchmarks/plant_duplicates.py --posters 450 OUT_DIR
+    python benchmarks/plant_duplicates.py --posters 450 OUT_DIR [--poster-size 182x268]
 """
 
 from __future__ import annotations
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("src", nargs="?", help="folder(s) of images to draw from, comma-separated")
     ap.add_argument("out", type=Path, help="folder to create (truth: OUT-truth.csv beside it)")
     ap.add_argument("--posters", type=int, help="draw this many synthetic posters instead")
+    ap.add_argument("--poster-size", default="360x540", metavar="WxH",
+                    help="size of the synthetic posters: drawn at 360x540, then resized "
+                    "(182x268: the issue's real poster set)")
     ap.add_argument("--originals", type=int, default=150)
     ap.add_argument("--distractors", type=int, default=300)
     ap.add_argument("--kinds", default=",".join(KINDS))
@@ -178,7 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if args.posters:
+        from PIL import Image
+
+        w, h = (int(v) for v in args.poster_size.lower().split("x"))
         pool: list = [synthetic_poster(rng) for _ in range(args.posters)]
+        if (w, h) != (360, 540):
+            pool = [p.resize((w, h), Image.LANCZOS) for p in pool]
     elif args.src is not None:
         pool = [p for src in args.src.split(",") for p in images_under(Path(src))]
         pool = [pool[i] for i in rng.permutation(len(pool))]

@@ -186,7 +186,13 @@ def build_index(source: str | os.PathLike[str], out: str | os.PathLike[str] | No
             if precision is None:
                 precision = old["encoder"].get("precision", "fp32") if old and not model \
                     else DEFAULT_PRECISION
-            encoder = load_encoder(spec, weights, precision=precision, device=opts.device)
+            if weights is None and _cpu_only(opts.device):
+                from embedsearch.encoders.backends import light_encoder_for_spec
+
+                encoder = light_encoder_for_spec(spec, precision)
+            if encoder is None:
+                encoder = load_encoder(spec, weights, precision=precision,
+                                       device=opts.device)
         identity = encoder.identity()
         fingerprint = encoder.fingerprint()
         if old is not None and not opts.overwrite:
@@ -362,6 +368,20 @@ def _check_compatible(path: Path, old: dict[str, Any], identity: dict[str, Any],
             f"(cosine {cos:.4f}) than when {path} was built",
             hint="library versions or weights changed; pass --overwrite to re-encode everything",
         )
+
+
+def _cpu_only(device: str | None) -> bool:
+    """Whether the encoder will run on the CPU, decided without importing torch:
+    ``--device cpu``, or ``auto`` on Linux with no GPU device node (NVIDIA, AMD ROCm,
+    WSL's). Elsewhere (macOS's MPS, Windows) only an explicit ``cpu`` counts."""
+    import sys
+
+    if device == "cpu":
+        return True
+    if device not in (None, "auto") or not sys.platform.startswith("linux"):
+        return False
+    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+    return not any(Path(node).exists() for node in nodes)
 
 
 def _local_chunks(encoder: Encoder, paths: list[Path], chunk_size: int, batch_size: int | None,

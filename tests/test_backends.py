@@ -163,3 +163,41 @@ def test_light_path_embeds_without_torch_and_rechecks(name: str, _cache: Path,
         assert backends.light_encoder(bundle.encoder_identity) is None
     finally:
         backends.set_default_backend(None)
+
+
+@pytest.mark.parametrize("name", RUNTIMES[:1])
+def test_build_on_cpu_takes_the_light_path_with_the_same_identity(name: str, _cache: Path,
+                                                                  collection: Path) -> None:
+    """Once a full encoder of a packaged model has recorded its verified export, a later
+    build of the default spec on the CPU embeds through the export without importing
+    torch, and writes the same encoder identity and the same vectors as the full path; a
+    GPU (or any device but the CPU) or other weights keep the full path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from embedsearch.encoders import DEFAULT_ENCODER
+    from embedsearch.pipeline import _cpu_only
+
+    full = load_encoder(DEFAULT_ENCODER, backend=name)  # records the light entry
+    build_index(collection, out="full", encoder=full)
+    code = ("import sys; from embedsearch import build_index; "
+            "build_index(sys.argv[1], out='light', device='cpu'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(collection)], capture_output=True,
+                         text=True, env={**os.environ, "EMBEDSEARCH_BACKEND": name,
+                                         "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    a, b = load_bundle("full"), load_bundle("light")
+    assert a.manifest["encoder"] == b.manifest["encoder"]
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+    # an entry whose weights file lies outside this interpreter's packages is not used
+    entry = next((_cache / "light").glob("*.json"))
+    rec = json.loads(entry.read_text())
+    rec["identity"]["weights"]["path"] = "/elsewhere/" + Path(
+        rec["identity"]["weights"]["path"]).name
+    entry.write_text(json.dumps(rec))
+    assert backends.light_encoder_for_spec(DEFAULT_ENCODER, "fp32") is None
+    assert _cpu_only("cpu") and not _cpu_only("cuda") and not _cpu_only("mps")

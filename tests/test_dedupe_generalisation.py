@@ -279,3 +279,92 @@ def test_rotated_copy_far_below_the_band_is_proposed_by_its_hash(tmp_path: Path)
     assert set(g.index) == {"poster0.jpg", "turned.jpg"}
     assert g.loc["turned.jpg", "signal"] == "geometry"
     assert res.extra["geometry"]["rotation_proposals"] >= 1
+
+
+def test_crop_far_from_its_original_is_proposed_by_descriptor_votes(tmp_path: Path) -> None:
+    """A 20 % crop of a look-alike poster whose embedding puts it far from its original
+    (cosine 0.55, below any band, behind every look-alike) and that no hash proposes is
+    found by descriptor voting and confirmed by the geometric check; the distinct
+    look-alikes, closer to the original in the embedding, stay apart."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import file_verifier
+
+    rng = np.random.default_rng(13)
+    posters = [synthetic_poster(rng) for _ in range(6)]
+    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
+    images["crop.jpg"] = make_variant(posters[0], "crop20", rng)[0]
+    paths = []
+    for name, img in images.items():
+        img.save(tmp_path / name, quality=92)
+        paths.append(tmp_path / name)
+    e = np.eye(8, dtype=np.float32)
+    crowd = [np.sqrt(0.9) * e[7] + np.sqrt(0.1) * e[k] for k in range(6)]  # cosine 0.90
+    vectors = np.stack([*crowd, 0.55 * crowd[0] + np.sqrt(1 - 0.55 ** 2) * e[6]])
+    verify = file_verifier(paths)
+    res = find_duplicates(vectors, list(images), threshold=0.93, power=1.0, verify=verify,
+                          widths=[im.width for im in images.values()],
+                          heights=[im.height for im in images.values()])
+    g = res.groups.set_index("id")
+    assert set(g.index) == {"poster0.jpg", "crop.jpg"}
+    assert g.loc["crop.jpg", "signal"] == "geometry"
+    assert res.extra["geometry"]["vote_proposals"] >= 1
+    a, b = verify.propose()
+    assert (0, 6) in set(zip(a.tolist(), b.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("confirmed", [False, True])
+def test_turned_back_hash_link_needs_local_features_when_they_run(confirmed: bool) -> None:
+    """A link made by a rotated copy's turned-back centre hash alone is kept only when the
+    local-feature check confirms it: a smooth centre's hash matches other gradients within
+    a few bits, and one such false match pulled a whole other group into the copy's star
+    (planted posters1: 131 of 160 wrong pairs). Without local features the hash decides."""
+    from embedsearch.dedupe.views import ImageViews
+
+    views = ImageViews.empty(5)  # unhashed images (NO_HASH) never match
+    views.hash[:2] = [np.uint64(0x0F0F0F0F), np.uint64(0xF0F0F0F0F0)]
+    views.centre[:2] = [np.uint64(0x1234567), np.uint64(0x7654321)]
+    views.rotated[0] = np.uint64(0x7654321)  # copy 0 turned back = 1's centre, 0 bits
+    e = np.eye(6, dtype=np.float32)
+    # a crowd of look-alikes, every pair at cosine 0.8 (in the hash band): no lone match
+    vectors = np.stack([np.sqrt(0.8) * e[5] + np.sqrt(0.2) * e[k] for k in range(5)])
+    names = ["turned.jpg", "other.jpg", "a.jpg", "b.jpg", "c.jpg"]
+    checked: list[tuple[int, int]] = []
+
+    def verify(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        checked.extend(zip(i.tolist(), j.tolist(), strict=True))
+        return np.full(len(i), confirmed)
+
+    res = find_duplicates(vectors, names, threshold=0.93, power=1.0, hashes=views,
+                          verify=verify)
+    assert (0, 1) in checked
+    g = res.groups.set_index("id")
+    if confirmed:
+        assert set(g.index) == {"turned.jpg", "other.jpg"}
+        assert "rotation" in set(g["signal"].dropna())
+        assert res.extra["geometry"]["rotation_links_confirmed"] == 1
+    else:
+        assert g.empty and res.summary()["links_by_rotation"] == 0
+    plain = find_duplicates(vectors, names, threshold=0.93, power=1.0, hashes=views)
+    assert plain.summary()["links_by_rotation"] == 1
+
+
+def test_shared_watermark_alone_does_not_make_two_posters_copies() -> None:
+    """Distinct small posters (182×268, the size of the issue's poster set) under the same
+    stock watermark: their keypoints on the watermark fit one transform, so the geometric
+    criteria alone would call some of them copies; the detail agreement after alignment
+    refuses most, while every planted watermarked copy agrees far above the bar."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+    from embedsearch.dedupe.geometry import MIN_AGREEMENT, image_features, match
+
+    rng = np.random.default_rng(3)
+    posters = [synthetic_poster(rng).resize((182, 268), Image.LANCZOS) for _ in range(12)]
+    # the same seed for each: the same text at the same place, as a stock watermark
+    marked = [image_features(make_variant(p, "watermark", np.random.default_rng(7))[0])
+              for p in posters]
+    distinct = [match(marked[a], marked[b]) for a in range(12) for b in range(a + 1, 12)]
+    geometric = [m for m in distinct if m.geometric]
+    assert len(geometric) >= 3  # the case exists: keypoints alone would accept these
+    assert sum(m.accepted for m in geometric) <= len(geometric) // 3
+    copies = [match(image_features(p), f) for p, f in zip(posters, marked, strict=True)]
+    agreed = [m.agreement for m in copies if m.geometric]
+    assert len(agreed) >= 10 and min(agreed) > 2 * MIN_AGREEMENT

@@ -39,7 +39,8 @@ def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
     signal's perceptual hash (:func:`embedsearch.dedupe.views.bundle_hashes`: decoded once,
     then cached in the bundle). With ``local_features`` (default), pairs in a band below
     the threshold are checked geometrically (:mod:`embedsearch.dedupe.geometry`: crops and
-    rotations), decoding only the images of those pairs.
+    rotations), and every image's local descriptors vote for pairs to check that the
+    embedding ranks far (:func:`~embedsearch.dedupe.geometry.vote_proposals`).
     """
     from embedsearch.dedupe.links import GEOMETRY_BAND, HASH_FLOOR
     from embedsearch.dedupe.views import bundle_hashes

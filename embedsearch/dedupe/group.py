@@ -173,20 +173,42 @@ def _add_geometry_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links,
     """``links`` plus the pairs that local features confirm
     (:mod:`embedsearch.dedupe.geometry`, through ``verify(i, j)``): band pairs
     (:func:`~embedsearch.dedupe.links.geometry_candidates`) and rotated copies proposed
-    by their turned-back hash (:func:`~embedsearch.dedupe.links.rotation_proposals`)."""
+    by their turned-back hash (:func:`~embedsearch.dedupe.links.rotation_proposals`) and,
+    where ``verify`` has a ``propose()`` (:class:`~embedsearch.dedupe.geometry.FileVerifier`),
+    pairs that share local descriptors whatever their cosine (crops of look-alikes).
+
+    Links the turned-back hash made (signal "rotation") are checked too and kept only if
+    local features confirm them: a rotated copy's centre is half its side, and where that
+    centre is a smooth gradient its hash matches other gradients within a few bits (planted
+    posters: 15 of 51,902 distinct band pairs), so one false match would pull a whole other
+    group into the copy's star (posters1: 131 of 160 wrong pairs)."""
     t0 = time.perf_counter()
     cand = geometry_candidates(n, pairs, _linked(n, pairs, links), threshold, same_file,
                                GEOMETRY_BAND, GEOMETRY_PER_IMAGE)
     ci, cj, cs = pairs.i[cand], pairs.j[cand], pairs.sim[cand]
     cb = bits[cand]
-    proposed = 0
-    if views is not None:
-        pi, pj = rotation_proposals(views)
+    turned = links.signal == "rotation"
+    ci, cj = np.concatenate([ci, links.i[turned]]), np.concatenate([cj, links.j[turned]])
+    cs, cb = np.concatenate([cs, links.sim[turned]]), np.concatenate([cb, links.bits[turned]])
+    signal = np.concatenate([np.full(len(cand), "geometry", object),
+                             np.full(int(turned.sum()), "rotation", object)])
+    links = Links(links.i[~turned], links.j[~turned], links.sim[~turned], links.bits[~turned],
+                  links.signal[~turned])
+    found: dict[str, int] = {}
+    routes = {"rotation_proposals": (lambda: rotation_proposals(views)) if views is not None
+              else None,
+              "vote_proposals": getattr(verify, "propose", None)}
+    for name, propose in routes.items():
+        found[name] = 0
+        if propose is None:
+            continue
+        pi, pj = propose()
         key = pi * n + pj
         new = ~np.isin(key, np.concatenate([links.i * n + links.j, ci * n + cj])) \
             & (same_file[pi] != same_file[pj])
-        pi, pj = pi[new], pj[new]
-        proposed = len(pi)
+        key = np.unique(key[new])
+        pi, pj = key // n, key % n
+        found[name] = proposed = len(pi)
         if proposed:
             rows, inv = np.unique(np.concatenate([pi, pj]), return_inverse=True)
             x = as_unit_vectors(np.asarray(vectors)[rows], power)
@@ -194,13 +216,15 @@ def _add_geometry_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links,
             ci, cj = np.concatenate([ci, pi]), np.concatenate([cj, pj])
             cs = np.concatenate([cs, np.einsum("ij,ij->i", x[a], x[b]).astype(cs.dtype)])
             cb = np.concatenate([cb, np.full(proposed, -1, cb.dtype)])
+            signal = np.concatenate([signal, np.full(proposed, "geometry", object)])
     ok = np.asarray(verify(ci, cj), bool) if len(ci) else np.zeros(0, bool)
-    info = {"checked": len(ci), "band_pairs": len(cand), "rotation_proposals": proposed,
-            "links": int(ok.sum()), "seconds": round(time.perf_counter() - t0, 3)}
+    info = {"checked": len(ci), "band_pairs": len(cand), "rotation_links": int(turned.sum()),
+            **found, "links": int(ok.sum()),
+            "rotation_links_confirmed": int((ok & (signal == "rotation")).sum()),
+            "seconds": round(time.perf_counter() - t0, 3)}
     return Links(np.concatenate([links.i, ci[ok]]), np.concatenate([links.j, cj[ok]]),
                  np.concatenate([links.sim, cs[ok]]), np.concatenate([links.bits, cb[ok]]),
-                 np.concatenate([links.signal, np.full(int(ok.sum()), "geometry", object)])
-                 ), info
+                 np.concatenate([links.signal, signal[ok]])), info
 
 
 def find_duplicates(
@@ -386,7 +410,7 @@ def _near_reason(centre_id: str, links: Links, link: int, threshold: float) -> s
     if links.signal[link] == "rotation":
         return (f"near-duplicate of {centre_id}: cosine {s:.3f} < {threshold:g}, a rotated "
                 f"copy (its centre turned back matches within {int(links.bits[link])} of 63 "
-                "bits)")
+                "bits; with local features on, they confirm it too)")
     if links.signal[link] == "hash":
         return (f"near-duplicate of {centre_id}: cosine {s:.3f} < {threshold:g}, confirmed "
                 f"by the perceptual hash ({int(links.bits[link])} of 63 bits differ)")
