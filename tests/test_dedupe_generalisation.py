@@ -30,6 +30,23 @@ def _hash(img: Image.Image) -> np.uint64:
     return np.uint64(dct_hash(img)[0])
 
 
+def _posters_with_a_copy(tmp_path: Path, seed: int, n: int, kind: str, name: str
+                         ) -> tuple[dict[str, Image.Image], list[Path]]:
+    """``n`` synthetic posters and one planted ``kind`` copy of the first, saved as JPEGs:
+    (name → image, paths in the same order)."""
+    from benchmarks.plant_duplicates import make_variant, synthetic_poster
+
+    rng = np.random.default_rng(seed)
+    posters = [synthetic_poster(rng) for _ in range(n)]
+    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
+    images[name] = make_variant(posters[0], kind, rng)[0]
+    paths = []
+    for file, img in images.items():
+        img.save(tmp_path / file, quality=92)
+        paths.append(tmp_path / file)
+    return images, paths
+
+
 def test_hash_ignores_colour_size_aspect_and_mirroring_but_not_content() -> None:
     img = picture(0, 200)
     h = _hash(img)
@@ -255,18 +272,10 @@ def test_rotated_copy_far_below_the_band_is_proposed_by_its_hash(tmp_path: Path)
     """A 30° turn of a graphic can drop its cosine to the original to ~0.55, far below any
     band: its turned-back centre hash proposes the pair, local features confirm it; the
     distinct posters are neither proposed nor grouped."""
-    from benchmarks.plant_duplicates import make_variant, synthetic_poster
     from embedsearch.dedupe.geometry import file_verifier
     from embedsearch.dedupe.views import hash_files
 
-    rng = np.random.default_rng(11)
-    posters = [synthetic_poster(rng) for _ in range(5)]
-    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
-    images["turned.jpg"] = make_variant(posters[0], "rot30", rng)[0]
-    paths = []
-    for name, img in images.items():
-        img.save(tmp_path / name, quality=92)
-        paths.append(tmp_path / name)
+    images, paths = _posters_with_a_copy(tmp_path, 11, 5, "rot30", "turned.jpg")
     e = np.eye(7, dtype=np.float32)
     vectors = np.stack([*(np.sqrt(0.5) * e[6] + np.sqrt(0.5) * e[k] for k in range(5)),
                         0.55 * (np.sqrt(0.5) * e[6] + np.sqrt(0.5) * e[0])
@@ -286,17 +295,9 @@ def test_crop_far_from_its_original_is_proposed_by_descriptor_votes(tmp_path: Pa
     (cosine 0.55, below any band, behind every look-alike) and that no hash proposes is
     found by descriptor voting and confirmed by the geometric check; the distinct
     look-alikes, closer to the original in the embedding, stay apart."""
-    from benchmarks.plant_duplicates import make_variant, synthetic_poster
     from embedsearch.dedupe.geometry import file_verifier
 
-    rng = np.random.default_rng(13)
-    posters = [synthetic_poster(rng) for _ in range(6)]
-    images = {f"poster{k}.jpg": p for k, p in enumerate(posters)}
-    images["crop.jpg"] = make_variant(posters[0], "crop20", rng)[0]
-    paths = []
-    for name, img in images.items():
-        img.save(tmp_path / name, quality=92)
-        paths.append(tmp_path / name)
+    images, paths = _posters_with_a_copy(tmp_path, 13, 6, "crop20", "crop.jpg")
     e = np.eye(8, dtype=np.float32)
     crowd = [np.sqrt(0.9) * e[7] + np.sqrt(0.1) * e[k] for k in range(6)]  # cosine 0.90
     vectors = np.stack([*crowd, 0.55 * crowd[0] + np.sqrt(1 - 0.55 ** 2) * e[6]])
