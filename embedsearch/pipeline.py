@@ -186,7 +186,7 @@ def build_index(source: str | os.PathLike[str], out: str | os.PathLike[str] | No
             if precision is None:
                 precision = old["encoder"].get("precision", "fp32") if old and not model \
                     else DEFAULT_PRECISION
-            if weights is None and _cpu_only(opts.device):
+            if weights is None and opts.engine == "local" and _cpu_only(opts.device):
                 from embedsearch.encoders.backends import light_encoder_for_spec
 
                 encoder = light_encoder_for_spec(spec, precision)
