@@ -47,6 +47,7 @@ def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
 
     vectors = np.asarray(bundle.embeddings)
     facts = item_facts(bundle.items)
+    root = items_root(bundle)
     floor = HASH_FLOOR if threshold is None or hashes else threshold
     if threshold is not None and local_features:
         floor = min(floor, threshold - GEOMETRY_BAND)
@@ -59,11 +60,10 @@ def dedupe_bundle(bundle: Bundle, *, threshold: float | None = None,
     if local_features:
         from embedsearch.dedupe.geometry import file_verifier
 
-        root = items_root(bundle)
         verify = file_verifier([root / str(i) for i in facts["ids"]])
     res = find_duplicates(vectors, threshold=threshold, keep=keep, pairs=pairs, hashes=h,
                           verify=verify, **facts)
-    res.extra.update({"bundle": str(bundle.path), "root": str(items_root(bundle)),
+    res.extra.update({"bundle": str(bundle.path), "root": str(root),
                       "encoder": bundle.encoder_identity.get("spec")})
     # Files that exist but could not be decoded: not compared, but a clean copy keeps them.
     # Files the scan skipped (unsupported formats, symlinks…) are counted apart.

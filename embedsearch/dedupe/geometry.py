@@ -300,6 +300,8 @@ def vote_proposals(features: Sequence[Features], per_image: int = VOTE_PER_IMAGE
     Votes only *propose*: the geometric check (:func:`match`) decides."""
     import faiss
 
+    from embedsearch.dedupe.links import rank_in_runs
+
     empty = np.zeros(0, np.int64)
     codes, owner = [], []
     for k, f in enumerate(features):
@@ -333,8 +335,7 @@ def vote_proposals(features: Sequence[Features], per_image: int = VOTE_PER_IMAGE
     e = np.concatenate([np.arange(len(key))] * 2)
     order = np.lexsort((e, -np.concatenate([votes, votes]), side))
     side, e = side[order], e[order]
-    rank = np.arange(len(side)) - np.searchsorted(side, side, side="left")
-    chosen = np.unique(e[rank < per_image])
+    chosen = np.unique(e[rank_in_runs(side) < per_image])
     return a[chosen], b[chosen], votes[chosen]
 
 

@@ -138,16 +138,14 @@ class DedupeResult:
 
 
 def _add_margin_links(n: int, pairs: Pairs, bits: np.ndarray, links: Links, threshold: float,
-                      facts: ItemFacts, keep: str) -> tuple[Links, dict[str, Any]]:
+                      same_file: np.ndarray) -> tuple[Links, dict[str, Any]]:
     """``links`` plus the lone matches of :func:`embedsearch.dedupe.calibrate.margin_links`."""
     from embedsearch.dedupe.calibrate import margin_links
 
-    rank = np.empty(n, np.int64)
-    rank[facts.priority(keep)] = np.arange(n)
     linked = _linked(n, pairs, links)
     key = pairs.i * n + pairs.j
     a, b, s, info = margin_links(n, pairs.i, pairs.j, pairs.sim, linked, threshold,
-                                 pairs.threshold, exact_representatives(facts, rank))
+                                 pairs.threshold, same_file)
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     new_key, first = np.unique(lo * n + hi, return_index=True)
     lo, hi, s = lo[first], hi[first], s[first]
@@ -279,6 +277,9 @@ def find_duplicates(
             raise EmbedsearchError(f"hashes has {len(hashes.hash)} entries, expected {n}")
     if threshold is not None and not 0 < threshold <= 1.0 + 1e-6:
         raise EmbedsearchError(f"threshold must be in (0, 1], got {threshold}")
+    rank = np.empty(n, np.int64)  # keep order: 0 = the item the policy keeps first
+    rank[facts.priority(keep)] = np.arange(n)
+    same_file = exact_representatives(facts, rank)
     if threshold is None:
         floor = HASH_FLOOR
     else:
@@ -294,23 +295,17 @@ def find_duplicates(
         from embedsearch.dedupe.calibrate import calibrate
 
         _, _, confirmed = link_pairs(pairs, 1.0 + 1e-6, hashes)
-        rank = np.empty(n, np.int64)
-        rank[facts.priority(keep)] = np.arange(n)
-        calibration = calibrate(n, pairs.i, pairs.j, pairs.sim, confirmed, floor,
-                                exact_representatives(facts, rank))
+        calibration = calibrate(n, pairs.i, pairs.j, pairs.sim, confirmed, floor, same_file)
         threshold = calibration.threshold
     links, bits, _ = link_pairs(pairs, threshold, hashes)
     geometry_info = None
     if verify is not None:
-        rank = np.empty(n, np.int64)
-        rank[facts.priority(keep)] = np.arange(n)
         links, geometry_info = _add_geometry_links(n, pairs, bits, links, threshold,
-                                                   exact_representatives(facts, rank), verify,
-                                                   vectors, power, hashes)
+                                                   same_file, verify, vectors, power, hashes)
     margin_info = None
     if pairs.threshold < threshold:  # searched below the threshold: lone matches too
-        links, margin_info = _add_margin_links(n, pairs, bits, links, threshold, facts, keep)
-    res = _group(vectors, facts, links, pairs, threshold, keep, t0, power)
+        links, margin_info = _add_margin_links(n, pairs, bits, links, threshold, same_file)
+    res = _group(vectors, facts, links, pairs, threshold, keep, t0, power, rank, same_file)
     if margin_info is not None:
         res.extra["margin"] = margin_info
     if geometry_info is not None:
@@ -322,16 +317,15 @@ def find_duplicates(
 
 
 def _group(vectors: np.ndarray, facts: ItemFacts, links: Links, pairs: Pairs, threshold: float,
-           keep: str, t0: float, power: float) -> DedupeResult:
+           keep: str, t0: float, power: float, rank: np.ndarray, rep: np.ndarray
+           ) -> DedupeResult:
+    """Groups from ``links``; ``rank`` is the keep policy's order of every item and ``rep``
+    each item's exact-copy representative (both computed once by :func:`find_duplicates`)."""
     import pandas as pd
 
     from embedsearch.dedupe.calibrate import components
 
     n = len(facts.ids)
-    order = facts.priority(keep)
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n)
-    rep = exact_representatives(facts, rank)
     active = rep == np.arange(n)
     centre, via = centre_groups(n, links, active)
     # Exact copies follow their representative.

@@ -144,9 +144,13 @@ def geometry_candidates(n: int, pairs: Pairs, linked: np.ndarray, threshold: flo
     e = np.concatenate([cand, cand])
     order = np.lexsort((e, -s, a))
     a, e = a[order], e[order]
-    starts = np.searchsorted(a, a, side="left")
-    rank = np.arange(len(a)) - starts
-    return np.unique(e[rank < per_image])
+    return np.unique(e[rank_in_runs(a) < per_image])
+
+
+def rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Each entry's position within its run of equal ``keys`` (sorted): 0 for the first
+    of an image's pairs, 1 for the next... — for keeping each image's best few."""
+    return np.arange(len(keys)) - np.searchsorted(keys, keys, side="left")
 
 
 #: Rotated copies (filled corners) are also proposed to the local-feature check wherever
@@ -187,8 +191,7 @@ def rotation_proposals(views: ImageViews, per_copy: int = ROTATION_PROPOSALS
         rows, cols = np.nonzero(d <= ROTATION_MAX_BITS)
         order = np.lexsort((d[rows, cols], rows))
         rows, cols = rows[order], cols[order]
-        first = np.searchsorted(rows, rows, side="left")
-        keep = np.arange(len(rows)) - first < per_copy
+        keep = rank_in_runs(rows) < per_copy
         out_a.append(t[rows[keep]])
         out_b.append(others[cols[keep]])
     a, b = np.concatenate(out_a), np.concatenate(out_b)
