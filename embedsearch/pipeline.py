@@ -166,6 +166,10 @@ def build_index(source: str | os.PathLike[str], out: str | os.PathLike[str] | No
                                           opts.dedupe_keep)
         if isinstance(model, list | tuple):
             model = model[0] if len(model) == 1 else list(model)
+        if isinstance(model, str) and "+" in model:  # A+B: a concatenation in one spec
+            from embedsearch.encoders.combine import concat_parts
+
+            model = concat_parts(model) or model
         if encoder is None and (isinstance(model, list) or (
                 not model and old is not None and "parts" in old["encoder"])):
             from embedsearch.encoders.combine import combine, encoder_from_identity

@@ -52,9 +52,42 @@ def test_concatenated_bundle_is_the_normalised_join(collection: Path,
     assert r.exit_code != 0 and "was built with encoder concat:" in r.output
 
 
-def test_parts_must_share_the_input_size() -> None:
-    with pytest.raises(EncoderError, match="different input sizes"):
-        combine([TINY, "efficientnet-lite0"])
+def test_parts_of_different_input_sizes_each_see_their_own_crop(
+        collection: Path, queries: dict[str, Path]) -> None:
+    """test:tiny (32 px) beside EfficientNet-Lite0 (224 px): each part's crop is padded to
+    stack, and each part embeds exactly what it embeds alone, on the decode-worker path
+    and on the one-image path (the server's)."""
+    import torch
+
+    from embedsearch.data.images import load_image
+
+    enc = combine([TINY, "efficientnet-lite0"])
+    tiny, lite0 = enc.parts
+    assert enc.preprocess.crops == [tiny.preprocess.crop, 224] and tiny.preprocess.crop < 224
+    images = [load_image(p, target_size=enc.preprocess.resize).image for p in queries.values()]
+
+    def alone(e: object, path: str) -> np.ndarray:
+        if path == "worker":
+            x = torch.stack([e.preprocess.worker_transform(i) for i in images])
+            return e.encode_tensors(e.preprocess.finish(x))
+        return e.encode_tensors(torch.stack([e.transform(i) for i in images]))
+
+    for path in ("worker", "transform"):
+        ref = np.hstack([v / np.linalg.norm(v, axis=1, keepdims=True)
+                         for v in (alone(tiny, path), alone(lite0, path))])
+        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+        assert np.allclose(alone(enc, path), ref, atol=1e-6), path
+    # One padded image as the decode workers ship it: the larger part's size, every part.
+    assert enc.preprocess.worker_bytes == 2 * 3 * 224 * 224
+    # The same combination as one spec, A+B, through a build; the bundle records concat:A+B.
+    both = build_index(collection, name="ab", model=f"{TINY}+efficientnet-lite0")
+    assert both.manifest["encoder"]["spec"] == f"concat:{TINY}+efficientnet-lite0"
+    assert both.manifest["encoder"]["dim"] == 64 + 1280
+
+
+def test_concatenation_errors() -> None:
+    with pytest.raises(EncoderError, match="empty part"):
+        build_index(REPO / "examples" / "clothing-mini", name="x", model=f"{TINY}+")
     with pytest.raises(EmbedsearchError, match="ambiguous"):
         build_index(REPO / "examples" / "clothing-mini", name="x", model=[TINY, TINY],
                     weights=MOBILENET)

@@ -422,6 +422,29 @@ def test_cli_benchmark(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "comma-separated" in bad.output
 
 
+def test_cli_benchmark_concatenation_beside_its_part(tmp_path: Path) -> None:
+    """``--model A+B`` puts a concatenation (parts of different input sizes) in the same
+    report as a single encoder; --finetune refuses a concatenation as the first encoder."""
+    from click.testing import CliRunner
+
+    from embedsearch.cli import main
+
+    data = make_data(tmp_path / "d", {"train": 6, "val": 2, "test": 3})
+    out = tmp_path / "rep"
+    both = "test:tiny+efficientnet-lite0"
+    r = CliRunner().invoke(main, ["-q", "benchmark", str(data), "--model", "test:tiny",
+                                  "--model", both, "--out", str(out), "--k", "1,3",
+                                  "--no-heads", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert [e["spec"] for e in res["encoders"]] == ["test:tiny", both]
+    assert res["encoders"][1]["identity"]["spec"] == "concat:" + both
+    assert both in (out / "report.md").read_text()
+    bad = CliRunner().invoke(main, ["benchmark", str(data), "--model", both, "--finetune",
+                                    "--out", str(tmp_path / "rep2")])
+    assert bad.exit_code != 0 and "put a single encoder first" in bad.output
+
+
 def test_importing_report_is_light() -> None:
     code = ("import sys, embedsearch.report, embedsearch.report.study; "
             "heavy = [m for m in ('torch', 'faiss', 'matplotlib', 'sklearn', 'pandas') "

@@ -29,8 +29,10 @@ from embedsearch.cli.output import echo_json, progress_factory
 @command("benchmark", renamed={"--near-threshold": "--dup-threshold",
                                "--no-dedupe": "--no-group-duplicates"})
 @click.argument("data", type=click.Path(path_type=Path))
-@model_option("Repeatable (several encoders in one study); SPEC=FILE gives a weights file. "
-              "Default: efficientnet-lite0.", multiple=True, dest="models")
+@model_option("Repeatable (several encoders in one study); SPEC=FILE gives a weights file; "
+              "A+B the concatenation of A's and B's embeddings (e.g. "
+              "efficientnet-lite0+efficientnet-lite2). Default: efficientnet-lite0.",
+              multiple=True, dest="models")
 @click.option("--weights", "weights", multiple=True, type=click.Path(path_type=Path,
               dir_okay=False), help="Local weights file of an encoder, repeatable, matched to "
               "--model by position.")

@@ -52,7 +52,8 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--name", help="Bundle name under ./indexes/ (default: the folder's name).")
 @click.option("--out", type=click.Path(path_type=Path), help="Bundle folder (instead of --name).")
 @model_option("Default: efficientnet-lite0, or the bundle's encoder when it exists. Repeat "
-              "(SPEC or SPEC=WEIGHTS) to concatenate several encoders' embeddings.",
+              "(SPEC or SPEC=WEIGHTS), or write A+B, to concatenate several encoders' "
+              "embeddings (input sizes may differ).",
               multiple=True)
 @encoder_weights_option("")
 @precision_option

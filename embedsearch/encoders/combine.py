@@ -3,8 +3,10 @@
 ``build-index DATA --model A --model B=WEIGHTS`` builds one ordinary bundle whose vectors
 are ``normalise([normalise(A(x)), normalise(B(x))])``: every part weighs the same, cosine
 similarity is the mean of the parts' cosines, and kNN, heads, dedupe, views and serving
-work unchanged. The parts must share the input size (e.g. 224 px), so each image is
-decoded once and every part's geometry (resize, crop) runs in the decode threads.
+work unchanged. Each image is decoded once; every part's geometry (resize, crop) runs in
+the decode threads. Parts may differ in input size (EfficientNet-Lite0 224 px beside Lite2
+260 px): each part's crop is zero-padded at the bottom and right to the largest one so the
+parts stack along the channel axis, and each part sees exactly its own crop again.
 
 Identity: the bundle records the spec ``concat:A+B``, each part's full identity (weights
 sha256, preprocessing, precision) and a fingerprint made the same way, so a bundle is
@@ -31,36 +33,65 @@ if TYPE_CHECKING:
 PREFIX = "concat:"
 
 
+def concat_parts(spec: str) -> list[str] | None:
+    """The parts of a concatenation written as one spec, ``A+B`` or ``concat:A+B`` (as a
+    bundle records it), e.g. ``efficientnet-lite0+efficientnet-lite2``; None for one
+    encoder."""
+    body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    parts = [p.strip() for p in body.split("+")]
+    if len(parts) > 1 and not all(parts):
+        raise EncoderError(f"{spec!r}: an empty part in a concatenation",
+                           hint="write it as SPEC+SPEC, e.g. efficientnet-lite0+efficientnet-lite2")
+    return parts if len(parts) > 1 else None
+
+
 class _Preprocess:
-    """Each part's PIL geometry, stacked along the channel axis (3 channels per part)."""
+    """Each part's PIL geometry, stacked along the channel axis (3 channels per part), each
+    crop zero-padded to the largest part's size (:func:`part_batch` takes it back out)."""
 
     def __init__(self, parts: list[Encoder]) -> None:
-        crops = {p.preprocess.crop for p in parts}
-        if len(crops) != 1:
-            raise EncoderError(
-                "encoders with different input sizes cannot be concatenated: "
-                + ", ".join(f"{p.spec} {p.preprocess.crop} px" for p in parts),
-                hint="combine encoders of the same input size (e.g. 224 px)")
         self.parts = parts
-        self.crop = crops.pop()
+        self.crops = [p.preprocess.crop for p in parts]
+        self.crop = max(self.crops)
         self.resize = max(p.preprocess.resize for p in parts)  # JPEG draft: large enough
 
-    def worker_transform(self, image: Image.Image) -> torch.Tensor:
-        import torch
+    @property
+    def worker_bytes(self) -> int:
+        """Size of one image as :meth:`worker_transform` returns it (every part padded)."""
+        return sum(p.preprocess.worker_bytes * self.crop ** 2 // c ** 2
+                   for p, c in zip(self.parts, self.crops, strict=True))
 
-        tensors = [p.preprocess.worker_transform(image) for p in self.parts]
+    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The parts' CHW tensors, each padded to :attr:`crop`, joined along channels."""
+        import torch
+        import torch.nn.functional as F
+
         if len({t.dtype for t in tensors}) > 1:  # uint8 geometry beside a float transform
             tensors = [t.float() if t.dtype == torch.uint8 else t for t in tensors]
-        return torch.cat(tensors, dim=0)
+        return torch.cat([F.pad(t, (0, self.crop - t.shape[-1], 0, self.crop - t.shape[-2]))
+                          for t in tensors], dim=0)
+
+    def worker_transform(self, image: Image.Image) -> torch.Tensor:
+        return self.stack([p.preprocess.worker_transform(image) for p in self.parts])
 
     def finish(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
+        import torch.nn.functional as F
 
-        return torch.cat([p.preprocess.finish(batch[:, 3 * i:3 * i + 3])
-                          for i, p in enumerate(self.parts)], dim=1)
+        out = []
+        for i, (p, c) in enumerate(zip(self.parts, self.crops, strict=True)):
+            x = p.preprocess.finish(part_batch(batch, i, c))
+            out.append(x if c == self.crop else F.pad(x, (0, self.crop - c, 0, self.crop - c)))
+        return torch.cat(out, dim=1)
 
     def describe(self) -> dict[str, Any]:
         return {"parts": [p.preprocess.describe() for p in self.parts]}
+
+
+def part_batch(batch: torch.Tensor, i: int, crop: int) -> torch.Tensor:
+    """Part ``i``'s own ``crop`` × ``crop`` input out of a stacked, padded NCHW batch."""
+    x = batch[:, 3 * i:3 * i + 3]
+    return x if x.shape[-1] == crop and x.shape[-2] == crop else x[..., :crop, :crop].contiguous()
 
 
 class CombinedEncoder:
@@ -83,15 +114,15 @@ class CombinedEncoder:
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """Every part's full preprocessing, stacked along the channel axis."""
-        import torch
 
-        return torch.cat([p.transform(image) for p in self.parts], dim=0)
+        return self.preprocess.stack([p.transform(image) for p in self.parts])
 
     def encode_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """Embed a preprocessed batch (``transform``, or ``preprocess.finish`` of stacked
         ``worker_transform`` outputs): each part its own 3 channels."""
-        return _join([p.encode_tensors(batch[:, 3 * i:3 * i + 3])
-                      for i, p in enumerate(self.parts)])
+        return _join([p.encode_tensors(part_batch(batch, i, c))
+                      for i, (p, c) in enumerate(zip(self.parts, self.preprocess.crops,
+                                                     strict=True))])
 
     def encode_images(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
         return _join([p.encode_images(images, batch_size) for p in self.parts])

@@ -110,9 +110,10 @@ def run_benchmark(
     """Run the whole study on ``data`` and write ``out``/report.md, report.html,
     results.json and figures/.
 
-    ``models``: encoder specs (``SPEC=FILE`` gives a weights file); ``weights``: weights
-    files matched to ``models`` by position or by spec. Bundles go to ``bundles``
-    (default ``out/bundles``) and are reused by later runs. ``cv_folds`` switches to
+    ``models``: encoder specs (``SPEC=FILE`` gives a weights file; ``A+B`` the
+    concatenation of two or more encoders, see :mod:`embedsearch.encoders.combine`);
+    ``weights``: weights files matched to ``models`` by position or by spec. Bundles go to
+    ``bundles`` (default ``out/bundles``) and are reused by later runs. ``cv_folds`` switches to
     k-fold cross-validation (every image is a test image once). ``head_options`` passes
     settings to a head, e.g. ``{"mlp": {"hidden": 256}}``. ``seed`` fixes the split,
     the heads' initialisation and the bootstrap: the same seed gives the same
@@ -134,6 +135,11 @@ def run_benchmark(
         raise InputError(f"{data_path}: no such file or folder",
                          hint="give a labelled image folder or a CSV/parquet of paths and labels")
     choices = parse_models(list(models), weights)
+    if finetune is not None and "+" in choices[0].spec:
+        raise InputError(f"--finetune fine-tunes the first --model's backbone, and "
+                         f"{choices[0].spec} is a concatenation",
+                         hint="put a single encoder first, e.g. --model efficientnet-lite0 "
+                         f"--model {choices[0].spec}")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise InputError(f"k values must be positive integers, got {list(ks)}")
