@@ -145,6 +145,16 @@ def test_process_decoding_gives_what_threads_give(collection: Path) -> None:
         assert torch.equal(ta, tb)
         assert [(i.status, i.sha256) for i in ia] == [(i.status, i.sha256) for i in ib]
     assert sum(i.status != "ok" for _, infos in procs for i in infos) == 1
+    # A concatenation of two input sizes (32 and 224 px): padded parts, in processes too.
+    from embedsearch.encoders.combine import combine
+
+    both = combine(["test:tiny", "efficientnet-lite0"], device="cpu")
+    decode = _Decoder(both.preprocess.worker_transform, both.preprocess.resize, 10**8)
+    threads = list(_thread_batches(decode, paths[:6], 6, 2))
+    procs = list(_process_batches(decode, paths[:6], 6, 2, pin_memory=False))
+    assert threads[0][0].shape == (6, 6, 224, 224)
+    assert threads[0][0][0].numel() == both.preprocess.worker_bytes  # uint8: one byte each
+    assert torch.equal(threads[0][0], procs[0][0])
 
 
 def test_fp32_on_a_gpu_is_ieee_fp32() -> None:
