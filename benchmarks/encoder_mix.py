@@ -132,7 +132,8 @@ def main() -> int:
     for task in tasks:
         lines += [f"## {task}", "",
                   f"| mix | accuracy | balanced accuracy | Δ accuracy vs {ref}, points: mean "
-                  "(min … max over resplits) | head fits, all resplits of both collections | images/s |",
+                  "(min … max over resplits) | head fits, all resplits of both collections "
+                  "| images/s |",
                   "|---|---:|---:|---|---:|---:|"]
         for mix in args.mix:
             d = accs(mix, task) - accs(ref, task)

@@ -236,6 +236,7 @@ def test_models_lists_registry() -> None:
     out = run_cli("models")
     assert "efficientnet-lite0" in out and "openclip:ViT-B-32@laion2b_s34b_b79k" in out
     assert "torchvision:" in out and "timm:" in out
+    assert "Concatenate encoders with A+B" in out
 
 
 def test_bundle_can_move(collection: Path, tmp_path: Path) -> None:

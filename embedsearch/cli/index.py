@@ -42,6 +42,10 @@ def models_cmd(as_json: bool) -> None:
         else:
             click.echo(f"{spec:42s} dim {e.dim:>15s}  {e.description}")
             click.echo(f"{'':42s} weights: {e.weights}")
+    if not as_json:
+        click.echo("\nConcatenate encoders with A+B (or --model A --model B), e.g. "
+                   "efficientnet-lite0+efficientnet-lite1+efficientnet-lite2: the "
+                   "parts' L2-normalised embeddings joined in one bundle.")
 
 
 @command("build-index", renamed={"--dedupe-threshold": "--dup-threshold",
