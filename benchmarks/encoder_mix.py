@@ -32,11 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from embedding_options import few_shot_mask  # noqa: E402
-
-
-def _normalise(X: np.ndarray) -> np.ndarray:
-    return X / np.linalg.norm(X, axis=1, keepdims=True)
+from embedding_options import _normalise, few_shot_mask  # noqa: E402
 
 
 def load(bundles: dict[str, Path]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray,

@@ -113,8 +113,7 @@ class CombinedEncoder:
         self._fingerprint: np.ndarray | None = None
 
     def transform(self, image: Image.Image) -> torch.Tensor:
-        """Every part's full preprocessing, stacked along the channel axis."""
-
+        """Every part's full preprocessing, stacked along the channel axis (padded)."""
         return self.preprocess.stack([p.transform(image) for p in self.parts])
 
     def encode_tensors(self, batch: torch.Tensor) -> np.ndarray:
